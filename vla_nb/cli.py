@@ -8,10 +8,10 @@ import argparse, json, sys, time
 from pathlib import Path
 import numpy as np
 from .core import atomic_write, by_profile, ensure_dir, get_profile, set_profile, PROFILES
-from . import sim
+from . import sim, data
 
 # %% auto #0
-__all__ = ['DEMO_STAGES', 'BENCHES', 'demo_sim', 'run_demo', 'demo_main', 'bench_main']
+__all__ = ['DEMO_STAGES', 'BENCHES', 'demo_sim', 'demo_data', 'run_demo', 'demo_main', 'bench_main']
 
 # %% ../nbs/99_cli.ipynb #c005
 def _save_fig(fig, path):
@@ -35,7 +35,20 @@ def demo_sim(out:Path, seed:int=0) -> dict:
     return dict(filmstrips=strips, scene_grid=grid, expert_success=succ, episodes_per_family=n)
 
 # %% ../nbs/99_cli.ipynb #c007
-DEMO_STAGES = {'sim': demo_sim}
+def demo_data(out:Path, seed:int=0) -> dict:
+    "Data stage of the demo: record, validate and plot an expert dataset under `out/data`."
+    cfg = data.DataConfig(root=str(out/'data'), num_episodes=by_profile(24, 400), seed=seed, workers=by_profile(1, 2))
+    rep = data.SyntheticDataGenerator(cfg).generate_dataset()
+    problems = data.validate_dataset(cfg.root)
+    if problems: raise RuntimeError(f"the demo dataset failed validation: {problems[:5]}")
+    ds = data.EpisodeDataset(cfg.root)
+    figs = dict(samples=_save_fig(data.plot_samples(ds, 8), out/'data_samples.png'),
+                episode=_save_fig(data.plot_episode(ds, min(3, len(ds) - 1)), out/'data_episode.png'),
+                stats=_save_fig(data.plot_stats(ds), out/'data_stats.png'))
+    return dict(report=rep, figures=figs, valid=True)
+
+# %% ../nbs/99_cli.ipynb #c009
+DEMO_STAGES = {'sim': demo_sim, 'data': demo_data}
 
 def _report_md(summary:dict) -> str:
     s = summary['stages']['sim']
@@ -44,6 +57,11 @@ def _report_md(summary:dict) -> str:
     lines += [f"| {f} | {v:.2f} | {s['episodes_per_family']} |" for f, v in s['expert_success'].items()]
     lines += ["", f"![randomized scenes]({s['scene_grid']})", ""]
     for fam, st in s['filmstrips'].items(): lines += [f"### {fam}: \"{st['command']}\"", f"![{fam}]({st['image']})", ""]
+    if 'data' in summary['stages']:
+        d = summary['stages']['data']; r = d['report']
+        lines += ["## Expert demonstrations", "", f"{r['episodes']} episodes, {r['frames']} frames, {r['expert_failures']} expert failures, "
+                  f"recorded at {r['frames_per_s']} frames/s; dataset at `{r['root']}` (valid).", ""]
+        lines += [f"![{k}]({v})" for k, v in d['figures'].items()]
     return '\n'.join(lines) + '\n'
 
 def run_demo(out='runs/demo', seed:int=0) -> dict:
@@ -58,7 +76,7 @@ def run_demo(out='runs/demo', seed:int=0) -> dict:
     atomic_write(out/'summary.json', json.dumps(summary, indent=1)); atomic_write(out/'report.md', _report_md(summary))
     return summary
 
-# %% ../nbs/99_cli.ipynb #c008
+# %% ../nbs/99_cli.ipynb #c010
 def demo_main(argv=None):
     "Entry point of `vla-demo`."
     ap = argparse.ArgumentParser(prog='vla-demo', description='Run the vla_nb main job and write a report with figures.')
@@ -68,11 +86,13 @@ def demo_main(argv=None):
     a = ap.parse_args(argv)
     if a.profile: set_profile(a.profile)
     s = run_demo(a.out, a.seed)
-    print(f"report: {Path(a.out)/'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}")
+    print(f"report: {Path(a.out)/'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
+          f"dataset: {s['stages']['data']['report']['episodes']} episodes")
     return 0
 
-# %% ../nbs/99_cli.ipynb #c012
-BENCHES = {'sim': lambda a: sim.bench_sim(a.episodes, seed=a.seed)}
+# %% ../nbs/99_cli.ipynb #c014
+BENCHES = {'sim': lambda a: sim.bench_sim(a.episodes, seed=a.seed),
+           'data': lambda a: data.bench_data(a.episodes, seed=a.seed)}
 
 def bench_main(argv=None):
     "Entry point of `vla-bench`."
@@ -80,7 +100,7 @@ def bench_main(argv=None):
     ap.add_argument('what', choices=list(BENCHES), help='which benchmark')
     ap.add_argument('--out', required=True, help='JSON file to write')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
-    ap.add_argument('--episodes', type=int, default=None, help='expert episodes per family (default by profile: 20 / 100)')
+    ap.add_argument('--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)')
     ap.add_argument('--seed', type=int, default=0)
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1: ap.error('--episodes must be >= 1')
