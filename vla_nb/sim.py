@@ -293,7 +293,7 @@ def _texture_dir():
         elif i % 3 == 1: n = r.integers(3, 8); base = 0.45 + 0.3*((np.floor(xx*n) + np.floor(yy*n)) % 2)           # tiles
         else: base = 0.55 + 0.0*xx                                                                                   # speckle
         img = np.clip(base[..., None] * r.uniform(0.6, 1.0, 3) + r.normal(0, 0.06, (64, 64, 3)), 0, 1)
-        tmp = d/f'.{i}.tmp.png'; cv2.imwrite(str(tmp), (img*255).astype(np.uint8)); tmp.replace(d/f'table_{i}.png')
+        tmp = d/f'.{i}.{os.getpid()}.tmp.png'; cv2.imwrite(str(tmp), (img*255).astype(np.uint8)); tmp.replace(d/f'table_{i}.png')  # per-process temp name
     return d
 
 # %% ../nbs/01_sim.ipynb #c037
