@@ -8,7 +8,7 @@ import argparse, json, sys, time
 from pathlib import Path
 import numpy as np
 from .core import atomic_write, by_profile, ensure_dir, get_profile, set_profile, PROFILES
-from . import sim, data
+from . import sim, data, pretraining
 
 # %% auto #0
 __all__ = ['DEMO_STAGES', 'BENCHES', 'demo_sim', 'demo_data', 'run_demo', 'demo_main', 'bench_main']
@@ -92,7 +92,8 @@ def demo_main(argv=None):
 
 # %% ../nbs/99_cli.ipynb #c014
 BENCHES = {'sim': lambda a: sim.bench_sim(a.episodes, seed=a.seed),
-           'data': lambda a: data.bench_data(a.episodes, seed=a.seed)}
+           'data': lambda a: data.bench_data(a.episodes, seed=a.seed),
+           'train': lambda a: pretraining.bench_train(seed=a.seed)}
 
 def bench_main(argv=None):
     "Entry point of `vla-bench`."
