@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json, sys, time
+import argparse, json, time
 from pathlib import Path
 import numpy as np
 from .core import atomic_write, by_profile, ensure_dir, get_profile, set_profile, PROFILES
@@ -52,7 +52,7 @@ DEMO_STAGES = {'sim': demo_sim, 'data': demo_data}
 
 def _report_md(summary:dict) -> str:
     s = summary['stages']['sim']
-    lines = [f"# vla_nb demo report", f"profile: `{summary['profile']}`, seed {summary['seed']}", "", "## Simulator and scripted expert", "",
+    lines = ["# vla_nb demo report", f"profile: `{summary['profile']}`, seed {summary['seed']}", "", "## Simulator and scripted expert", "",
              "| family | expert success | episodes |", "|---|---|---|"]
     lines += [f"| {f} | {v:.2f} | {s['episodes_per_family']} |" for f, v in s['expert_success'].items()]
     lines += ["", f"![randomized scenes]({s['scene_grid']})", ""]

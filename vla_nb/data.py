@@ -5,7 +5,7 @@
 # %% ../nbs/02_data.ipynb #c002
 from __future__ import annotations
 import io, json, os, time, hashlib, multiprocessing as mp
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -77,10 +77,9 @@ def to_json(self:CommandTokenizer) -> str: return json.dumps(dict(max_len=self.m
 
 @patch(cls_method=True)
 def from_json(cls:CommandTokenizer, s:str):
-    try: d = json.loads(s); return cls(Tokenizer.from_str(json.dumps(d['tokenizer'])), d['max_len'])
-    except (json.JSONDecodeError, KeyError, Exception) as e:
-        if isinstance(e, ValueError) and 'tokenizer must' in str(e): raise
-        raise ValueError(f"not a CommandTokenizer JSON: {e}") from None
+    try: d = json.loads(s); tok, max_len = Tokenizer.from_str(json.dumps(d['tokenizer'])), d['max_len']
+    except Exception as e: raise ValueError(f"not a CommandTokenizer JSON: {type(e).__name__}: {e}") from None
+    return cls(tok, max_len)
 
 # %% ../nbs/02_data.ipynb #c010
 def command_corpus():

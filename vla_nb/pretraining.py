@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
-from .core import Config, check_range, check_choice, save_checkpoint, load_checkpoint, atomic_write, ensure_dir, progress, get_device
+from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device
 from .data import IMAGE, TOKENS, TOKEN_MASK, PROPRIO, ACTION, ACTION_PAD, EpisodeDataset, ChunkDataset
 from .model import ModelConfig, VLANet, action_loss, discrete_action_loss, confidence_target, load_weights
 from . import sim
