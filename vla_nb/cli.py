@@ -5,22 +5,55 @@
 # %% ../nbs/99_cli.ipynb #c002
 from __future__ import annotations
 import argparse, json, time
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from .core import atomic_write, by_profile, ensure_dir, get_profile, set_profile, PROFILES
-from . import sim, data, pretraining
+import torch
+from .core import Config, check_range, atomic_write, by_profile, ensure_dir, get_profile, set_profile, seed_everything, PROFILES
+from . import sim, data, pretraining, imitation, evaluation, deployment
+from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
-__all__ = ['DEMO_STAGES', 'BENCHES', 'demo_sim', 'demo_data', 'run_demo', 'demo_main', 'bench_main']
+__all__ = ['DEMO_STAGES', 'BENCHES', 'DemoConfig', 'demo_sim', 'demo_data', 'demo_policy', 'demo_deploy', 'run_demo', 'demo_main',
+           'bench_main']
 
 # %% ../nbs/99_cli.ipynb #c005
+@dataclass
+class DemoConfig(Config):
+    "Sizes of the demo's stages."
+    episodes:int=600              # expert demonstrations recorded (and trained on)
+    workers:int=2                 # recording processes
+    pretrain_epochs:int=1         # pretraining epochs (0: train the policy from scratch)
+    epochs:int=12                 # behaviour-cloning epochs (early stopping may end sooner)
+    eval_every:int=4              # closed-loop model selection every this many epochs
+    eval_episodes:int=10          # test episodes per family for the reported success
+    heldout_episodes:int=5        # held-out split episodes per family
+    grounding_episodes:int=12     # grounding-check episodes
+    expert_episodes:int=5         # expert-success episodes per family in the simulator stage
+    deploy_calls:int=50           # timed calls per backend and setting in the deployment stage
+
+    def __post_init__(self):
+        for k in ('episodes', 'workers', 'epochs', 'eval_episodes', 'heldout_episodes', 'grounding_episodes', 'expert_episodes', 'deploy_calls'):
+            check_range(k, getattr(self, k), 1, 10**7, integer=True)
+        check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True); check_range('eval_every', self.eval_every, 1, 10**4, integer=True)
+
+    @classmethod
+    def for_profile(cls, profile:str|None=None):
+        "The quick or full preset."
+        if (profile or get_profile()) == 'quick': return cls()
+        return cls(episodes=3000, pretrain_epochs=1, epochs=10, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
+
+    @classmethod
+    def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
+
+# %% ../nbs/99_cli.ipynb #c007
 def _save_fig(fig, path):
     import io, matplotlib.pyplot as plt
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); plt.close(fig)
     atomic_write(path, buf.getvalue())
     return Path(path).name
 
-def demo_sim(out:Path, seed:int=0) -> dict:
+def demo_sim(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Simulator stage of the demo: expert filmstrips per family, a scene grid and expert success."
     env, strips = sim.TabletopEnv(render_size=128), {}
     for k, fam in enumerate(sim.TASK_FAMILIES):
@@ -30,14 +63,14 @@ def demo_sim(out:Path, seed:int=0) -> dict:
                            image=_save_fig(sim.filmstrip(r['frames'], title=f"{r['command']!r}: success={r['success']}"), out/f'expert_{fam}.png'))
     env.close()
     grid = _save_fig(sim.scene_grid(range(seed, seed + 8), size=128), out/'scenes.png')
-    n = by_profile(5, 50)
+    n = cfg.expert_episodes
     succ = {f: r['success'] for f, r in sim.expert_success(n, seed=seed + 1000).items()}
     return dict(filmstrips=strips, scene_grid=grid, expert_success=succ, episodes_per_family=n)
 
-# %% ../nbs/99_cli.ipynb #c007
-def demo_data(out:Path, seed:int=0) -> dict:
+# %% ../nbs/99_cli.ipynb #c009
+def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Data stage of the demo: record, validate and plot an expert dataset under `out/data`."
-    cfg = data.DataConfig(root=str(out/'data'), num_episodes=by_profile(24, 400), seed=seed, workers=by_profile(1, 2))
+    cfg = data.DataConfig(root=str(out/'data'), num_episodes=cfg.episodes, seed=seed, workers=cfg.workers)
     rep = data.SyntheticDataGenerator(cfg).generate_dataset()
     problems = data.validate_dataset(cfg.root)
     if problems: raise RuntimeError(f"the demo dataset failed validation: {problems[:5]}")
@@ -47,8 +80,43 @@ def demo_data(out:Path, seed:int=0) -> dict:
                 stats=_save_fig(data.plot_stats(ds), out/'data_stats.png'))
     return dict(report=rep, figures=figs, valid=True)
 
-# %% ../nbs/99_cli.ipynb #c009
-DEMO_STAGES = {'sim': demo_sim, 'data': demo_data}
+# %% ../nbs/99_cli.ipynb #c011
+def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
+    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
+    ds = data.EpisodeDataset(out/'data'); seed_everything(seed)
+    net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len))
+    t0, pre = time.time(), None
+    if cfg.pretrain_epochs:
+        pt = pretraining.VLAPretrainer(net, pretraining.PretrainDataset(ds), pretraining.PretrainConfig(seed=seed, out_dir=str(out/'pretrain'), tensorboard=False))
+        pre = {k: round(v[-1], 4) for k, v in pt.pretrain(cfg.pretrain_epochs).items() if k.endswith('_loss')}
+    t1 = time.time()
+    icfg = imitation.ImitationConfig(seed=seed, out_dir=str(out/'policy'), eval_every=cfg.eval_every, eval_episodes=max(2, cfg.eval_episodes // 4))
+    learner = imitation.VLAImitationLearner(net, ds, icfg); hist = learner.train_imitation(cfg.epochs)
+    t2 = time.time(); pol = VLAPolicy.load(learner.best_path); env = sim.TabletopEnv(render_size=128)
+    try:
+        test = evaluation.evaluate_policy(pol, cfg.eval_episodes, seed, 'test', env, 'test', frames=1)
+        held = evaluation.evaluate_policy(pol, cfg.heldout_episodes, seed, 'heldout', env, 'heldout')
+        grd = evaluation.grounding_check(pol, evaluation.grounding_pairs(cfg.grounding_episodes, seed, env), env, test['mean_success'])
+    finally: env.close()
+    kept = next(r for r in test['result'].records if r['frames'] is not None)
+    figs = dict(history=_save_fig(imitation.plot_history(hist), out/'policy_history.png'),
+                success=_save_fig(evaluation.plot_success({'test': test, 'heldout': held}), out/'policy_success.png'),
+                filmstrips=_save_fig(evaluation.rollout_strips(test['result'], n=6, max_rows=4), out/'policy_rollouts.png'),
+                gif=evaluation.save_gif(kept['frames'], out/'policy_rollout.gif').name)
+    drop = lambda r: {k: v for k, v in r.items() if k != 'result'}
+    return dict(policy=str(learner.best_path), pretrain_losses=pre, epochs=learner.epoch, best_val_loss=round(learner.best_val, 4),
+                test=drop(test), heldout=drop(held), grounding=grd, figures=figs, pretrain_seconds=round(t1 - t0, 1),
+                train_seconds=round(t2 - t1, 1), eval_seconds=round(time.time() - t2, 1))
+
+# %% ../nbs/99_cli.ipynb #c013
+def demo_deploy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
+    "Deployment stage: export the demo's policy to out/deploy and benchmark its backends briefly."
+    return deployment.demo_deploy(out/'policy'/'best_policy.safetensors', out/'deploy', calls=cfg.deploy_calls, seed=seed)
+
+# %% ../nbs/99_cli.ipynb #c015
+DEMO_STAGES = {'sim': demo_sim, 'data': demo_data, 'policy': demo_policy, 'deploy': demo_deploy}
+
+def _ci(r): return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
 
 def _report_md(summary:dict) -> str:
     s = summary['stages']['sim']
@@ -62,38 +130,61 @@ def _report_md(summary:dict) -> str:
         lines += ["## Expert demonstrations", "", f"{r['episodes']} episodes, {r['frames']} frames, {r['expert_failures']} expert failures, "
                   f"recorded at {r['frames_per_s']} frames/s; dataset at `{r['root']}` (valid).", ""]
         lines += [f"![{k}]({v})" for k, v in d['figures'].items()]
+    if 'policy' in summary['stages']:
+        p = summary['stages']['policy']; t, h, g = p['test'], p['heldout'], p['grounding']
+        lines += ["", "## The learned policy (closed loop, unseen seeds)", "",
+                  f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['train_seconds']} s ({p['epochs']} epochs), evaluation {p['eval_seconds']} s; "
+                  f"policy at `{p['policy']}`.", "", "| split / family | success [95% Wilson CI] |", "|---|---|"]
+        lines += [f"| test: {f} | {_ci(r)} |" for f, r in t['success'].items()]
+        lines += [f"| **test: mean over families** | **{t['mean_success']:.2f}** |", f"| held-out split (mean) | {h['mean_success']:.2f} |",
+                  f"| grounding: new-command success | {_ci(g['new_command_success'])} |", f"| grounding: old-task rate | {_ci(g['old_task_rate'])} |", ""]
+        lines += [f"![{k}]({v})" for k, v in p['figures'].items()]
+    if 'deploy' in summary['stages']:
+        d = summary['stages']['deploy']
+        lines += ["", "## Deployment (batch 1, 2 threads)", "", f"Artifact: `{d['artifact']}`; recommended backend `{d['recommended_backend']}` "
+                  f"(int8 kept: {d['int8_kept']}); ONNX Runtime fp32 is {d['speedup_ort_fp32_vs_eager']:.1f}x eager; policy step p90 "
+                  f"{d['policy_step_p90_ms']:.2f} ms; edge control loop {d['control_loop_hz']:.1f} Hz.", "", d['table'], ""]
     return '\n'.join(lines) + '\n'
 
-def run_demo(out='runs/demo', seed:int=0) -> dict:
+def run_demo(out='runs/demo', seed:int=0, config:DemoConfig|None=None) -> dict:
     "Run every demo stage into `out`; returns the summary also written to `out/summary.json`."
-    out, t0 = ensure_dir(out), time.time()
-    summary = dict(profile=get_profile(), seed=seed, stages={})
+    out, t0, cfg = ensure_dir(out), time.time(), config or DemoConfig.for_profile()
+    summary = dict(profile=get_profile(), seed=seed, config=cfg.to_dict(), stages={})
     for name, stage in DEMO_STAGES.items():
-        t = time.time(); summary['stages'][name] = stage(out, seed=seed)
+        t = time.time(); summary['stages'][name] = stage(out, cfg, seed=seed)
         summary['stages'][name]['seconds'] = round(time.time() - t, 1)
         atomic_write(out/'summary.json', json.dumps(summary, indent=1))
     summary['seconds'] = round(time.time() - t0, 1)
     atomic_write(out/'summary.json', json.dumps(summary, indent=1)); atomic_write(out/'report.md', _report_md(summary))
     return summary
 
-# %% ../nbs/99_cli.ipynb #c010
+# %% ../nbs/99_cli.ipynb #c016
 def demo_main(argv=None):
     "Entry point of `vla-demo`."
     ap = argparse.ArgumentParser(prog='vla-demo', description='Run the vla_nb main job and write a report with figures.')
     ap.add_argument('--out', default='runs/demo', help='output directory (default: runs/demo)')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default, minutes) or full (real runs)')
     ap.add_argument('--seed', type=int, default=0, help='seed of every random choice')
+    ap.add_argument('--tiny', action='store_true', help='a smoke run of every stage in well under a minute (tests)')
     a = ap.parse_args(argv)
     if a.profile: set_profile(a.profile)
-    s = run_demo(a.out, a.seed)
+    s = run_demo(a.out, a.seed, DemoConfig.tiny() if a.tiny else None)
+    t = s['stages']['policy']['test']
     print(f"report: {Path(a.out)/'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
-          f"dataset: {s['stages']['data']['report']['episodes']} episodes")
+          f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
+          f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #c014
+# %% ../nbs/99_cli.ipynb #c020
+def _need_checkpoint(a):
+    if not a.checkpoint: raise ValueError(f"vla-bench {a.what}: --checkpoint PATH (a saved VLAPolicy .safetensors) is required")
+    return a.checkpoint
+
 BENCHES = {'sim': lambda a: sim.bench_sim(a.episodes, seed=a.seed),
            'data': lambda a: data.bench_data(a.episodes, seed=a.seed),
-           'train': lambda a: pretraining.bench_train(seed=a.seed)}
+           'train': lambda a: pretraining.bench_train(seed=a.seed),
+           'policy': lambda a: evaluation.bench_policy(_need_checkpoint(a), a.episodes, seed=a.seed),
+           'deploy': lambda a: deployment.bench_deploy(_need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed)}
 
 def bench_main(argv=None):
     "Entry point of `vla-bench`."
@@ -103,10 +194,11 @@ def bench_main(argv=None):
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
     ap.add_argument('--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy and deploy benchmarks)')
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1: ap.error('--episodes must be >= 1')
     if a.profile: set_profile(a.profile)
     res = BENCHES[a.what](a)
-    atomic_write(a.out, json.dumps(res, indent=1))
-    print(json.dumps({k: v for k, v in res.items() if not (k == 'expert_failures' and isinstance(v, dict))}, indent=1))  # sim lists every failure
+    atomic_write(a.out, json.dumps(res, indent=1, default=str))
+    print(json.dumps({k: v for k, v in res.items() if not (k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer') and isinstance(v, dict))}, indent=1, default=str))  # shortened
     return 0

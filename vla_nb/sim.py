@@ -550,20 +550,24 @@ def _obs(self:TabletopEnv):
 
 @patch
 def reset(self:TabletopEnv, *, seed:int|None=None, options:dict|None=None):
-    "Start an episode. `options` may give a `task` (Task or dict) or a `command` to parse; otherwise both are sampled."
+    "Start an episode. `options` may give a `task` (Task or dict) or a `command`, and a recorded `scene` to rebuild; otherwise all are sampled."
     super(TabletopEnv, self).reset(seed=seed)
     options = dict(options or {})
-    unknown = set(options) - {'task', 'command'}
-    if unknown: raise ValueError(f"unknown reset options {sorted(unknown)}; use 'task' or 'command'")
+    unknown = set(options) - {'task', 'command', 'scene'}
+    if unknown: raise ValueError(f"unknown reset options {sorted(unknown)}; use 'task', 'command' or 'scene'")
     if 'command' in options and 'task' in options: raise ValueError("give either options['task'] or options['command'], not both")
-    task = options.get('task')
+    task, scene = options.get('task'), options.get('scene')
     if 'command' in options: task = parse_command(options['command'])
     elif isinstance(task, dict): task = Task(**task)
-    elif task is None: task = sample_task(self.np_random, self.cfg.families)
+    elif task is None: task = Task(**scene['task']) if scene is not None else sample_task(self.np_random, self.cfg.families)
     elif not isinstance(task, Task): raise TypeError(f"options['task'] must be a Task or dict, got {type(task).__name__}")
+    if scene is not None:                                          # same scene, possibly another command (grounding checks)
+        present = {o['name'] for o in scene['objects']}
+        if task.obj is not None and task.obj not in present: raise ValueError(f"the scene has no {task.obj!r} (it holds {sorted(present)})")
+        scene = {**scene, 'task': dict(family=task.family, obj=task.obj, loc=task.loc)}
     self.task = task
     self.command = _normalize(options['command']) if 'command' in options else make_command(task, self.np_random)
-    self.world.build(sample_scene(self.np_random, task, self.cfg))
+    self.world.build(scene if scene is not None else sample_scene(self.np_random, task, self.cfg))
     self._t, self._done = 0, False
     return self._obs(), dict(task=task, command=self.command, scene=self.world.scene, is_success=False)
 

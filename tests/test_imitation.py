@@ -1,0 +1,125 @@
+"Contracts of the imitation chapter (vla_nb.imitation): batches, learning, early stopping, exact resume, DAgger, torchrun."
+import json, os, socket, subprocess, sys
+import numpy as np
+import pytest
+import torch
+from vla_nb import sim
+from vla_nb.core import seed_everything, load_checkpoint
+from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, ChunkDataset, ACTION, ACTION_PAD, IMAGE, PROPRIO, TOKENS
+from vla_nb.model import ModelConfig, VLANet, VLAPolicy
+from vla_nb.pretraining import VLAPretrainer, PretrainDataset, PretrainConfig
+from vla_nb.imitation import (ImitationConfig, VLAImitationLearner, ChunkData, load_pretrained, dagger_rollouts, run_imitation,
+                              TARGET_XY, TARGET_MASK)
+
+SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('im')/'data'
+    SyntheticDataGenerator(DataConfig(root=str(root), num_episodes=16, image_size=48, seed=3)).generate_dataset(progress_bar=False)
+    return EpisodeDataset(root)
+
+
+def _net(ds, **kw):
+    seed_everything(0); return VLANet(ModelConfig(**{**SMALL, **kw}, vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len))
+
+
+def _learner(ds, out, **kw):
+    cfg = ImitationConfig(**{**dict(out_dir=str(out), batch_size=32, eval_every=0, eval_episodes=1, warmup_steps=5, log_every=5), **kw})
+    return VLAImitationLearner(_net(ds), ds, cfg)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match='val_frac'): ImitationConfig(val_frac=0.9)
+    with pytest.raises(ValueError, match='aux_weight'): ImitationConfig(aux_weight=-1)
+
+
+def test_batches_match_the_reference_dataset(data):
+    cd = ChunkDataset(data, chunk_size=8); cdata = ChunkData([cd], cd.norm, 8)
+    for i in (0, len(cd) - 1, len(cd) // 2):
+        b, ref = cdata.batch(torch.tensor([i])), cd[i]
+        for k in (IMAGE, PROPRIO, ACTION, ACTION_PAD, TOKENS): assert torch.allclose(b[k][0].float(), ref[k].float(), atol=1e-5), k
+    m = cdata.target_mask
+    assert m[:, 2:].any() and m[:, :2].any() and not m.all()
+    for k, e in enumerate(data.episodes):                     # object targets stop at the first gripper close
+        rows = torch.from_numpy(cd.episode_of == k)
+        if e['task'].get('obj'):
+            closes = torch.nonzero(cd.actions[rows, 6] > 0)
+            assert m[rows, 0].sum() == (int(closes[0]) if len(closes) else int(rows.sum()))
+        else: assert not m[rows, :2].any()
+
+
+def test_learning_reduces_validation_loss_and_selects_by_success(data, tmp_path):
+    lr = _learner(data, tmp_path, eval_every=2)
+    h = lr.train_imitation(4)
+    assert h['val_loss'][-1] < h['val_loss'][0] and len(h['success']) == 2
+    assert lr.best_path.exists() and lr.best_success == max(h['success'])
+    pol = VLAPolicy.load(lr.best_path); obs, _ = sim.TabletopEnv(image_size=48).reset(seed=1)
+    assert pol.select_action(obs).shape == (7,)
+
+
+def test_early_stopping_uses_validation_loss_only(data, tmp_path):
+    lr = _learner(data, tmp_path, patience=2, min_delta=1.0)
+    lr.train_imitation(10)
+    assert lr.stopped and lr.epoch == 3                       # epoch 1 sets the best, epochs 2 and 3 do not beat it by 1.0
+
+
+def test_killed_run_resumes_exactly(data, tmp_path):
+    a = _learner(data, tmp_path/'a'); a.train_imitation(3, max_steps=5)
+    b = VLAImitationLearner(_net(data), data, a.config, resume=True); b.train_imitation(3)
+    c = _learner(data, tmp_path/'c'); c.train_imitation(3)
+    for k, v in c.model.state_dict().items(): assert torch.allclose(b.model.state_dict()[k], v, atol=1e-6), k
+    assert b.history['train_loss'] == c.history['train_loss']
+    t, meta = load_checkpoint(tmp_path/'a'/'checkpoint.safetensors')
+    assert meta['kind'] == 'vla_nb.VLAImitationLearner' and any(k.startswith('optim.') for k in t)
+
+
+def test_non_finite_loss_is_named(data, tmp_path):
+    lr = _learner(data, tmp_path)
+    b = lr.train_data.batch(torch.arange(4)); b[IMAGE][:] = float('nan')
+    with pytest.raises(FloatingPointError, match=r"non-finite values in batch \['image'\]"): lr.train_step(b)
+
+
+def test_starts_from_a_pretrained_checkpoint(data, tmp_path):
+    net = _net(data); pt = VLAPretrainer(net, PretrainDataset(data), PretrainConfig(out_dir=str(tmp_path), tensorboard=False, batch_size=16))
+    pt.pretrain(1, max_steps=2)
+    fresh = load_pretrained(_net(data), pt.ckpt_path)
+    for k, v in net.state_dict().items(): assert torch.equal(fresh.state_dict()[k], v)
+    with pytest.raises(ValueError, match='does not match'): load_pretrained(_net(data, d_model=16), pt.ckpt_path)
+
+
+def test_dagger_labels_visited_states_with_the_expert(data, tmp_path):
+    lr = _learner(data, tmp_path); lr.train_imitation(1)
+    env = sim.TabletopEnv(image_size=48)
+    rep = dagger_rollouts(lr.policy(), tmp_path/'dag', 3, seed=11, beta=0.0, data_config=DataConfig(image_size=48), env=env)
+    ds = EpisodeDataset(tmp_path/'dag'); ep = ds.load_episode(0)
+    assert rep['episodes'] == 3 and len(ep[ACTION]) == ds.episodes[0]['length']
+    obs, _ = env.reset(seed=ds.episodes[0]['meta']['seed'], options=dict(command=ds.episodes[0]['command']))
+    assert np.array_equal(obs['image'], ep[IMAGE][0])                                       # the recorded scene
+    assert np.allclose(sim.ScriptedExpert(env).select_action(obs), ep[ACTION][0], atol=1e-6)   # the label is the expert's action there
+    n = len(lr.train_data); lr.add_data(ds); assert len(lr.train_data) == n + ds.num_frames
+
+
+SCRIPT = '''
+import json, sys, torch
+from vla_nb.imitation import run_imitation
+lr = run_imitation(sys.argv[1:-1])
+h = float(sum(p.double().sum() for p in lr.model.parameters()))
+json.dump(dict(world=lr.world, step=lr.step, hash=h), open(f"{sys.argv[-1]}/rank{lr.rank}.json", 'w'))
+'''
+
+
+def test_torchrun_two_processes(data, tmp_path):
+    script = tmp_path/'run.py'; script.write_text(SCRIPT)
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    out, dump = tmp_path/'out', tmp_path/'dump'; dump.mkdir()
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={port}', str(script),
+           '--data', str(data.root), '--out', str(out), '--epochs', '1', '--max-steps', '3', '--batch-size', '8', '--device', 'cpu',
+           '--eval-every', '0', str(dump)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, 'VLA_NO_PROGRESS': '1', 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ranks = [json.loads((dump/f'rank{i}.json').read_text()) for i in (0, 1)]
+    assert [x['world'] for x in ranks] == [2, 2] and [x['step'] for x in ranks] == [3, 3]
+    assert ranks[0]['hash'] == ranks[1]['hash']                  # identical parameters: gradients were averaged
+    assert (out/'checkpoint.safetensors').exists()
