@@ -8,7 +8,6 @@ import argparse, json, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-import torch
 from .core import Config, check_range, atomic_write, by_profile, ensure_dir, get_profile, set_profile, seed_everything, PROFILES
 from . import sim, data, pretraining, imitation, evaluation, deployment
 from .model import ModelConfig, VLANet, VLAPolicy

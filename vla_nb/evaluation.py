@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_evaluation.ipynb #c002
 from __future__ import annotations
-import io, json, math, time
+import io, math, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np

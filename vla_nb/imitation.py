@@ -4,8 +4,8 @@
 
 # %% ../nbs/06_imitation.ipynb #c002
 from __future__ import annotations
-import argparse, json, math, time
-from dataclasses import dataclass, field
+import argparse, json, math
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,8 +13,8 @@ from torch import nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from fastcore.basics import patch
-from .core import Config, check_range, check_choice, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device, by_profile, get_profile, seed_everything
-from .data import (IMAGE, TOKENS, TOKEN_MASK, PROPRIO, ACTION, ACTION_PAD, SUCCESS, TIMESTAMP, EpisodeDataset, EpisodeWriter,
+from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device, by_profile, seed_everything
+from .data import (IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, SUCCESS, TIMESTAMP, EpisodeDataset, EpisodeWriter,
                          ChunkDataset, Normalizer, DataConfig, plan_episodes, split_episodes, CommandTokenizer, command_corpus)
 from .model import ModelConfig, VLANet, VLAPolicy, vla_loss, load_weights, action_loss, discrete_action_loss, confidence_target
 from .pretraining import warmup_cosine, epoch_indices, dist_info, init_distributed, _optim_tensors, XY_CENTER, XY_SCALE
