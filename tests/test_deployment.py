@@ -242,6 +242,7 @@ def test_bench_deploy_structure(policy, tmp_path):
     assert r['control_loop_hz'] == pytest.approx(10, abs=1.5) and r['control_loop_hz_unpaced'] > 0
     rt = OptimizedVLAInference(r['artifact'], 'auto', warmup=0)   # bench wrote its int8 verdict into the sidecar
     assert rt.backend == r['recommended_backend'] == ('ort_int8' if r['int8_gates']['int8_kept'] else 'ort_fp32')
+    assert r['int8_gates']['success_ok'] is False and not r['int8_gates']['int8_kept']   # no closed-loop check, no int8
     summ = deploy_summary(r)
     assert summ['table'].count('\n') == 1 + len(BACKENDS) and all(f'| {b} |' in summ['table'] for b in BACKENDS)
     json.dumps(r, default=str)
