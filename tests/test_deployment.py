@@ -53,6 +53,12 @@ def test_export_parity_all_routes(policy, tmp_path):
     assert all(v < 1e-4 for v in d.values()), d                 # batch 5 != traced batch 2: the batch axis is dynamic
 
 
+def test_export_parity_fine_keypoints(policy, tmp_path):
+    seed_everything(1); net = VLANet(ModelConfig(vocab_size=policy.tokenizer.vocab_size, **SMALL, keypoint_level=1)).eval()   # the demo's setting
+    d = parity(net, dict(torchscript=export_torchscript(net), ort=ort_session(export_onnx(net, tmp_path/'k1.onnx'))), B=3)
+    assert all(v < 1e-4 for v in d.values()), d
+
+
 def test_artifact_sidecar(art, policy):
     d, meta = load_artifact(art)
     assert {'model_onnx', 'model_int8', 'weights'} <= set(meta['files'])

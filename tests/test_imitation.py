@@ -8,8 +8,9 @@ from vla_nb.core import seed_everything, load_checkpoint
 from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, ChunkDataset, ACTION, ACTION_PAD, IMAGE, PROPRIO, TOKENS
 from vla_nb.model import ModelConfig, VLANet, VLAPolicy
 from vla_nb.pretraining import VLAPretrainer, PretrainDataset, PretrainConfig
+from vla_nb.pretraining import OBJECT_NAMES
 from vla_nb.imitation import (ImitationConfig, VLAImitationLearner, ChunkData, load_pretrained, dagger_rollouts, run_imitation,
-                              TARGET_XY, TARGET_MASK)
+                              TARGET_XY, TARGET_MASK, BCObjective, render_snapshots, scene_targets)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8)
 
@@ -40,20 +41,51 @@ def test_batches_match_the_reference_dataset(data):
     for i in (0, len(cd) - 1, len(cd) // 2):
         b, ref = cdata.batch(torch.tensor([i])), cd[i]
         for k in (IMAGE, PROPRIO, ACTION, ACTION_PAD, TOKENS): assert torch.allclose(b[k][0].float(), ref[k].float(), atol=1e-5), k
-    m = cdata.target_mask
-    assert m[:, 2:].any() and m[:, :2].any() and not m.all()
-    for k, e in enumerate(data.episodes):                     # object targets stop at the first gripper close
-        rows = torch.from_numpy(cd.episode_of == k)
-        if e['task'].get('obj'):
-            closes = torch.nonzero(cd.actions[rows, 6] > 0)
-            assert m[rows, 0].sum() == (int(closes[0]) if len(closes) else int(rows.sum()))
-        else: assert not m[rows, :2].any()
+    m, t = cdata.target_mask, cdata.target_xy
+    assert m.shape == t.shape == (len(cd), 2 * len(OBJECT_NAMES))
+    for k, e in enumerate(data.episodes):                     # every object of the scene; the commanded one until the first close
+        rows = torch.from_numpy(cd.episode_of == k); scene = e['meta']['scene']
+        xy0, m0 = scene_targets(scene)
+        assert int(m0.sum()) == 2 * len(scene['objects'])
+        assert torch.allclose(t[rows], torch.from_numpy(xy0).expand(int(rows.sum()), -1))
+        for o in scene['objects']:
+            j = 2 * OBJECT_NAMES.index(o['name']); seen = int(m[rows, j].sum())
+            if o['name'] == e['task'].get('obj'):
+                closes = torch.nonzero(cd.actions[rows, 6] > 0)
+                assert seen == (int(closes[0]) if len(closes) else int(rows.sum()))
+            else: assert seen == int(rows.sum())
+
+
+def test_snapshots_are_seeded_and_labelled():
+    a, b, c = render_snapshots(3, seed=0, image_size=48), render_snapshots(3, seed=0, image_size=48), render_snapshots(3, seed=1, image_size=48)
+    assert a[IMAGE].shape == (3, 3, 48, 48) and a[IMAGE].dtype == torch.uint8
+    for k in a: assert torch.equal(a[k], b[k])
+    assert not torch.equal(a[TARGET_XY], c[TARGET_XY])
+    assert a[TARGET_MASK].any(1).all() and (a[TARGET_MASK][:, 0::2] == a[TARGET_MASK][:, 1::2]).all()
+    env = sim.TabletopEnv(image_size=48)                      # the label is where the scene put the object
+    env.reset(seed=int(np.random.default_rng(0).integers(0, 2**30, 3)[0]) + 2**30)
+    assert torch.allclose(a[TARGET_XY][0], torch.from_numpy(scene_targets(env.world.scene)[0]))
+
+
+def test_keypoint_loss(data):
+    with pytest.raises(ValueError, match='keypoints'): BCObjective(_net(data, keypoints=4), 1.0)
+    cd = ChunkDataset(data, chunk_size=8); batch = ChunkData([cd], cd.norm, 8).batch(torch.arange(16))
+    snaps = render_snapshots(4, seed=0, image_size=48)
+    plain, co = BCObjective(_net(data), 1.0), BCObjective(_net(data), 1.0, snaps, cd.norm, 8)
+    co.aux.load_state_dict(plain.aux.state_dict())
+    plain.eval(); co.eval()
+    assert torch.allclose(plain(batch), co(batch))           # eval: no snapshot term
+    plain.train(); co.train(); torch.manual_seed(0); lp = plain(batch); torch.manual_seed(0); lc = co(batch)
+    assert lc > lp                                            # training: a positive snapshot localization term
+    assert BCObjective(_net(data), 0.0, snaps, cd.norm)(batch) < lp   # aux_weight 0: action loss only
 
 
 def test_learning_reduces_validation_loss_and_selects_by_success(data, tmp_path):
     lr = _learner(data, tmp_path, eval_every=2)
+    before = lr.keypoint_rmse('train')
     h = lr.train_imitation(4)
     assert h['val_loss'][-1] < h['val_loss'][0] and len(h['success']) == 2
+    assert lr.keypoint_rmse('train') < before                 # the keypoint loss localizes the objects
     assert lr.best_path.exists() and lr.best_success == max(h['success'])
     pol = VLAPolicy.load(lr.best_path); obs, _ = sim.TabletopEnv(image_size=48).reset(seed=1)
     assert pol.select_action(obs).shape == (7,)
@@ -116,7 +148,7 @@ def test_torchrun_two_processes(data, tmp_path):
     out, dump = tmp_path/'out', tmp_path/'dump'; dump.mkdir()
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={port}', str(script),
            '--data', str(data.root), '--out', str(out), '--epochs', '1', '--max-steps', '3', '--batch-size', '8', '--device', 'cpu',
-           '--eval-every', '0', str(dump)]
+           '--eval-every', '0', '--snapshots', '4', '--keypoint-level', '1', str(dump)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, 'VLA_NO_PROGRESS': '1', 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     ranks = [json.loads((dump/f'rank{i}.json').read_text()) for i in (0, 1)]

@@ -23,7 +23,9 @@ class DemoConfig(Config):
     episodes:int=600              # expert demonstrations recorded (and trained on)
     workers:int=2                 # recording processes
     pretrain_epochs:int=1         # pretraining epochs (0: train the policy from scratch)
-    epochs:int=12                 # behaviour-cloning epochs (early stopping may end sooner)
+    epochs:int=10                 # behaviour-cloning epochs (early stopping may end sooner)
+    snapshots:int=2000            # randomized scene snapshots co-trained for object localization (0: off)
+    keypoint_level:int=1          # conv block feeding the spatial-softmax keypoints (ModelConfig.keypoint_level)
     eval_every:int=4              # closed-loop model selection every this many epochs
     eval_episodes:int=10          # test episodes per family for the reported success
     heldout_episodes:int=5        # held-out split episodes per family
@@ -35,15 +37,16 @@ class DemoConfig(Config):
         for k in ('episodes', 'workers', 'epochs', 'eval_episodes', 'heldout_episodes', 'grounding_episodes', 'expert_episodes', 'deploy_calls'):
             check_range(k, getattr(self, k), 1, 10**7, integer=True)
         check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True); check_range('eval_every', self.eval_every, 1, 10**4, integer=True)
+        check_range('snapshots', self.snapshots, 0, 10**7, integer=True); check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
 
     @classmethod
     def for_profile(cls, profile:str|None=None):
         "The quick or full preset."
         if (profile or get_profile()) == 'quick': return cls()
-        return cls(episodes=3000, pretrain_epochs=1, epochs=10, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
+        return cls(episodes=3000, pretrain_epochs=1, epochs=10, snapshots=6000, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
 
     @classmethod
-    def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
+    def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, snapshots=16, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
 
 # %% ../nbs/99_cli.ipynb #c007
 def _save_fig(fig, path):
@@ -83,13 +86,14 @@ def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
 def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
     ds = data.EpisodeDataset(out/'data'); seed_everything(seed)
-    net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len))
+    net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len, keypoint_level=cfg.keypoint_level))
     t0, pre = time.time(), None
     if cfg.pretrain_epochs:
         pt = pretraining.VLAPretrainer(net, pretraining.PretrainDataset(ds), pretraining.PretrainConfig(seed=seed, out_dir=str(out/'pretrain'), tensorboard=False))
         pre = {k: round(v[-1], 4) for k, v in pt.pretrain(cfg.pretrain_epochs).items() if k.endswith('_loss')}
     t1 = time.time()
-    icfg = imitation.ImitationConfig(seed=seed, out_dir=str(out/'policy'), eval_every=cfg.eval_every, eval_episodes=max(2, cfg.eval_episodes // 4))
+    icfg = imitation.ImitationConfig(seed=seed, out_dir=str(out/'policy'), eval_every=cfg.eval_every, eval_episodes=max(2, cfg.eval_episodes // 4),
+                                     snapshots=cfg.snapshots, snapshot_workers=cfg.workers)
     learner = imitation.VLAImitationLearner(net, ds, icfg); hist = learner.train_imitation(cfg.epochs)
     t2 = time.time(); pol = VLAPolicy.load(learner.best_path); env = sim.TabletopEnv(render_size=128)
     try:

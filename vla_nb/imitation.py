@@ -5,6 +5,8 @@
 # %% ../nbs/06_imitation.ipynb #c002
 from __future__ import annotations
 import argparse, json, math
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -17,14 +19,14 @@ from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_
 from .data import (IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, SUCCESS, TIMESTAMP, EpisodeDataset, EpisodeWriter,
                          ChunkDataset, Normalizer, DataConfig, plan_episodes, split_episodes, CommandTokenizer, command_corpus)
 from .model import ModelConfig, VLANet, VLAPolicy, vla_loss, load_weights, action_loss, discrete_action_loss, confidence_target
-from .pretraining import warmup_cosine, epoch_indices, dist_info, init_distributed, _optim_tensors, XY_CENTER, XY_SCALE
+from .pretraining import warmup_cosine, epoch_indices, dist_info, init_distributed, _optim_tensors, _restore_optim, XY_CENTER, XY_SCALE, OBJECT_NAMES
 from .evaluation import evaluate_policy, env_for, torch_threads
 from . import sim
 
 # %% auto #0
-__all__ = ['TARGET_XY', 'TARGET_MASK', 'ChunkData', 'task_targets', 'shift_and_jitter', 'ImitationConfig', 'VLAImitationLearner',
-           'load_pretrained', 'BCObjective', 'plot_history', 'dagger_rollouts', 'run_dagger', 'train_and_evaluate',
-           'run_imitation', 'imitate_main']
+__all__ = ['TARGET_XY', 'TARGET_MASK', 'SNAPSHOT_SEED', 'ChunkData', 'scene_targets', 'task_targets', 'shift_and_jitter',
+           'render_snapshots', 'ImitationConfig', 'VLAImitationLearner', 'load_pretrained', 'masked_mse', 'BCObjective',
+           'plot_history', 'dagger_rollouts', 'run_dagger', 'train_and_evaluate', 'run_imitation', 'imitate_main']
 
 # %% ../nbs/06_imitation.ipynb #c007
 class ChunkData:
@@ -40,7 +42,7 @@ class ChunkData:
         offs = np.cumsum([0] + [len(p) for p in parts])[:-1]
         self.ends = torch.from_numpy(np.concatenate([p.ends + o for p, o in zip(parts, offs)])).long()   # (N,) end of each frame's episode
         tm = [task_targets(p) for p in parts]
-        self.target_xy, self.target_mask = torch.cat([t for t, _ in tm]), torch.cat([m for _, m in tm])   # (N, 4) each
+        self.target_xy, self.target_mask = torch.cat([t for t, _ in tm]), torch.cat([m for _, m in tm])   # (N, 2K) each
 
     def __len__(self): return len(self.actions)
     def __repr__(self): return f"ChunkData({len(self)} frames from {len(self.parts)} dataset(s), chunk_size={self.H})"
@@ -48,17 +50,22 @@ class ChunkData:
 # %% ../nbs/06_imitation.ipynb #c008
 TARGET_XY, TARGET_MASK = 'target_xy', 'target_mask'
 
+def scene_targets(scene:dict|None) -> tuple:
+    "Table xy (2K,) of every object of a recorded scene in `OBJECT_NAMES` order (normalized units), and which are present (2K,)."
+    t, m = np.zeros((len(OBJECT_NAMES), 2), np.float32), np.zeros((len(OBJECT_NAMES), 2), bool)
+    for o in (scene or {}).get('objects', []):
+        j = OBJECT_NAMES.index(o['name']); t[j] = (np.asarray(o['xy'][:2]) - XY_CENTER) / XY_SCALE; m[j] = True
+    return t.reshape(-1), m.reshape(-1)
+
 def task_targets(part:ChunkDataset) -> tuple:
-    "Per-frame auxiliary targets (N, 4): the commanded object's xy (until the gripper first closes) and location's centre, and masks."
+    "Per-frame keypoint targets (N, 2K): every object's xy; the commanded object is masked from the first gripper close (it moves)."
     xy, mask, start = [], [], 0
     for k in dict.fromkeys(part.episode_of.tolist()):
-        e = part.ds.episodes[k]; L, task = e['length'], e.get('task') or {}
-        objs = {o['name']: o['xy'] for o in (e.get('meta', {}).get('scene') or {}).get('objects', [])}
-        t, m = np.zeros((L, 4), np.float32), np.zeros((L, 4), bool)
-        if task.get('obj') in objs:
-            closes = np.flatnonzero(part.actions[start:start + L, 6].numpy() > 0)      # after the grasp the object moves
-            t[:, :2] = (np.asarray(objs[task['obj']][:2]) - XY_CENTER) / XY_SCALE; m[:closes[0] if len(closes) else L, :2] = True
-        if task.get('loc'): t[:, 2:] = (np.asarray(sim.LOCATIONS[task['loc']].center) - XY_CENTER) / XY_SCALE; m[:, 2:] = True
+        e = part.ds.episodes[k]; L, obj = e['length'], (e.get('task') or {}).get('obj')
+        t, m = scene_targets(e.get('meta', {}).get('scene'))                            # episodes without a scene: all masked
+        t, m = np.repeat(t[None], L, 0), np.repeat(m[None], L, 0)                       # (L, 2K) each
+        closes = np.flatnonzero(part.actions[start:start + L, 6].numpy() > 0)
+        if obj in OBJECT_NAMES and len(closes): j = 2 * OBJECT_NAMES.index(obj); m[closes[0]:, j:j + 2] = False
         xy.append(t); mask.append(m); start += L
     return torch.from_numpy(np.concatenate(xy)), torch.from_numpy(np.concatenate(mask))
 
@@ -88,6 +95,27 @@ def batch(self:ChunkData, idx, gen:torch.Generator|None=None, augment:bool=False
             ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad, TARGET_XY: self.target_xy[idx], TARGET_MASK: self.target_mask[idx]}
 
 # %% ../nbs/06_imitation.ipynb #c013
+SNAPSHOT_SEED = 2**30
+
+def _render_snapshots(image_size:int, seeds) -> tuple:
+    env = sim.TabletopEnv(sim.SimConfig(image_size=image_size)); ims, xy, m = [], [], []
+    for s in seeds:
+        obs, _ = env.reset(seed=int(s)); t, k = scene_targets(env.world.scene)
+        ims.append(obs['image']); xy.append(t); m.append(k)
+    env.close()
+    return np.stack(ims), np.stack(xy), np.stack(m)
+
+def render_snapshots(n:int, seed:int=0, image_size:int=96, workers:int=1) -> dict:
+    "`n` randomized scenes, one frame each: images (n, 3, S, S) uint8, every object's xy (n, 2K) and mask (n, 2K)."
+    check_range('n', n, 1, 10**7, integer=True); check_range('workers', workers, 1, 64, integer=True)
+    seeds = np.array_split(SNAPSHOT_SEED + np.random.default_rng(seed).integers(0, 2**30, n), workers)
+    if workers == 1: parts = [_render_snapshots(image_size, seeds[0])]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex: parts = list(ex.map(_render_snapshots, [image_size] * workers, seeds))
+    cat = lambda i: torch.from_numpy(np.concatenate([p[i] for p in parts]))
+    return {IMAGE: cat(0).permute(0, 3, 1, 2).contiguous(), TARGET_XY: cat(1), TARGET_MASK: cat(2)}
+
+# %% ../nbs/06_imitation.ipynb #c017
 @dataclass
 class ImitationConfig(Config):
     "Settings of `VLAImitationLearner`."
@@ -98,7 +126,10 @@ class ImitationConfig(Config):
     batch_size:int=64             # samples per process per step
     grad_clip:float=1.0           # max global gradient norm
     augment:bool=True             # random shift + colour jitter of training images
-    aux_weight:float=1.0          # weight of the auxiliary loss locating the commanded object and location (0: off)
+    aux_weight:float=1.0          # weight of the keypoint loss locating every object (0: off)
+    snapshots:int=0               # randomized scene snapshots rendered for the keypoint loss (0: demo frames only)
+    snapshot_batch:int=32         # snapshot frames added to each step
+    snapshot_workers:int=1        # processes rendering the snapshots
     val_frac:float=0.1            # episodes held back for the validation loss
     patience:int=4                # epochs without a better validation loss before early stopping
     min_delta:float=1e-3          # improvement of the validation loss that counts
@@ -116,13 +147,15 @@ class ImitationConfig(Config):
         check_range('min_lr_ratio', self.min_lr_ratio, 0, 1); check_range('grad_clip', self.grad_clip, 1e-6, 1e6)
         check_range('val_frac', self.val_frac, 0.01, 0.5); check_range('min_delta', self.min_delta, 0, 1)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True); check_range('aux_weight', self.aux_weight, 0, 100)
+        check_range('snapshots', self.snapshots, 0, 10**7, integer=True)
+        check_range('snapshot_batch', self.snapshot_batch, 1, 10**5, integer=True); check_range('snapshot_workers', self.snapshot_workers, 1, 64, integer=True)
 
     @classmethod
     def full(cls, **kw):
         "The preset of the full-profile run (thousands of demos, tens of epochs)."
         return cls(**{**dict(batch_size=64, lr=1e-3, warmup_steps=300, patience=6, eval_every=3, eval_episodes=10), **kw})
 
-# %% ../nbs/06_imitation.ipynb #c017
+# %% ../nbs/06_imitation.ipynb #c021
 class VLAImitationLearner:
     "Behaviour cloning of action chunks with validation-loss early stopping and closed-loop model selection; resumable, torchrun-ready."
     def __init__(self, model:VLANet, dataset:EpisodeDataset, config:ImitationConfig|None=None, resume=None, episodes=None):
@@ -139,7 +172,8 @@ class VLAImitationLearner:
         self.norm, self.tokenizer = base.norm, dataset.tokenizer
         self.train_data, self.val_data = ChunkData([base], self.norm, H), ChunkData([ChunkDataset(dataset, va, H)], self.norm, H)
         self.extra_roots = []                                        # DAgger datasets appended with `add_data`
-        self.objective = obj = BCObjective(model, cfg.aux_weight).to(self.device)
+        snaps = render_snapshots(cfg.snapshots, cfg.seed, model.cfg.image_size, cfg.snapshot_workers) if cfg.snapshots and cfg.aux_weight else None
+        self.objective = obj = BCObjective(model, cfg.aux_weight, snaps, self.norm, cfg.snapshot_batch).to(self.device)
         self.ddp = nn.parallel.DistributedDataParallel(obj, device_ids=[local] if self.device.type == 'cuda' else None) if self.world > 1 else obj
         decay = [p for p in obj.parameters() if p.ndim >= 2]; rest = [p for p in obj.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.lr)
@@ -156,7 +190,7 @@ class VLAImitationLearner:
     @property
     def best_path(self) -> Path: return self.out_dir/'best_policy.safetensors'
 
-# %% ../nbs/06_imitation.ipynb #c019
+# %% ../nbs/06_imitation.ipynb #c023
 @patch
 def policy(self:VLAImitationLearner, **kw) -> VLAPolicy:
     "The current network as a `VLAPolicy` (eval mode; shares the weights)."
@@ -170,23 +204,35 @@ def load_pretrained(net:VLANet, path) -> VLANet:
     elif kind != 'vla_nb.VLAPolicy': raise ValueError(f"{path} is neither a VLAPretrainer nor a VLAPolicy checkpoint (kind={kind!r})")
     return load_weights(net, tensors)
 
-# %% ../nbs/06_imitation.ipynb #c021
+# %% ../nbs/06_imitation.ipynb #c025
 def _batch_to(batch:dict, device) -> dict: return {k: v.to(device) for k, v in batch.items()}
 
+def masked_mse(pred, target, mask): m = mask.to(pred.dtype); return ((pred - target).square() * m).sum() / m.sum().clamp(min=1)
+
 class BCObjective(nn.Module):
-    "Chunk loss of `net` (+ `aux_weight` x target-position loss), as a module so DistributedDataParallel can wrap it."
-    def __init__(self, net:VLANet, aux_weight:float=0.0):
-        super().__init__(); self.net, self.aux_weight = net, aux_weight
-        self.aux = nn.Linear(net.cfg.d_model, 4)                                   # commanded object xy, location xy
+    "Chunk loss of `net` + `aux_weight` x keypoint localization loss (demo frames and snapshots); a module so DDP can wrap it."
+    def __init__(self, net:VLANet, aux_weight:float=0.0, snapshots:dict|None=None, norm:Normalizer|None=None, snapshot_batch:int=32):
+        super().__init__(); self.net, self.aux_weight, self.snapshots, self.norm, self.snapshot_batch = net, aux_weight, snapshots, norm, snapshot_batch
+        if net.cfg.keypoints < len(OBJECT_NAMES): raise ValueError(f"the keypoint loss needs keypoints >= {len(OBJECT_NAMES)}, got {net.cfg.keypoints}")
+        if snapshots is not None and norm is None: raise ValueError("snapshots need the dataset's Normalizer")
+        self.aux = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, 2))  # keypoint (x, y) in the image -> table xy
+
+    def locate(self, keys):                                                        # (B, 2K') -> (B, 2K) table xy of every object
+        K = len(OBJECT_NAMES); return self.aux(keys[:, :2 * K].reshape(-1, K, 2)).reshape(-1, 2 * K)
 
     def forward(self, batch:dict) -> torch.Tensor:
-        f = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO])           # (B, d)
+        f, keys = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], return_keys=True)   # (B, d), (B, 2K')
         out, tgt, pad = self.net.head(f), batch[ACTION], batch[ACTION_PAD]         # targets (B, H, A)
         if self.net.cfg.head == 'discrete': loss = discrete_action_loss(out['logits'], tgt, pad, self.net.cfg.bin_range)
         else: loss = action_loss(out['actions'], tgt, pad) + F.binary_cross_entropy(out['confidence'], confidence_target(out['actions'], tgt, pad))
-        if self.aux_weight:                                                        # where is what the command names?
-            m = batch[TARGET_MASK].float()
-            loss = loss + self.aux_weight * (((self.aux(f) - batch[TARGET_XY]) ** 2) * m).sum() / m.sum().clamp(min=1)
+        if not self.aux_weight: return loss
+        loss = loss + self.aux_weight * masked_mse(self.locate(keys), batch[TARGET_XY], batch[TARGET_MASK])
+        if self.snapshots is not None and self.training:                          # fresh layouts, under the batch's commands
+            S, dev = self.snapshots, batch[IMAGE].device
+            i, j = torch.randint(0, len(S[IMAGE]), (self.snapshot_batch,)), torch.randint(0, len(batch[TOKENS]), (self.snapshot_batch,))
+            img = self.norm.normalize(IMAGE, S[IMAGE][i].float() / 255).to(dev)
+            _, k = self.net.vision(img, self.net.text(batch[TOKENS][j]), return_keys=True)
+            loss = loss + self.aux_weight * masked_mse(self.locate(k), S[TARGET_XY][i].to(dev), S[TARGET_MASK][i].to(dev))
         return loss
 
 @patch
@@ -218,7 +264,18 @@ def validate(self:VLAImitationLearner, batch_size:int=256) -> float:
         tot += m['action_loss'] * len(idx); n += len(idx)
     return tot / n
 
-# %% ../nbs/06_imitation.ipynb #c023
+@patch
+@torch.no_grad()
+def keypoint_rmse(self:VLAImitationLearner, split:str='val', max_frames:int=2000) -> float:
+    "RMS error (cm, per coordinate) of the objects' table positions read from the keypoints, on 'train' or 'val' frames."
+    if split not in ('train', 'val'): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data = self.val_data if split == 'val' else self.train_data
+    b = _batch_to(data.batch(torch.linspace(0, len(data) - 1, min(max_frames, len(data))).long()), self.device)
+    self.objective.eval()
+    _, keys = self.model.encode(b[IMAGE], b[TOKENS], b[PROPRIO], return_keys=True)
+    return 100 * XY_SCALE * float(masked_mse(self.objective.locate(keys), b[TARGET_XY], b[TARGET_MASK]).sqrt())
+
+# %% ../nbs/06_imitation.ipynb #c027
 @patch
 def save_state(self:VLAImitationLearner, path=None) -> Path|None:
     "Rank 0: write the full training state (default `out_dir/checkpoint.safetensors`); other ranks do nothing."
@@ -239,10 +296,7 @@ def load_state(self:VLAImitationLearner, path):
     if meta.get('kind') != 'vla_nb.VLAImitationLearner': raise ValueError(f"{path} is not a VLAImitationLearner checkpoint (kind={meta.get('kind')!r})")
     load_weights(self.model, {k[4:]: v for k, v in tensors.items() if k.startswith('net.')})
     load_weights(self.objective.aux, {k[4:]: v for k, v in tensors.items() if k.startswith('aux.')})
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith('optim.'): _, i, name = k.split('.', 2); state.setdefault(int(i), {})[name] = v
-    self.optimizer.load_state_dict(dict(state=state, param_groups=[{**g, 'betas': tuple(g['betas'])} for g in meta['param_groups']]))
+    _restore_optim(self.optimizer, tensors, meta['param_groups'])
     for k in ('step', 'epoch', 'pos', 'total_steps', 'stopped', 'bad_epochs', 'best_success'): setattr(self, k, meta[k])
     self.best_val = float('inf') if meta['best_val'] is None else meta['best_val']
     self.history = {k: list(v) for k, v in meta['history'].items()}
@@ -262,7 +316,7 @@ def _log(self:VLAImitationLearner, rec:dict):
     if not self.is_main: return
     with open(ensure_dir(self.out_dir)/'metrics.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
 
-# %% ../nbs/06_imitation.ipynb #c025
+# %% ../nbs/06_imitation.ipynb #c029
 @patch
 def evaluate(self:VLAImitationLearner, episodes_per_family:int|None=None, env:sim.TabletopEnv|None=None) -> float:
     "Closed-loop mean success of the current weights on the learner's validation episode set."
@@ -270,7 +324,7 @@ def evaluate(self:VLAImitationLearner, episodes_per_family:int|None=None, env:si
     return evaluate_policy(pol, n, seed=self.config.seed + 7919, split='test', env=env, name=f'epoch {self.epoch}',
                            progress_bar=False)['mean_success']
 
-# %% ../nbs/06_imitation.ipynb #c026
+# %% ../nbs/06_imitation.ipynb #c030
 @patch
 def _end_epoch(self:VLAImitationLearner, num_epochs:int, env) -> dict:
     "Validation loss, early-stopping counter, periodic closed-loop evaluation and best-policy selection at an epoch boundary."
@@ -287,7 +341,7 @@ def _end_epoch(self:VLAImitationLearner, num_epochs:int, env) -> dict:
     self.stopped = self.bad_epochs >= cfg.patience
     return rec
 
-# %% ../nbs/06_imitation.ipynb #c028
+# %% ../nbs/06_imitation.ipynb #c032
 @patch
 def train_imitation(self:VLAImitationLearner, num_epochs:int, max_steps:int|None=None) -> dict:
     "Train for up to `num_epochs` epochs (or `max_steps` steps), stopping early on the validation loss; returns the history."
@@ -317,7 +371,7 @@ def train_imitation(self:VLAImitationLearner, num_epochs:int, max_steps:int|None
     self.save_state()
     return self.history
 
-# %% ../nbs/06_imitation.ipynb #c031
+# %% ../nbs/06_imitation.ipynb #c035
 def plot_history(history:dict, title:str='behaviour cloning'):
     "Training loss (smoothed), validation loss and closed-loop validation success against epochs."
     import matplotlib.pyplot as plt
@@ -331,7 +385,7 @@ def plot_history(history:dict, title:str='behaviour cloning'):
     b.set_ylim(0, 1.02); b.set_xlabel('epoch'); b.set_ylabel('validation success'); b.set_title('closed loop', fontsize=9)
     fig.tight_layout(); return fig
 
-# %% ../nbs/06_imitation.ipynb #c043
+# %% ../nbs/06_imitation.ipynb #c047
 def dagger_rollouts(policy, root, n_episodes:int, seed:int, beta:float=0.0, data_config:DataConfig|None=None,
                     env:sim.TabletopEnv|None=None) -> dict:
     "Let `policy` act (the expert's action with probability `beta`); record every visited state with the expert's clean label."
@@ -359,7 +413,7 @@ def dagger_rollouts(policy, root, n_episodes:int, seed:int, beta:float=0.0, data
     return dict(root=str(root), episodes=len(ds), frames=ds.num_frames, new_episodes=len(wins),
                 policy_success=round(float(np.mean(wins)), 4) if wins else None)
 
-# %% ../nbs/06_imitation.ipynb #c045
+# %% ../nbs/06_imitation.ipynb #c049
 def run_dagger(learner:VLAImitationLearner, rounds:int, episodes_per_round:int, epochs_per_round:int, root, beta:float=0.5,
                test_episodes:int=5, seed:int=0) -> list:
     "DAgger rounds on top of a trained `learner`; returns [{round, frames, policy_success, success}], round 0 = before DAgger."
@@ -378,7 +432,7 @@ def run_dagger(learner:VLAImitationLearner, rounds:int, episodes_per_round:int, 
     finally: env.close()
     return out
 
-# %% ../nbs/06_imitation.ipynb #c050
+# %% ../nbs/06_imitation.ipynb #c054
 def train_and_evaluate(ds:EpisodeDataset, epochs:int, episodes_per_family:int, model_kw:dict|None=None, config_kw:dict|None=None,
                        pretrained=None, episodes=None, variants:dict|None=None, out_dir=None, seed:int=0) -> dict:
     "Train a fresh policy on `ds` and return {variant name: test-split summary} (variants: VLAPolicy keyword settings)."
@@ -397,7 +451,7 @@ def train_and_evaluate(ds:EpisodeDataset, epochs:int, episodes_per_family:int, m
     finally: env.close()
     return res
 
-# %% ../nbs/06_imitation.ipynb #c063
+# %% ../nbs/06_imitation.ipynb #c067
 def run_imitation(argv=None) -> VLAImitationLearner:
     "Command line: behaviour cloning of a `VLANet` on a recorded dataset (alone or under torchrun)."
     ap = argparse.ArgumentParser(prog='vla-imitate', description='Train a VLA policy by behaviour cloning with closed-loop model selection.')
@@ -409,14 +463,17 @@ def run_imitation(argv=None) -> VLAImitationLearner:
     ap.add_argument('--head', default='continuous', choices=['continuous', 'discrete']); ap.add_argument('--chunk-size', type=int, default=8)
     ap.add_argument('--eval-every', type=int, default=2); ap.add_argument('--eval-episodes', type=int, default=4)
     ap.add_argument('--patience', type=int, default=4); ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--keypoint-level', type=int, default=3, help='conv block feeding the keypoints (must match --pretrained)')
+    ap.add_argument('--snapshots', type=int, default=0, help='randomized scene snapshots co-trained for object localization')
     ap.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.safetensors'); ap.add_argument('--device', default='auto')
     a = ap.parse_args(argv)
     eds = EpisodeDataset(a.data); torch.manual_seed(a.seed)
     S = int(eds.load_episode(0)[IMAGE].shape[1])
-    net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, head=a.head, chunk_size=a.chunk_size))
+    net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, head=a.head, chunk_size=a.chunk_size,
+                           keypoint_level=a.keypoint_level))
     if a.pretrained: load_pretrained(net, a.pretrained)
     cfg = ImitationConfig(lr=a.lr, batch_size=a.batch_size, eval_every=a.eval_every, eval_episodes=a.eval_episodes, patience=a.patience,
-                          seed=a.seed, out_dir=a.out, device=a.device)
+                          seed=a.seed, out_dir=a.out, device=a.device, snapshots=a.snapshots)
     lr = VLAImitationLearner(net, eds, cfg, resume=a.resume and (Path(a.out)/'checkpoint.safetensors').exists())
     lr.train_imitation(a.epochs, a.max_steps)
     if lr.is_main: print(json.dumps(dict(epochs=lr.epoch, steps=lr.step, best_val=lr.best_val, best_success=lr.best_success, best_policy=str(lr.best_path))))

@@ -37,6 +37,7 @@ class ModelConfig(Config):
     d_model:int=128               # width of the text encoder and the fused features
     vision_channels:tuple=(16, 32, 64, 64) # channels of the four stride-2 conv blocks
     keypoints:int=32              # spatial-softmax keypoints of the vision encoder
+    keypoint_level:int=3          # conv block (0-3) whose map feeds the spatial softmax: 3 = last (S/16), 1 = finer and more local (S/4)
     text_layers:int=2             # transformer layers of the text encoder
     heads:int=4                   # attention heads
     head:str='continuous'         # action head: 'continuous' (regression) or 'discrete' (bins)
@@ -54,6 +55,7 @@ class ModelConfig(Config):
         if len(self.vision_channels) != 4: raise ValueError(f"`vision_channels` must list 4 block widths, got {self.vision_channels!r}")
         for c in self.vision_channels: check_range('vision_channels', c, 1, 1024, integer=True)
         check_range('keypoints', self.keypoints, 1, 1024, integer=True)
+        check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
         check_range('text_layers', self.text_layers, 0, 24, integer=True)
         check_range('heads', self.heads, 1, 64, integer=True)
         if self.d_model % self.heads: raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `heads` ({self.heads})")
@@ -133,15 +135,19 @@ class VisionEncoder(nn.Module):
         self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(min(8, b), b), nn.ReLU())
                                    for a, b in zip(chans[:-1], chans[1:]))
         self.films = nn.ModuleList(FiLM(cfg.d_model, c) for c in cfg.vision_channels)
-        self.keys = SpatialSoftmax(chans[-1], cfg.keypoints)
+        self.level = cfg.keypoint_level
+        self.keys = SpatialSoftmax(chans[self.level + 1], cfg.keypoints)
         self.out = nn.Linear(2 * cfg.keypoints + chans[-1], cfg.d_model)
 
-    def forward(self, image, cond):                                # image (B, 3, S, S), cond (B, d)
+    def forward(self, image, cond, return_keys:bool=False):        # image (B, 3, S, S), cond (B, d)
         x = image
-        for conv, film in zip(self.convs, self.films): x = film(conv(x), cond)   # (B, C_i, S/2^i, S/2^i)
-        return self.out(torch.cat([self.keys(x), x.mean((2, 3))], -1))          # (B, d)
+        for i, (conv, film) in enumerate(zip(self.convs, self.films)):
+            x = film(conv(x), cond)                                # (B, C_i, S/2^(i+1), S/2^(i+1))
+            if i == self.level: keys = self.keys(x)                # (B, 2K): x0, y0, x1, y1, ...
+        v = self.out(torch.cat([keys, x.mean((2, 3))], -1))        # (B, d)
+        return (v, keys) if return_keys else v
 
-# %% ../nbs/03_model.ipynb #c017
+# %% ../nbs/03_model.ipynb #c018
 class VLANet(nn.Module):
     "Vision-Language-Action network: (image, token ids, proprio) -> (actions (B, H, A) normalized, confidence (B,))."
     def __init__(self, cfg:ModelConfig|None=None):
@@ -153,16 +159,17 @@ class VLANet(nn.Module):
         self.fuse = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d), nn.LayerNorm(d))
         self.head = ContinuousHead(cfg) if cfg.head == 'continuous' else DiscreteHead(cfg)
 
-    def encode(self, image, token_ids, proprio):                   # (B, 3, S, S) float, (B, T) int64, (B, P) float
+    def encode(self, image, token_ids, proprio, return_keys:bool=False):   # (B, 3, S, S) float, (B, T) int64, (B, P) float
         t = self.text(token_ids)                                   # (B, d)
-        v = self.vision(image, t)                                  # (B, d)
-        return self.fuse(torch.cat([v, t, self.proprio(proprio)], -1))   # (B, d)
+        v, keys = self.vision(image, t, return_keys=True)          # (B, d), (B, 2K)
+        f = self.fuse(torch.cat([v, t, self.proprio(proprio)], -1))   # (B, d)
+        return (f, keys) if return_keys else f
 
     def forward(self, image, token_ids, proprio):
         out = self.head(self.encode(image, token_ids, proprio))
         return out['actions'], out['confidence']                   # (B, H, A), (B,)
 
-# %% ../nbs/03_model.ipynb #c019
+# %% ../nbs/03_model.ipynb #c020
 class ContinuousHead(nn.Module):
     "Features (B, d) -> chunk (B, H, A) by regression, plus a confidence probe predicting exp(-mean |error|)."
     def __init__(self, cfg:ModelConfig):
@@ -175,7 +182,7 @@ class ContinuousHead(nn.Module):
         confidence = torch.sigmoid(self.conf(f.detach())).squeeze(-1)   # (B,) probe: no gradient into the encoder
         return dict(actions=actions, confidence=confidence)
 
-# %% ../nbs/03_model.ipynb #c020
+# %% ../nbs/03_model.ipynb #c021
 def bin_centers(n_bins:int=256, bin_range:float=3.0) -> torch.Tensor:
     "Centres (n_bins,) of uniform bins over [-bin_range, bin_range]."
     w = 2 * bin_range / n_bins
@@ -190,7 +197,7 @@ def unbin_actions(idx:torch.Tensor, n_bins:int=256, bin_range:float=3.0) -> torc
     "Bin indices (...) -> the bins' centres (...) in normalized units."
     return bin_centers(n_bins, bin_range).to(idx.device)[idx]
 
-# %% ../nbs/03_model.ipynb #c023
+# %% ../nbs/03_model.ipynb #c024
 class DiscreteHead(nn.Module):
     "Features (B, d) -> logits (B, H, A, n_bins); actions are the most probable bins' centres, confidence their mean probability."
     def __init__(self, cfg:ModelConfig):
@@ -203,7 +210,7 @@ class DiscreteHead(nn.Module):
         pmax, idx = logits.softmax(-1).max(-1)                     # (B, H, A) each
         return dict(actions=self.centers[idx], confidence=pmax.mean((1, 2)), logits=logits)
 
-# %% ../nbs/03_model.ipynb #c028
+# %% ../nbs/03_model.ipynb #c029
 def action_error(pred, target, pad_mask):
     "Per-sample mean absolute error (B,) over the non-padded steps of (B, H, A) chunks."
     keep = (~pad_mask).unsqueeze(-1).to(pred.dtype)                # (B, H, 1)
@@ -218,7 +225,7 @@ def confidence_target(pred, target, pad_mask):
     "What the continuous confidence predicts: exp(-per-sample mean |error|), in (0, 1]; no gradient."
     return torch.exp(-action_error(pred.detach(), target, pad_mask))
 
-# %% ../nbs/03_model.ipynb #c029
+# %% ../nbs/03_model.ipynb #c030
 def discrete_action_loss(logits, target, pad_mask, bin_range:float=3.0):
     "Cross-entropy of bin logits (B, H, A, n_bins) against the bins of normalized targets (B, H, A), padded steps masked."
     idx = bin_actions(target, logits.shape[-1], bin_range)        # (B, H, A)
@@ -237,7 +244,7 @@ def vla_loss(net:VLANet, batch:dict) -> tuple:
     return act_l + conf_l, dict(action_loss=act_l.detach().item(), confidence_loss=conf_l.detach().item(), l1=l1.item(),
                                 confidence=out['confidence'].detach().mean().item())
 
-# %% ../nbs/03_model.ipynb #c037
+# %% ../nbs/03_model.ipynb #c038
 def model_report(net:VLANet, batch_size:int=32, reps:int=5) -> dict:
     "Parameter count, FLOPs per single-sample forward, and ms per forward+backward of `batch_size` samples."
     cfg = net.cfg; params = sum(p.numel() for p in net.parameters())
@@ -252,7 +259,7 @@ def model_report(net:VLANet, batch_size:int=32, reps:int=5) -> dict:
     return dict(head=cfg.head, params=params, mflops_per_sample=round(fc.get_total_flops() / 1e6, 1),
                 train_step_ms_b32=round(1000 * float(np.median(times[1:])), 1))
 
-# %% ../nbs/03_model.ipynb #c041
+# %% ../nbs/03_model.ipynb #c042
 def _check_image(image, S:int):
     "Dtype, shape and range of a normalized image batch (B, 3, S, S)."
     if image.dtype == torch.uint8: raise ValueError("image must be a normalized float tensor (B, 3, H, W), got uint8 pixels")
@@ -282,7 +289,7 @@ def check_inputs(image, token_ids, proprio, cfg:ModelConfig):
     if not image.shape[0] == token_ids.shape[0] == proprio.shape[0]:
         raise ValueError(f"batch sizes differ: image {image.shape[0]}, token_ids {token_ids.shape[0]}, proprio {proprio.shape[0]}")
 
-# %% ../nbs/03_model.ipynb #c045
+# %% ../nbs/03_model.ipynb #c046
 class TemporalEnsembler:
     "ACT temporal ensembling: step t's action averages every chunk's prediction for t, weight exp(-coeff * i), i = 0 the oldest."
     def __init__(self, coeff:float, chunk_size:int):
@@ -298,7 +305,7 @@ class TemporalEnsembler:
         self.t += 1
         return (w * preds).sum(0) / w.sum()
 
-# %% ../nbs/03_model.ipynb #c050
+# %% ../nbs/03_model.ipynb #c051
 def bounds_stats(image_mean:float=0.5, image_std:float=0.25, action_std:float=0.5) -> dict:
     "Normalization statistics from the simulator's bounds, for an untrained policy (trained ones use their dataset's `stats`)."
     lo, hi = sim.PROPRIO_LOW.astype(np.float64), sim.PROPRIO_HIGH.astype(np.float64)
@@ -308,7 +315,7 @@ def bounds_stats(image_mean:float=0.5, image_std:float=0.25, action_std:float=0.
 def _stats_json(norm:Normalizer) -> dict:
     return {k: dict(mean=norm.mean[k].tolist(), std=norm.std[k].tolist()) for k in norm.mean}
 
-# %% ../nbs/03_model.ipynb #c051
+# %% ../nbs/03_model.ipynb #c052
 class VLAPolicy:
     "A `VLANet` with its normalization statistics and tokenizer: `reset`, `predict_action_chunk`, `select_action`, `save`/`load`."
     def __init__(self, net:VLANet, normalizer:Normalizer, tokenizer:CommandTokenizer, n_action_steps:int|None=None,
@@ -331,7 +338,7 @@ class VLAPolicy:
 
     def __repr__(self): return f"VLAPolicy(head={self.cfg.head!r}, chunk_size={self.cfg.chunk_size}, n_action_steps={self.n_action_steps}, temporal_ensemble_coeff={self.temporal_ensemble_coeff})"
 
-# %% ../nbs/03_model.ipynb #c052
+# %% ../nbs/03_model.ipynb #c053
 @patch
 def _tensors(self:VLAPolicy, obs:dict):
     "Observation dict (single or batched) -> normalized, checked (image, token_ids, proprio) and whether it was single."
@@ -368,7 +375,7 @@ def select_action(self:VLAPolicy, obs:dict) -> np.ndarray:
     if not self._queue: self._queue.extend(self.predict_action_chunk(obs)[:self.n_action_steps])
     return self._queue.popleft().astype(np.float32)
 
-# %% ../nbs/03_model.ipynb #c059
+# %% ../nbs/03_model.ipynb #c060
 def load_weights(net:nn.Module, tensors:dict):
     "Load `tensors` into `net` exactly: every name present, no extras, every shape equal; otherwise a ValueError listing the differences."
     own = net.state_dict()
@@ -381,7 +388,7 @@ def load_weights(net:nn.Module, tensors:dict):
     net.load_state_dict(tensors)
     return net
 
-# %% ../nbs/03_model.ipynb #c060
+# %% ../nbs/03_model.ipynb #c061
 @patch
 def save(self:VLAPolicy, path):
     "Write weights (safetensors) and config, statistics, tokenizer and settings (sidecar JSON) to `path` (.safetensors)."
@@ -403,7 +410,7 @@ def load(cls:VLAPolicy, path, config:ModelConfig|None=None, **kw):
                     temporal_ensemble_coeff=meta['temporal_ensemble_coeff'])
     return cls(net, Normalizer(meta['stats']), CommandTokenizer.from_json(meta['tokenizer']), **{**settings, **kw})
 
-# %% ../nbs/03_model.ipynb #c064
+# %% ../nbs/03_model.ipynb #c065
 class VLAFeaturesExtractor(BaseFeaturesExtractor):
     "SB3 features extractor over {'image', 'proprio', 'command'} observations: `VLANet.encode` -> (B, d_model)."
     def __init__(self, observation_space, config:ModelConfig|None=None, stats:dict|None=None):
@@ -427,7 +434,7 @@ class VLAFeaturesExtractor(BaseFeaturesExtractor):
         pro = (obs['proprio'] - self.pro_mean) / self.pro_std.clamp(min=1e-3)
         return self.net.encode(img, ids, pro)                      # (B, d)
 
-# %% ../nbs/03_model.ipynb #c066
+# %% ../nbs/03_model.ipynb #c067
 class FirstActionMean(nn.Module):
     "Features (B, d) -> raw first action of the continuous head's chunk (B, A): a Gaussian policy's mean, sharing the head's weights."
     def __init__(self, head:ContinuousHead, action_mean=None, action_std=None):

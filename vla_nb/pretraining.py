@@ -237,6 +237,13 @@ def _optim_tensors(opt) -> tuple:
     tensors = {f'optim.{i}.{k}': (v if torch.is_tensor(v) else torch.tensor(v)) for i, st in sd['state'].items() for k, v in st.items()}
     return tensors, json.loads(json.dumps(sd['param_groups'], default=list))
 
+def _restore_optim(opt, tensors:dict, param_groups:list):
+    "Load the optimizer state that `_optim_tensors` flattened into checkpoint tensors (keys 'optim.{param}.{name}') and JSON groups."
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith('optim.'): _, i, name = k.split('.', 2); state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict(dict(state=state, param_groups=[{**g, 'betas': tuple(g['betas'])} for g in param_groups]))
+
 @patch
 def save_state(self:VLAPretrainer, path=None) -> Path|None:
     "Rank 0: write the full training state to `path` (default `out_dir/checkpoint.safetensors`); other ranks do nothing."
@@ -256,11 +263,7 @@ def load_state(self:VLAPretrainer, path):
     if meta.get('kind') != 'vla_nb.VLAPretrainer': raise ValueError(f"{path} is not a VLAPretrainer checkpoint (kind={meta.get('kind')!r})")
     load_weights(self.model, {k[4:]: v for k, v in tensors.items() if k.startswith('net.')})
     load_weights(self.module.heads, {k[6:]: v for k, v in tensors.items() if k.startswith('heads.')})
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith('optim.'): _, i, name = k.split('.', 2); state.setdefault(int(i), {})[name] = v
-    groups = [{**g, 'betas': tuple(g['betas'])} for g in meta['param_groups']]
-    self.optimizer.load_state_dict(dict(state=state, param_groups=groups))
+    _restore_optim(self.optimizer, tensors, meta['param_groups'])
     self.step, self.epoch, self.pos, self.total_steps = meta['step'], meta['epoch'], meta['pos'], meta['total_steps']
     self.metrics = {k: list(v) for k, v in meta['metrics'].items()}
     return self
