@@ -106,3 +106,16 @@ def test_writer_refuses_bad_episodes(tmp_path):
     with pytest.raises(ValueError, match='different lengths'): w.add_episode(0, {**ok, ACTION: np.zeros((2, 7), np.float32)}, 'find the book')
     with pytest.raises(ValueError, match='required'): w.add_episode(0, {IMAGE: ok[IMAGE]}, 'find the book')
     with pytest.raises(ValueError, match='no episodes'): w.finalize()
+
+
+def test_episodes_read_in_index_order_whatever_the_write_order(tmp_path):
+    "Recording workers finish in any order; the dataset lists episodes by index, so train/val splits are reproducible."
+    w = EpisodeWriter(tmp_path/'w', fps=10)
+    for i in (2, 0, 1):
+        T = 3 + i
+        w.add_episode(i, {IMAGE: np.full((T, 8, 8, 3), i, np.uint8), PROPRIO: np.zeros((T, 15), np.float32),
+                          ACTION: np.zeros((T, 7), np.float32)}, 'find the book')
+    ds = w.finalize()
+    assert [e['episode_index'] for e in ds.episodes] == [0, 1, 2]
+    assert [ds.load_episode(k)[IMAGE].shape[0] for k in range(3)] == [3, 4, 5]
+    assert [int(ds.load_episode(k)[IMAGE][0, 0, 0, 0]) for k in range(3)] == [0, 1, 2]

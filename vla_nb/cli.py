@@ -26,6 +26,9 @@ class DemoConfig(Config):
     epochs:int=10                 # behaviour-cloning epochs (early stopping may end sooner)
     snapshots:int=2000            # randomized scene snapshots co-trained for object localization (0: off)
     keypoint_level:int=1          # conv block feeding the spatial-softmax keypoints (ModelConfig.keypoint_level)
+    dagger_rounds:int=0           # DAgger rounds after behaviour cloning (0: none)
+    dagger_episodes:int=300       # on-policy episodes relabelled by the expert per DAgger round
+    dagger_epochs:int=2           # training epochs over the aggregated data per DAgger round
     eval_every:int=4              # closed-loop model selection every this many epochs
     eval_episodes:int=10          # test episodes per family for the reported success
     heldout_episodes:int=5        # held-out split episodes per family
@@ -38,17 +41,19 @@ class DemoConfig(Config):
             check_range(k, getattr(self, k), 1, 10**7, integer=True)
         check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True); check_range('eval_every', self.eval_every, 1, 10**4, integer=True)
         check_range('snapshots', self.snapshots, 0, 10**7, integer=True); check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
+        check_range('dagger_rounds', self.dagger_rounds, 0, 100, integer=True)
+        for k in ('dagger_episodes', 'dagger_epochs'): check_range(k, getattr(self, k), 1, 10**6, integer=True)
 
     @classmethod
     def for_profile(cls, profile:str|None=None):
         "The quick or full preset."
         if (profile or get_profile()) == 'quick': return cls()
-        return cls(episodes=3000, pretrain_epochs=1, epochs=10, snapshots=6000, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
+        return cls(episodes=3000, pretrain_epochs=1, epochs=10, snapshots=6000, dagger_rounds=1, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
 
     @classmethod
-    def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, snapshots=16, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
+    def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, snapshots=16, dagger_rounds=1, dagger_episodes=2, dagger_epochs=1, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
 
-# %% ../nbs/99_cli.ipynb #c007
+# %% ../nbs/99_cli.ipynb #c009
 def _save_fig(fig, path):
     import io, matplotlib.pyplot as plt
     buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); plt.close(fig)
@@ -69,7 +74,7 @@ def demo_sim(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     succ = {f: r['success'] for f, r in sim.expert_success(n, seed=seed + 1000).items()}
     return dict(filmstrips=strips, scene_grid=grid, expert_success=succ, episodes_per_family=n)
 
-# %% ../nbs/99_cli.ipynb #c009
+# %% ../nbs/99_cli.ipynb #c011
 def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Data stage of the demo: record, validate and plot an expert dataset under `out/data`."
     cfg = data.DataConfig(root=str(out/'data'), num_episodes=cfg.episodes, seed=seed, workers=cfg.workers)
@@ -82,7 +87,7 @@ def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
                 stats=_save_fig(data.plot_stats(ds), out/'data_stats.png'))
     return dict(report=rep, figures=figs, valid=True)
 
-# %% ../nbs/99_cli.ipynb #c011
+# %% ../nbs/99_cli.ipynb #c013
 def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
     ds = data.EpisodeDataset(out/'data'); seed_everything(seed)
@@ -94,7 +99,9 @@ def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     t1 = time.time()
     icfg = imitation.ImitationConfig(seed=seed, out_dir=str(out/'policy'), eval_every=cfg.eval_every, eval_episodes=max(2, cfg.eval_episodes // 4),
                                      snapshots=cfg.snapshots, snapshot_workers=cfg.workers)
-    learner = imitation.VLAImitationLearner(net, ds, icfg); hist = learner.train_imitation(cfg.epochs)
+    learner = imitation.VLAImitationLearner(net, ds, icfg); hist = learner.train_imitation(cfg.epochs); tb = time.time()
+    dag = imitation.run_dagger(learner, cfg.dagger_rounds, cfg.dagger_episodes, cfg.dagger_epochs, out/'dagger', beta=0.0,
+                               test_episodes=0, seed=seed) if cfg.dagger_rounds else None
     t2 = time.time(); pol = VLAPolicy.load(learner.best_path); env = sim.TabletopEnv(render_size=128)
     try:
         test = evaluation.evaluate_policy(pol, cfg.eval_episodes, seed, 'test', env, 'test', frames=1)
@@ -108,15 +115,15 @@ def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
                 gif=evaluation.save_gif(kept['frames'], out/'policy_rollout.gif').name)
     drop = lambda r: {k: v for k, v in r.items() if k != 'result'}
     return dict(policy=str(learner.best_path), pretrain_losses=pre, epochs=learner.epoch, best_val_loss=round(learner.best_val, 4),
-                test=drop(test), heldout=drop(held), grounding=grd, figures=figs, pretrain_seconds=round(t1 - t0, 1),
-                train_seconds=round(t2 - t1, 1), eval_seconds=round(time.time() - t2, 1))
+                test=drop(test), heldout=drop(held), grounding=grd, figures=figs, dagger=dag, pretrain_seconds=round(t1 - t0, 1),
+                bc_seconds=round(tb - t1, 1), dagger_seconds=round(t2 - tb, 1), train_seconds=round(t2 - t1, 1), eval_seconds=round(time.time() - t2, 1))
 
-# %% ../nbs/99_cli.ipynb #c013
+# %% ../nbs/99_cli.ipynb #c015
 def demo_deploy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Deployment stage: export the demo's policy to out/deploy and benchmark its backends briefly."
     return deployment.demo_deploy(out/'policy'/'best_policy.safetensors', out/'deploy', calls=cfg.deploy_calls, seed=seed)
 
-# %% ../nbs/99_cli.ipynb #c015
+# %% ../nbs/99_cli.ipynb #c017
 DEMO_STAGES = {'sim': demo_sim, 'data': demo_data, 'policy': demo_policy, 'deploy': demo_deploy}
 
 def _ci(r): return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
@@ -136,7 +143,10 @@ def _report_md(summary:dict) -> str:
     if 'policy' in summary['stages']:
         p = summary['stages']['policy']; t, h, g = p['test'], p['heldout'], p['grounding']
         lines += ["", "## The learned policy (closed loop, unseen seeds)", "",
-                  f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['train_seconds']} s ({p['epochs']} epochs), evaluation {p['eval_seconds']} s; "
+                  f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['bc_seconds']} s, "
+                  + (f"DAgger {p['dagger_seconds']} s ({len(p['dagger']) - 1} round(s), on-policy success of the rollouts "
+                     f"{', '.join(str(r['policy_success']) for r in p['dagger'][1:])}), " if p['dagger'] else "")
+                  + f"{p['epochs']} epochs in all, evaluation {p['eval_seconds']} s; "
                   f"policy at `{p['policy']}`.", "", "| split / family | success [95% Wilson CI] |", "|---|---|"]
         lines += [f"| test: {f} | {_ci(r)} |" for f, r in t['success'].items()]
         lines += [f"| **test: mean over families** | **{t['mean_success']:.2f}** |", f"| held-out split (mean) | {h['mean_success']:.2f} |",
@@ -161,7 +171,7 @@ def run_demo(out='runs/demo', seed:int=0, config:DemoConfig|None=None) -> dict:
     atomic_write(out/'summary.json', json.dumps(summary, indent=1)); atomic_write(out/'report.md', _report_md(summary))
     return summary
 
-# %% ../nbs/99_cli.ipynb #c016
+# %% ../nbs/99_cli.ipynb #c018
 def demo_main(argv=None):
     "Entry point of `vla-demo`."
     ap = argparse.ArgumentParser(prog='vla-demo', description='Run the vla_nb main job and write a report with figures.')
@@ -169,16 +179,19 @@ def demo_main(argv=None):
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default, minutes) or full (real runs)')
     ap.add_argument('--seed', type=int, default=0, help='seed of every random choice')
     ap.add_argument('--tiny', action='store_true', help='a smoke run of every stage in well under a minute (tests)')
+    ap.add_argument('--dagger-rounds', type=int, default=None, help="DAgger rounds after behaviour cloning (default: the profile's preset)")
     a = ap.parse_args(argv)
     if a.profile: set_profile(a.profile)
-    s = run_demo(a.out, a.seed, DemoConfig.tiny() if a.tiny else None)
+    cfg = DemoConfig.tiny() if a.tiny else DemoConfig.for_profile()
+    if a.dagger_rounds is not None: cfg = cfg.replace(dagger_rounds=a.dagger_rounds)
+    s = run_demo(a.out, a.seed, cfg)
     t = s['stages']['policy']['test']
     print(f"report: {Path(a.out)/'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
           f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
           f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}")
     return 0
 
-# %% ../nbs/99_cli.ipynb #c020
+# %% ../nbs/99_cli.ipynb #c022
 def _need_checkpoint(a):
     if not a.checkpoint: raise ValueError(f"vla-bench {a.what}: --checkpoint PATH (a saved VLAPolicy .safetensors) is required")
     return a.checkpoint

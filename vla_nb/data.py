@@ -198,7 +198,7 @@ class EpisodeDataset:
     "Read access to a dataset directory written by `EpisodeWriter`."
     def __init__(self, root):
         self.root = Path(root); self.info = _load_info(self.root)
-        self.episodes = _read_jsonl(self.root/'meta/episodes.jsonl')
+        self.episodes = sorted(_read_jsonl(self.root/'meta/episodes.jsonl'), key=lambda e: e['episode_index'])   # workers finish in any order; index order keeps splits reproducible
         self.failures = _read_jsonl(self.root/'meta/failures.jsonl')
         missing = [e['file'] for e in self.episodes if not (self.root/e['file']).exists()]
         if missing: raise FileNotFoundError(f"{self.root}: {len(missing)} indexed episode file(s) missing, e.g. {missing[:3]}")

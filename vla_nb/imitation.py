@@ -336,7 +336,7 @@ def _end_epoch(self:VLAImitationLearner, num_epochs:int, env) -> dict:
     if self.is_main and ((cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0) or last):
         rec['success'] = s = self.evaluate(env=env)
         self.history['eval_epoch'].append(self.epoch); self.history['success'].append(s)
-        if s > self.best_success: self.best_success = s; ensure_dir(self.out_dir); self.policy().save(self.best_path)
+        if s >= self.best_success - 1e-3: self.best_success = max(s, self.best_success); ensure_dir(self.out_dir); self.policy().save(self.best_path)   # ties (to rounding) go to the later, longer-trained weights
     self.history['epoch'].append(self.epoch); self.history['val_loss'].append(v)
     self.stopped = self.bad_epochs >= cfg.patience
     return rec
@@ -417,22 +417,22 @@ def dagger_rollouts(policy, root, n_episodes:int, seed:int, beta:float=0.0, data
 def run_dagger(learner:VLAImitationLearner, rounds:int, episodes_per_round:int, epochs_per_round:int, root, beta:float=0.5,
                test_episodes:int=5, seed:int=0) -> list:
     "DAgger rounds on top of a trained `learner`; returns [{round, frames, policy_success, success}], round 0 = before DAgger."
+    check_range('rounds', rounds, 1, 1000, integer=True); check_range('test_episodes', test_episodes, 0, 10**5, integer=True)
     env = env_for(learner.policy())
+    test = lambda: evaluate_policy(learner.policy(), test_episodes, seed, env=env, progress_bar=False)['mean_success'] if test_episodes else None
     try:
-        out = [dict(round=0, frames=len(learner.train_data), policy_success=None,
-                    success=evaluate_policy(learner.policy(), test_episodes, seed, env=env, progress_bar=False)['mean_success'])]
+        out = [dict(round=0, frames=len(learner.train_data), policy_success=None, success=test())]
         for r in range(1, rounds + 1):
             rep = dagger_rollouts(learner.policy(), Path(root)/f'round{r}', episodes_per_round, seed=10_000 * (seed + 1) + r,
                                   beta=beta * 0.5 ** (r - 1), env=env)
             learner.add_data(EpisodeDataset(rep['root']))
             learner.stopped, learner.bad_epochs, learner.total_steps = False, 0, 1     # new data: restart patience, re-stretch schedule
             learner.train_imitation(learner.epoch + epochs_per_round)
-            s = evaluate_policy(learner.policy(), test_episodes, seed, env=env, progress_bar=False)['mean_success']
-            out.append(dict(round=r, frames=len(learner.train_data), policy_success=rep['policy_success'], success=s))
+            out.append(dict(round=r, frames=len(learner.train_data), policy_success=rep['policy_success'], success=test()))
     finally: env.close()
     return out
 
-# %% ../nbs/06_imitation.ipynb #c054
+# %% ../nbs/06_imitation.ipynb #c055
 def train_and_evaluate(ds:EpisodeDataset, epochs:int, episodes_per_family:int, model_kw:dict|None=None, config_kw:dict|None=None,
                        pretrained=None, episodes=None, variants:dict|None=None, out_dir=None, seed:int=0) -> dict:
     "Train a fresh policy on `ds` and return {variant name: test-split summary} (variants: VLAPolicy keyword settings)."
@@ -451,7 +451,7 @@ def train_and_evaluate(ds:EpisodeDataset, epochs:int, episodes_per_family:int, m
     finally: env.close()
     return res
 
-# %% ../nbs/06_imitation.ipynb #c067
+# %% ../nbs/06_imitation.ipynb #c068
 def run_imitation(argv=None) -> VLAImitationLearner:
     "Command line: behaviour cloning of a `VLANet` on a recorded dataset (alone or under torchrun)."
     ap = argparse.ArgumentParser(prog='vla-imitate', description='Train a VLA policy by behaviour cloning with closed-loop model selection.')
