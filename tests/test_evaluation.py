@@ -56,3 +56,11 @@ def test_grounding_separates_reading_from_ignoring(env):
     blind = [grounding_check(CommandBlindExpert(env, p['task_a']), [p], env=env) for p in pairs]
     assert np.mean([b['old_task_rate']['rate'] for b in blind]) >= 0.75
     assert np.mean([b['new_command_success']['rate'] for b in blind]) <= 0.25
+
+
+def test_mean_success_is_not_built_from_rounded_rates():
+    "32 of 48 successes, spread unevenly over 4 families of 12: the mean over families is 32/48, so equal results compare equal."
+    from vla_nb.evaluation import EvalResult
+    wins = dict(pick=10, move=6, find=4, place=12)
+    recs = [dict(family=f, obj=None, success=i < k, steps=5) for f, k in wins.items() for i in range(12)]
+    assert EvalResult(recs).summary()['mean_success'] == round(32 / 48, 4)

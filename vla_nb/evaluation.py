@@ -122,7 +122,7 @@ def summary(self:EvalResult) -> dict:
     per = {f: _rate([r['success'] for r in self.records if r['family'] == f]) for f in fams}
     objs = sorted({r['obj'] for r in self.records if r['obj']})
     steps = {f: [r['steps'] for r in self.records if r['family'] == f and r['success']] for f in fams}
-    return dict(name=self.name, mean_success=round(float(np.mean([per[f]['rate'] for f in fams])), 4), success=per,
+    return dict(name=self.name, mean_success=round(float(np.mean([per[f]['k'] / per[f]['n'] for f in fams])), 4), success=per,
                 overall=_rate([r['success'] for r in self.records]),
                 by_object={o: _rate([r['success'] for r in self.records if r['obj'] == o]) for o in objs},
                 mean_steps={f: round(float(np.mean(v)), 2) if v else None for f, v in steps.items()},

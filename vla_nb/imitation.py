@@ -336,7 +336,7 @@ def _end_epoch(self:VLAImitationLearner, num_epochs:int, env) -> dict:
     if self.is_main and ((cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0) or last):
         rec['success'] = s = self.evaluate(env=env)
         self.history['eval_epoch'].append(self.epoch); self.history['success'].append(s)
-        if s >= self.best_success - 1e-3: self.best_success = max(s, self.best_success); ensure_dir(self.out_dir); self.policy().save(self.best_path)   # ties (to rounding) go to the later, longer-trained weights
+        if s >= self.best_success: self.best_success = s; ensure_dir(self.out_dir); self.policy().save(self.best_path)   # ties go to the later, longer-trained weights
     self.history['epoch'].append(self.epoch); self.history['val_loss'].append(v)
     self.stopped = self.bad_epochs >= cfg.patience
     return rec
