@@ -111,7 +111,7 @@ def test_normalization_round_trip(tok):
     torch.testing.assert_close(norm.normalize(ACTION, norm.unnormalize(ACTION, x)), x)
     # the policy's chunk is the network's normalized output mapped back with the action statistics, clipped to [-1, 1]
     obs = _obs(); chunk = pol.predict_action_chunk(obs)
-    img, ids, pro, _ = pol._tensors(obs)
+    img, ids, pro, _, _ = pol._tensors(obs)
     with torch.no_grad(): raw = norm.unnormalize(ACTION, pol.net(img, ids, pro)[0][0]).clamp(-1, 1)
     np.testing.assert_allclose(chunk, raw.numpy(), atol=1e-6)
     assert chunk.shape == (8, 7) and np.abs(chunk).max() <= 1

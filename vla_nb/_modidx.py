@@ -201,6 +201,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vla_nb.deployment.export_onnx': ('deployment.html#export_onnx', 'vla_nb/deployment.py'),
                                    'vla_nb.deployment.export_program': ('deployment.html#export_program', 'vla_nb/deployment.py'),
                                    'vla_nb.deployment.export_torchscript': ('deployment.html#export_torchscript', 'vla_nb/deployment.py'),
+                                   'vla_nb.deployment.input_names': ('deployment.html#input_names', 'vla_nb/deployment.py'),
                                    'vla_nb.deployment.latency_stats': ('deployment.html#latency_stats', 'vla_nb/deployment.py'),
                                    'vla_nb.deployment.load_artifact': ('deployment.html#load_artifact', 'vla_nb/deployment.py'),
                                    'vla_nb.deployment.optimize_for_jetson': ('deployment.html#optimize_for_jetson', 'vla_nb/deployment.py'),

@@ -29,6 +29,7 @@ class DemoConfig(Config):
     dagger_rounds:int=0           # DAgger rounds after behaviour cloning (0: none)
     dagger_episodes:int=300       # on-policy episodes relabelled by the expert per DAgger round
     dagger_epochs:int=2           # training epochs over the aggregated data per DAgger round
+    wrist_size:int=48             # side of a wrist-camera image recorded and read by the policy (0: scene camera only)
     eval_every:int=4              # closed-loop model selection every this many epochs
     eval_episodes:int=10          # test episodes per family for the reported success
     heldout_episodes:int=5        # held-out split episodes per family
@@ -42,13 +43,14 @@ class DemoConfig(Config):
         check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True); check_range('eval_every', self.eval_every, 1, 10**4, integer=True)
         check_range('snapshots', self.snapshots, 0, 10**7, integer=True); check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
         check_range('dagger_rounds', self.dagger_rounds, 0, 100, integer=True)
+        if self.wrist_size: check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         for k in ('dagger_episodes', 'dagger_epochs'): check_range(k, getattr(self, k), 1, 10**6, integer=True)
 
     @classmethod
     def for_profile(cls, profile:str|None=None):
         "The quick or full preset."
         if (profile or get_profile()) == 'quick': return cls()
-        return cls(episodes=3000, pretrain_epochs=1, epochs=10, snapshots=6000, dagger_rounds=1, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
+        return cls(episodes=3000, pretrain_epochs=1, epochs=10, snapshots=6000, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
 
     @classmethod
     def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, snapshots=16, dagger_rounds=1, dagger_episodes=2, dagger_epochs=1, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
@@ -77,7 +79,8 @@ def demo_sim(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
 # %% ../nbs/99_cli.ipynb #c011
 def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Data stage of the demo: record, validate and plot an expert dataset under `out/data`."
-    cfg = data.DataConfig(root=str(out/'data'), num_episodes=cfg.episodes, seed=seed, workers=cfg.workers)
+    cfg = data.DataConfig(root=str(out/'data'), num_episodes=cfg.episodes, seed=seed, workers=cfg.workers,
+                          wrist_camera=bool(cfg.wrist_size), wrist_size=cfg.wrist_size or None)
     rep = data.SyntheticDataGenerator(cfg).generate_dataset()
     problems = data.validate_dataset(cfg.root)
     if problems: raise RuntimeError(f"the demo dataset failed validation: {problems[:5]}")
@@ -91,7 +94,8 @@ def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
 def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
     ds = data.EpisodeDataset(out/'data'); seed_everything(seed)
-    net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len, keypoint_level=cfg.keypoint_level))
+    net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len, keypoint_level=cfg.keypoint_level,
+                             wrist_size=cfg.wrist_size))
     t0, pre = time.time(), None
     if cfg.pretrain_epochs:
         pt = pretraining.VLAPretrainer(net, pretraining.PretrainDataset(ds), pretraining.PretrainConfig(seed=seed, out_dir=str(out/'pretrain'), tensorboard=False))
@@ -102,7 +106,7 @@ def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
     learner = imitation.VLAImitationLearner(net, ds, icfg); hist = learner.train_imitation(cfg.epochs); tb = time.time()
     dag = imitation.run_dagger(learner, cfg.dagger_rounds, cfg.dagger_episodes, cfg.dagger_epochs, out/'dagger', beta=0.0,
                                test_episodes=0, seed=seed) if cfg.dagger_rounds else None
-    t2 = time.time(); pol = VLAPolicy.load(learner.best_path); env = sim.TabletopEnv(render_size=128)
+    t2 = time.time(); pol = VLAPolicy.load(learner.best_path); env = evaluation.env_for(pol, render_size=128)
     try:
         test = evaluation.evaluate_policy(pol, cfg.eval_episodes, seed, 'test', env, 'test', frames=1)
         held = evaluation.evaluate_policy(pol, cfg.heldout_episodes, seed, 'heldout', env, 'heldout')
@@ -180,10 +184,12 @@ def demo_main(argv=None):
     ap.add_argument('--seed', type=int, default=0, help='seed of every random choice')
     ap.add_argument('--tiny', action='store_true', help='a smoke run of every stage in well under a minute (tests)')
     ap.add_argument('--dagger-rounds', type=int, default=None, help="DAgger rounds after behaviour cloning (default: the profile's preset)")
+    ap.add_argument('--wrist-size', type=int, default=None, help="wrist-camera image side, 0 for none (default: the profile's preset)")
     a = ap.parse_args(argv)
     if a.profile: set_profile(a.profile)
     cfg = DemoConfig.tiny() if a.tiny else DemoConfig.for_profile()
     if a.dagger_rounds is not None: cfg = cfg.replace(dagger_rounds=a.dagger_rounds)
+    if a.wrist_size is not None: cfg = cfg.replace(wrist_size=a.wrist_size)
     s = run_demo(a.out, a.seed, cfg)
     t = s['stages']['policy']['test']
     print(f"report: {Path(a.out)/'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "

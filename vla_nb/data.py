@@ -294,6 +294,7 @@ class DataConfig(Config):
     noise_std:float=0.1           # expert action noise while recording (DART-style); the clean action is the label
     image_size:int=96             # observation size
     wrist_camera:bool=False       # also record the wrist camera
+    wrist_size:int|None=None      # side of the wrist image (None: image_size)
     workers:int=1                 # worker processes
 
     def __post_init__(self):
@@ -307,7 +308,7 @@ class DataConfig(Config):
         for f, t in self.heldout_templates:
             check_choice('heldout_templates family', f, sim.TASK_FAMILIES); check_range(f'heldout template of {f}', t, 0, len(sim.TEMPLATES[f]) - 1, integer=True)
             if len(sim.TEMPLATES[f]) < 2: raise ValueError(f"family {f!r} has one template; holding it out leaves none")
-        self.sim = sim.SimConfig(image_size=self.image_size, wrist_camera=self.wrist_camera)
+        self.sim = sim.SimConfig(image_size=self.image_size, wrist_camera=self.wrist_camera, wrist_size=self.wrist_size)
 
 # %% ../nbs/02_data.ipynb #c033
 def _combos(fam):
@@ -397,7 +398,8 @@ class SyntheticDataGenerator:
 # %% ../nbs/02_data.ipynb #c044
 class Normalizer:
     "Mean/std normalization of named features with a dataset's statistics; kept outside the network."
-    def __init__(self, stats:dict, keys=(IMAGE, PROPRIO, ACTION), eps:float=1e-3):
+    def __init__(self, stats:dict, keys=None, eps:float=1e-3):   # keys: image, proprio, action (+ wrist_image when recorded)
+        if keys is None: keys = (IMAGE, PROPRIO, ACTION) + ((WRIST_IMAGE,) if WRIST_IMAGE in stats else ())
         missing = [k for k in keys if k not in stats]
         if missing: raise ValueError(f"statistics lack {missing}")
         self.mean = {k: torch.as_tensor(np.asarray(stats[k]['mean']), dtype=torch.float32) for k in keys}
@@ -425,6 +427,7 @@ class ChunkDataset(torch.utils.data.Dataset):
         if not eps: raise ValueError("no episodes selected")
         parts = [ds.load_episode(k) for k in eps]
         self.images = torch.from_numpy(np.concatenate([p[IMAGE] for p in parts]))               # (N, H, W, 3) uint8
+        self.wrist = torch.from_numpy(np.concatenate([p[WRIST_IMAGE] for p in parts])) if all(WRIST_IMAGE in p for p in parts) else None  # (N, W, W, 3)
         self.proprio = torch.from_numpy(np.concatenate([p[PROPRIO] for p in parts]))            # (N, 15)
         self.actions = torch.from_numpy(np.concatenate([p[ACTION] for p in parts]))             # (N, 7)
         lens = np.array([len(p[ACTION]) for p in parts]); self.ends = np.repeat(np.cumsum(lens), lens)  # end of each frame's episode
@@ -451,9 +454,14 @@ def __getitem__(self:ChunkDataset, i:int) -> dict:
     pad = idx >= int(self.ends[i])                                   # (H,) past the episode's end
     act = self.actions[idx.clamp(max=int(self.ends[i]) - 1)]          # (H, 7) last action repeated under the mask
     img = self.images[i].permute(2, 0, 1).float() / 255               # (3, H, W)
-    if self.augment: img = augment_image(img, torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)))))
-    return {IMAGE: self.norm.normalize(IMAGE, img), TOKENS: self.tokens[i], TOKEN_MASK: self.token_mask[i],
-            PROPRIO: self.norm.normalize(PROPRIO, self.proprio[i]), ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad}
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)))) if self.augment else None
+    if self.augment: img = augment_image(img, gen)
+    out = {IMAGE: self.norm.normalize(IMAGE, img), TOKENS: self.tokens[i], TOKEN_MASK: self.token_mask[i],
+           PROPRIO: self.norm.normalize(PROPRIO, self.proprio[i]), ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad}
+    if self.wrist is not None:
+        w = self.wrist[i].permute(2, 0, 1).float() / 255             # (3, W, W)
+        out[WRIST_IMAGE] = self.norm.normalize(WRIST_IMAGE, augment_image(w, gen) if self.augment else w)
+    return out
 
 # %% ../nbs/02_data.ipynb #c050
 def plot_samples(ds:EpisodeDataset, n:int=8, cols:int=4):

@@ -21,15 +21,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, atomic_write, ensure_dir, seed_everything, by_profile
-from .data import IMAGE, PROPRIO, ACTION, Normalizer, CommandTokenizer, command_corpus
+from .data import IMAGE, WRIST_IMAGE, PROPRIO, ACTION, Normalizer, CommandTokenizer, command_corpus
 from .model import ModelConfig, VLANet, VLAPolicy, bounds_stats, load_weights, _stats_json
 from . import sim
 
 # %% auto #0
-__all__ = ['INPUT_NAMES', 'OUTPUT_NAMES', 'DEPLOY_FORMAT_VERSION', 'BACKENDS', 'DeployConfig', 'Preprocessor', 'example_inputs',
-           'export_torchscript', 'export_onnx', 'export_program', 'ort_session', 'parity', 'calibration_observations',
-           'prune_l1', 'quantize_int8', 'export_artifact', 'load_artifact', 'check_onnx_io', 'OptimizedVLAInference',
-           'latency_stats', 'HardwareOptimizer', 'optimize_for_mobile', 'optimize_for_jetson',
+__all__ = ['INPUT_NAMES', 'OUTPUT_NAMES', 'DEPLOY_FORMAT_VERSION', 'BACKENDS', 'DeployConfig', 'Preprocessor', 'input_names',
+           'example_inputs', 'export_torchscript', 'export_onnx', 'export_program', 'ort_session', 'parity',
+           'calibration_observations', 'prune_l1', 'quantize_int8', 'export_artifact', 'load_artifact', 'check_onnx_io',
+           'OptimizedVLAInference', 'latency_stats', 'HardwareOptimizer', 'optimize_for_mobile', 'optimize_for_jetson',
            'apply_model_compression', 'EdgeConfig', 'EdgeVLADeployer', 'edge_rollout', 'edge_session',
            'closed_loop_success', 'bench_deploy', 'plot_latency', 'deploy_summary', 'demo_deploy']
 
@@ -63,6 +63,10 @@ class Preprocessor:
     def __init__(self, meta:dict):
         spec, st = meta['input_spec'], meta['stats']
         self.S, self.P, self.T = spec['image']['shape'][2], spec['proprio']['shape'][1], spec['token_ids']['shape'][1]
+        self.W = spec['wrist_image']['shape'][2] if 'wrist_image' in spec else 0   # wrist-camera side; 0: none
+        wst = st.get(WRIST_IMAGE, st[IMAGE])
+        self.wri_mean = np.asarray(wst['mean'], np.float32).reshape(3, 1, 1)
+        self.wri_std = np.maximum(np.asarray(wst['std'], np.float32), 1e-3).reshape(3, 1, 1)
         self.img_mean = np.asarray(st[IMAGE]['mean'], np.float32).reshape(3, 1, 1)
         self.img_std = np.maximum(np.asarray(st[IMAGE]['std'], np.float32), 1e-3).reshape(3, 1, 1)
         self.pro_mean, self.pro_std = np.asarray(st[PROPRIO]['mean'], np.float32), np.maximum(np.asarray(st[PROPRIO]['std'], np.float32), 1e-3)
@@ -74,16 +78,17 @@ class Preprocessor:
 
 # %% ../nbs/08_deployment.ipynb #c011
 @patch
-def image(self:Preprocessor, frame) -> np.ndarray:
-    "A camera frame (H, W, 3) uint8 RGB of any size -> normalized (3, S, S) float32."
-    if not isinstance(frame, np.ndarray): raise ValueError(f"image must be a numpy array (H, W, 3) uint8, got {type(frame).__name__}")
-    if frame.dtype != np.uint8: raise ValueError(f"image must be uint8 pixels (H, W, 3), got dtype {frame.dtype}")
+def image(self:Preprocessor, frame, name:str='image') -> np.ndarray:
+    "A camera frame (H, W, 3) uint8 RGB of any size -> normalized (3, S, S) float32 (`name`='wrist_image': the wrist camera's size and stats)."
+    if not isinstance(frame, np.ndarray): raise ValueError(f"{name} must be a numpy array (H, W, 3) uint8, got {type(frame).__name__}")
+    if frame.dtype != np.uint8: raise ValueError(f"{name} must be uint8 pixels (H, W, 3), got dtype {frame.dtype}")
     if frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"image must have shape (H, W, 3) with 3 RGB channels, got {frame.shape}")
-    if min(frame.shape[:2]) < 8: raise ValueError(f"image is too small to resize: {frame.shape}")
-    if frame.shape[:2] != (self.S, self.S): frame = cv2.resize(frame, (self.S, self.S), interpolation=cv2.INTER_AREA)
+        raise ValueError(f"{name} must have shape (H, W, 3) with 3 RGB channels, got {frame.shape}")
+    if min(frame.shape[:2]) < 8: raise ValueError(f"{name} is too small to resize: {frame.shape}")
+    S, mean, std = (self.W, self.wri_mean, self.wri_std) if name == 'wrist_image' else (self.S, self.img_mean, self.img_std)
+    if frame.shape[:2] != (S, S): frame = cv2.resize(frame, (S, S), interpolation=cv2.INTER_AREA)
     x = frame.transpose(2, 0, 1).astype(np.float32) * (1 / 255)   # (3, S, S) in [0, 1]
-    return (x - self.img_mean) / self.img_std
+    return (x - mean) / std
 
 @patch
 def proprio(self:Preprocessor, p) -> np.ndarray:
@@ -115,7 +120,11 @@ def __call__(self:Preprocessor, obs:dict) -> dict:
     if not isinstance(obs, dict): raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
     missing = [k for k in ('image', 'proprio', 'command') if k not in obs]
     if missing: raise ValueError(f"obs lacks {missing}")
-    return dict(image=self.image(obs['image'])[None], token_ids=self.command(obs['command'])[None], proprio=self.proprio(obs['proprio'])[None])
+    feed = dict(image=self.image(obs['image'])[None], token_ids=self.command(obs['command'])[None], proprio=self.proprio(obs['proprio'])[None])
+    if self.W:
+        if 'wrist_image' not in obs: raise ValueError("obs lacks 'wrist_image': this artifact's model reads a wrist camera")
+        feed['wrist_image'] = self.image(obs['wrist_image'], 'wrist_image')[None]
+    return feed
 
 @patch
 def postprocess(self:Preprocessor, actions:np.ndarray) -> np.ndarray:
@@ -125,11 +134,16 @@ def postprocess(self:Preprocessor, actions:np.ndarray) -> np.ndarray:
 # %% ../nbs/08_deployment.ipynb #c014
 INPUT_NAMES, OUTPUT_NAMES = ('image', 'token_ids', 'proprio'), ('actions', 'confidence')
 
+def input_names(cfg:ModelConfig) -> tuple:
+    "The graph's inputs under `cfg`: INPUT_NAMES, then 'wrist_image' when the model reads a wrist camera."
+    return INPUT_NAMES + (('wrist_image',) if cfg.wrist_size else ())
+
 def example_inputs(cfg:ModelConfig, B:int=2, seed:int=0) -> tuple:
     "Seeded normalized inputs (image, token_ids, proprio) for tracing and parity checks; the first 6 tokens are real words."
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g); ids[:, 6:] = 0
-    return torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g), ids, torch.randn(B, cfg.proprio_dim, generator=g)
+    x = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g), ids, torch.randn(B, cfg.proprio_dim, generator=g)
+    return x + ((torch.randn(B, 3, cfg.wrist_size, cfg.wrist_size, generator=g),) if cfg.wrist_size else ())
 
 def export_torchscript(net:VLANet, example:tuple|None=None) -> torch.jit.ScriptModule:
     "Trace, freeze and optimize `net` for inference."
@@ -145,8 +159,8 @@ def export_onnx(net:VLANet, path, opset:int=17) -> Path:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')                            # the dynamo=False exporter is deprecated upstream, still supported
         torch.onnx.export(net.eval(), example_inputs(net.cfg), str(buf), dynamo=False, opset_version=opset, do_constant_folding=True,
-                          input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={k: {0: 'batch'} for k in INPUT_NAMES + OUTPUT_NAMES})
+                          input_names=list(input_names(net.cfg)), output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={k: {0: 'batch'} for k in input_names(net.cfg) + OUTPUT_NAMES})
     model = onnx.load(str(buf)); onnx.checker.check_model(model, full_check=True)
     out = atomic_write(path, buf.read_bytes()); shutil.rmtree(buf.parent)
     return out
@@ -154,7 +168,7 @@ def export_onnx(net:VLANet, path, opset:int=17) -> Path:
 def export_program(net:VLANet):
     "`torch.export` with a dynamic batch dimension: an `ExportedProgram` (call `.module()` to run it)."
     b = torch.export.Dim('batch', min=1, max=1024)
-    return torch.export.export(net.eval(), example_inputs(net.cfg), dynamic_shapes=({0: b}, {0: b}, {0: b}))
+    return torch.export.export(net.eval(), example_inputs(net.cfg), dynamic_shapes=tuple({0: b} for _ in input_names(net.cfg)))
 
 # %% ../nbs/08_deployment.ipynb #c017
 _GRAPH_OPT = dict(disable='ORT_DISABLE_ALL', basic='ORT_ENABLE_BASIC', extended='ORT_ENABLE_EXTENDED', all='ORT_ENABLE_ALL')
@@ -177,24 +191,24 @@ def parity(net:VLANet, backends:dict, B:int=3, seed:int=1) -> dict:
     with torch.inference_mode(): ref = [t.numpy() for t in net.eval()(*x)]
     out = {}
     for name, f in backends.items():
-        if isinstance(f, ort.InferenceSession): y = f.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (t.numpy() for t in x))))
+        if isinstance(f, ort.InferenceSession): y = f.run(list(OUTPUT_NAMES), dict(zip(input_names(net.cfg), (t.numpy() for t in x))))
         else:
             with torch.inference_mode(): y = [t.numpy() for t in f(*x)]
         out[name] = float(max(np.abs(a - b).max() for a, b in zip(y, ref)))
     return out
 
 # %% ../nbs/08_deployment.ipynb #c022
-def calibration_observations(n:int, seed:int=0, env:sim.TabletopEnv|None=None, every:int=3) -> list:
+def calibration_observations(n:int, seed:int=0, env:sim.TabletopEnv|None=None, every:int=3, wrist_size:int=0) -> list:
     "`n` real observations (dicts) from noisy scripted-expert episodes, every `every`-th step, seeded."
     check_range('n', n, 1, 1_000_000, integer=True)
-    own = env is None; env = env or sim.TabletopEnv(); out, k = [], 0
+    own = env is None; env = env or sim.TabletopEnv(**(dict(wrist_camera=True, wrist_size=wrist_size) if wrist_size else {})); out, k = [], 0
     try:
         while len(out) < n:
             fam = sim.TASK_FAMILIES[k % len(sim.TASK_FAMILIES)]
             obs, _ = env.reset(seed=seed + k, options=dict(task=sim.sample_task(np.random.default_rng(seed + k), (fam,))))
             expert, done, t = sim.ScriptedExpert(env, noise_std=0.2, seed=seed + k), False, 0
             while not done and len(out) < n:
-                if t % every == 0: out.append({key: obs[key] for key in ('image', 'proprio', 'command')})
+                if t % every == 0: out.append({key: obs[key] for key in ('image', 'proprio', 'command', 'wrist_image') if key in obs})
                 obs, _, term, trunc, _ = env.step(expert.select_action(obs)); done, t = term or trunc, t + 1
             k += 1
     finally:
@@ -210,7 +224,9 @@ def _input_spec(cfg:ModelConfig) -> dict:
                            preprocessing='cv2.resize INTER_AREA to S x S, /255, (x - stats.image.mean) / stats.image.std'),
                 token_ids=dict(dtype='int64', shape=['batch', cfg.max_tokens], preprocessing='tokenizer, padded with 0 to max_len'),
                 proprio=dict(dtype='float32', shape=['batch', cfg.proprio_dim], preprocessing='(x - stats.proprio.mean) / stats.proprio.std'),
-                command=dict(max_chars=sim.MAX_COMMAND_CHARS, charset='ASCII'))
+                command=dict(max_chars=sim.MAX_COMMAND_CHARS, charset='ASCII'),
+                **({'wrist_image': dict(dtype='float32', shape=['batch', 3, cfg.wrist_size, cfg.wrist_size], source='uint8 RGB wrist-camera frame (H, W, 3), any size',
+                                         preprocessing='cv2.resize INTER_AREA to W x W, /255, (x - stats.wrist_image.mean) / stats.wrist_image.std')} if cfg.wrist_size else {}))
 
 def _output_spec(cfg:ModelConfig) -> dict:
     return dict(actions=dict(dtype='float32', shape=['batch', cfg.chunk_size, cfg.act_dim], postprocessing='a * stats.action.std + stats.action.mean, clip to action_bounds'),
@@ -260,7 +276,7 @@ def export_artifact(policy:VLAPolicy, out_dir, cfg:DeployConfig|None=None, calib
     export_onnx(net, out/'model.onnx', cfg.opset)
     files = dict(model_onnx='model.onnx', weights='weights.safetensors')
     if cfg.int8:
-        calib = calib if calib is not None else calibration_observations(cfg.calib_frames, seed=cfg.seed)
+        calib = calib if calib is not None else calibration_observations(cfg.calib_frames, seed=cfg.seed, wrist_size=policy.cfg.wrist_size)
         pre = Preprocessor(dict(input_spec=_input_spec(policy.cfg), stats=_stats_json(policy.norm), tokenizer=policy.tokenizer.to_json(),
                                 action_bounds=dict(low=[-1.] * policy.cfg.act_dim, high=[1.] * policy.cfg.act_dim)))
         quantize_int8(out/'model.onnx', out/'model_int8.onnx', [pre(o) for o in calib]); files['model_int8'] = 'model_int8.onnx'
@@ -341,7 +357,7 @@ def _torch(self:OptimizedVLAInference):
     def run(feed):
         prev = torch.get_num_threads(); torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode(): out = mod(*(torch.from_numpy(feed[k]) for k in INPUT_NAMES))
+            with torch.inference_mode(): out = mod(*(torch.from_numpy(feed[k]) for k in input_names(self.cfg)))
         finally: torch.set_num_threads(prev)
         return [t.numpy() for t in out]
     return run
@@ -349,7 +365,8 @@ def _torch(self:OptimizedVLAInference):
 # %% ../nbs/08_deployment.ipynb #c038
 @patch
 def _dummy(self:OptimizedVLAInference) -> dict:
-    return dict(image=np.zeros((self.pre.S, self.pre.S, 3), np.uint8), proprio=self.pre.pro_mean.copy(), command='pick up the cup')
+    W = self.pre.W or 8                                            # wrist frame only read when the model has a wrist camera
+    return dict(image=np.zeros((self.pre.S, self.pre.S, 3), np.uint8), wrist_image=np.zeros((W, W, 3), np.uint8), proprio=self.pre.pro_mean.copy(), command='pick up the cup')
 
 @patch
 def infer(self:OptimizedVLAInference, obs:dict) -> dict:
@@ -400,7 +417,7 @@ def _interleaved(fns:dict, feed_fn, calls:int, warmup:int=10) -> dict:
     return times
 
 def _feed(cfg:ModelConfig, B:int=1, seed:int=0) -> dict:
-    return dict(zip(INPUT_NAMES, (t.numpy() for t in example_inputs(cfg, B, seed))))
+    return dict(zip(input_names(cfg), (t.numpy() for t in example_inputs(cfg, B, seed))))
 
 class HardwareOptimizer:
     "Target-specific optimization of a `VLANet`: CPU (ONNX Runtime), mobile (ORT format), compression (pruning, int8), Jetson (TensorRT)."
@@ -411,7 +428,8 @@ class HardwareOptimizer:
         opts[f'all/t{threads}/parallel'] = (threads, 'all', 'parallel')
         sessions = {k: ort_session(onnx_path, t, lvl, mode) for k, (t, lvl, mode) in opts.items()}
         shp = {i.name: i.shape for i in next(iter(sessions.values())).get_inputs()}   # vocab_size=2: token id 1 is valid in every vocabulary
-        feed = _feed(ModelConfig(image_size=shp['image'][2], max_tokens=shp['token_ids'][1], proprio_dim=shp['proprio'][1], vocab_size=2))
+        feed = _feed(ModelConfig(image_size=shp['image'][2], max_tokens=shp['token_ids'][1], proprio_dim=shp['proprio'][1], vocab_size=2,
+                                 wrist_size=shp['wrist_image'][2] if 'wrist_image' in shp else 0))
         times = _interleaved({k: (lambda s: lambda f: s.run(None, f))(s) for k, s in sessions.items()}, lambda: feed, calls)
         stats = {k: latency_stats(v) for k, v in times.items()}
         best = min(stats, key=lambda k: stats[k]['p50'])
@@ -611,10 +629,10 @@ def edge_session(model_path, cfg:EdgeConfig|None=None):
     finally: edge.stop()
 
 # %% ../nbs/08_deployment.ipynb #c073
-def closed_loop_success(policy, episodes_per_family:int, seed:int=0, name:str='policy') -> dict:
+def closed_loop_success(policy, episodes_per_family:int, seed:int=0, name:str='policy', env:sim.TabletopEnv|None=None) -> dict:
     "mean success and per-family rates of `policy` on the evaluation chapter's seeded test episodes."
     from vla_nb.evaluation import evaluate_policy
-    s = evaluate_policy(policy, episodes_per_family, seed=seed, name=name, progress_bar=False)
+    s = evaluate_policy(policy, episodes_per_family, seed=seed, env=env, name=name, progress_bar=False)
     return dict(mean_success=s['mean_success'], success={f: v['rate'] for f, v in s['success'].items()}, episodes=s['episodes'])
 
 # %% ../nbs/08_deployment.ipynb #c075
@@ -663,7 +681,7 @@ def _bench_speed(res:dict, art:Path, policy:VLAPolicy, calib:list, calls:int, se
     res['speedup_ort_fp32_vs_eager'] = round(b1['eager']['p50'] / b1['ort_fp32']['p50'], 2)
     x = example_inputs(cfg, 3, seed + 1)
     with torch.inference_mode(): ref = [t.numpy() for t in policy.net.eval()(*x)]
-    feed = dict(zip(INPUT_NAMES, (t.numpy() for t in x)))
+    feed = dict(zip(input_names(cfg), (t.numpy() for t in x)))
     res['max_abs_diff'] = {b: float(max(np.abs(a - r).max() for a, r in zip(f(feed), ref))) for b, f in runners.items()}
     size = lambda f: round((art/f).stat().st_size / 1e6, 4)
     res['size_mb'] = dict(eager=size('weights.safetensors'), torchscript=size('weights.safetensors'), ort_fp32=size('model.onnx'), ort_int8=size('model_int8.onnx'))
@@ -676,18 +694,20 @@ def _bench_speed(res:dict, art:Path, policy:VLAPolicy, calib:list, calls:int, se
 # %% ../nbs/08_deployment.ipynb #c078
 def _bench_loop(res:dict, art:Path, n_action_steps:int, n:int, seed:int):
     "Closed-loop success of every backend and of the edge loop on the same seeded episodes (if n > 0), and the edge control rate."
-    k = n_action_steps
+    from vla_nb.evaluation import env_for
+    k, mcfg = n_action_steps, ModelConfig.from_dict(load_artifact(art)[1]['config'])   # env_for(mcfg): the model's cameras
     free = EdgeConfig(control_hz=sim.SimConfig().control_hz, realtime=False, n_action_steps=k, refill_at=min(2, k - 1))   # unpaced ticks
     if n > 0:
         res['success'] = {b: closed_loop_success(OptimizedVLAInference(art, b, 2, warmup=2, n_action_steps=k), n, seed, b)['mean_success'] for b in BACKENDS}
         with edge_session(art, free) as edge:
-            res['success']['edge'] = closed_loop_success(edge, n, seed, 'edge')['mean_success']; m = edge.get_performance_metrics()
+            with contextlib.closing(env_for(mcfg)) as env: res['success']['edge'] = closed_loop_success(edge, n, seed, 'edge', env)['mean_success']
+            m = edge.get_performance_metrics()
         res['episodes_per_family'] = n
     else:
-        with edge_session(art, free) as edge, contextlib.closing(sim.TabletopEnv(sim.SimConfig(max_steps=by_profile(30, 120)))) as env:
+        with edge_session(art, free) as edge, contextlib.closing(env_for(mcfg, max_steps=by_profile(30, 120))) as env:
             edge_rollout(env, edge, seed); m = edge.get_performance_metrics()
     res['control_loop_hz_unpaced'], res['edge_unpaced'] = m['control_hz'], m
-    with edge_session(art, free.replace(realtime=True)) as edge, contextlib.closing(sim.TabletopEnv(sim.SimConfig(max_steps=by_profile(20, 60)))) as env:
+    with edge_session(art, free.replace(realtime=True)) as edge, contextlib.closing(env_for(mcfg, max_steps=by_profile(20, 60))) as env:
         edge_rollout(env, edge, seed + 1); m = edge.get_performance_metrics()   # paced at the simulator's control rate, as on a robot
     res['control_loop_hz'], res['edge'] = m['control_hz'], m
 
@@ -697,7 +717,7 @@ def bench_deploy(checkpoint, calls:int=200, episodes_per_family:int|None=None, s
     policy = VLAPolicy.load(checkpoint); prev = torch.get_num_threads(); t0 = time.time()
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix='vla_deploy_'))
     try:
-        calib = calibration_observations(calib_frames or by_profile(32, 128), seed=seed)
+        calib = calibration_observations(calib_frames or by_profile(32, 128), seed=seed, wrist_size=policy.cfg.wrist_size)
         art = export_artifact(policy, out_dir/'artifact', DeployConfig(seed=seed), calib=calib); _, meta = load_artifact(art)
         res = dict(checkpoint=str(checkpoint), artifact=str(art), calls=calls, cpu_count=os.cpu_count())
         _bench_speed(res, art, policy, calib, calls, seed)

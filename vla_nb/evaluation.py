@@ -77,9 +77,9 @@ class torch_threads:
     def __exit__(self, *exc): torch.set_num_threads(self.prev)
 
 def env_for(policy, **kw) -> sim.TabletopEnv:
-    "A simulator whose camera matches the policy's input size (`policy.cfg.image_size` when it has one)."
-    S = getattr(getattr(policy, 'cfg', None), 'image_size', None)
-    return sim.TabletopEnv(**({'image_size': S} if S else {}), **kw)
+    "A simulator whose cameras match the policy's inputs (`policy.cfg.image_size`, and a wrist camera when `cfg.wrist_size` > 0); `policy` may be a ModelConfig."
+    cfg = policy if hasattr(policy, 'image_size') else getattr(policy, 'cfg', None); S, W = getattr(cfg, 'image_size', None), getattr(cfg, 'wrist_size', 0)
+    return sim.TabletopEnv(**({'image_size': S} if S else {}), **(dict(wrist_camera=True, wrist_size=W) if W else {}), **kw)
 
 class EvalResult:
     "Per-episode records of a closed-loop evaluation, with summaries and plots."

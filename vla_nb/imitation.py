@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from fastcore.basics import patch
 from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device, by_profile, seed_everything
-from .data import (IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, SUCCESS, TIMESTAMP, EpisodeDataset, EpisodeWriter,
+from .data import (IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, SUCCESS, TIMESTAMP, EpisodeDataset, EpisodeWriter,
                          ChunkDataset, Normalizer, DataConfig, plan_episodes, split_episodes, CommandTokenizer, command_corpus)
 from .model import ModelConfig, VLANet, VLAPolicy, vla_loss, load_weights, action_loss, discrete_action_loss, confidence_target
 from .pretraining import warmup_cosine, epoch_indices, dist_info, init_distributed, _optim_tensors, _restore_optim, XY_CENTER, XY_SCALE, OBJECT_NAMES
@@ -37,6 +37,9 @@ class ChunkData:
         if len(toks) > 1: raise ValueError("the datasets use different tokenizers; token ids would mean different words")
         self.norm, self.H, self.parts = norm, chunk_size, list(parts)
         self.images = torch.cat([p.images for p in parts]).permute(0, 3, 1, 2).contiguous()   # (N, 3, S, S) uint8
+        has = [p.wrist is not None for p in parts]
+        if any(has) and not all(has): raise ValueError(f"some datasets have wrist-camera frames and some do not: {[str(p.ds.root) for p in parts]}")
+        self.wrist = torch.cat([p.wrist for p in parts]).permute(0, 3, 1, 2).contiguous() if all(has) else None   # (N, 3, W, W) uint8
         self.proprio, self.actions = torch.cat([p.proprio for p in parts]), torch.cat([p.actions for p in parts])
         self.tokens = torch.cat([p.tokens for p in parts])
         offs = np.cumsum([0] + [len(p) for p in parts])[:-1]
@@ -89,10 +92,15 @@ def batch(self:ChunkData, idx, gen:torch.Generator|None=None, augment:bool=False
     pad = steps >= end                                                            # (B, H) past the episode's end
     act = self.actions[torch.minimum(steps, end - 1)]                             # (B, H, A) last action repeated under the mask
     img = self.images[idx].float() / 255                                          # (B, 3, S, S)
-    if augment: img = shift_and_jitter(img, gen if gen is not None else torch.Generator().manual_seed(0))
-    return {IMAGE: self.norm.normalize(IMAGE, img),
-            TOKENS: self.tokens[idx], PROPRIO: self.norm.normalize(PROPRIO, self.proprio[idx]),
-            ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad, TARGET_XY: self.target_xy[idx], TARGET_MASK: self.target_mask[idx]}
+    gen = gen if gen is not None else torch.Generator().manual_seed(0)
+    if augment: img = shift_and_jitter(img, gen)
+    out = {IMAGE: self.norm.normalize(IMAGE, img),
+           TOKENS: self.tokens[idx], PROPRIO: self.norm.normalize(PROPRIO, self.proprio[idx]),
+           ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad, TARGET_XY: self.target_xy[idx], TARGET_MASK: self.target_mask[idx]}
+    if self.wrist is not None:
+        w = self.wrist[idx].float() / 255                                         # (B, 3, W, W)
+        out[WRIST_IMAGE] = self.norm.normalize(WRIST_IMAGE, shift_and_jitter(w, gen, pad=2) if augment else w)
+    return out
 
 # %% ../nbs/06_imitation.ipynb #c013
 SNAPSHOT_SEED = 2**30
@@ -168,7 +176,9 @@ class VLAImitationLearner:
         pool = list(range(len(dataset))) if episodes is None else sorted(episodes)    # `episodes`: train on a subset only
         tr, va = split_episodes(len(pool), cfg.val_frac, cfg.seed); tr, va = [pool[i] for i in tr], [pool[i] for i in va]
         if not va or not tr: raise ValueError(f"{len(pool)} episodes are too few to split off validation episodes (val_frac={cfg.val_frac})")
-        H = model.cfg.chunk_size; base = ChunkDataset(dataset, tr, H)
+        H, W = model.cfg.chunk_size, model.cfg.wrist_size; base = ChunkDataset(dataset, tr, H)
+        if W and (base.wrist is None or base.wrist.shape[1] != W):
+            raise ValueError(f"the model reads a {W}-pixel wrist camera but {dataset.root} has {'no wrist_image' if base.wrist is None else f'{base.wrist.shape[1]}-pixel wrist images'}; record with DataConfig(wrist_camera=True, wrist_size={W})")
         self.norm, self.tokenizer = base.norm, dataset.tokenizer
         self.train_data, self.val_data = ChunkData([base], self.norm, H), ChunkData([ChunkDataset(dataset, va, H)], self.norm, H)
         self.extra_roots = []                                        # DAgger datasets appended with `add_data`
@@ -221,7 +231,7 @@ class BCObjective(nn.Module):
         K = len(OBJECT_NAMES); return self.aux(keys[:, :2 * K].reshape(-1, K, 2)).reshape(-1, 2 * K)
 
     def forward(self, batch:dict) -> torch.Tensor:
-        f, keys = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], return_keys=True)   # (B, d), (B, 2K')
+        f, keys = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True)   # (B, d), (B, 2K')
         out, tgt, pad = self.net.head(f), batch[ACTION], batch[ACTION_PAD]         # targets (B, H, A)
         if self.net.cfg.head == 'discrete': loss = discrete_action_loss(out['logits'], tgt, pad, self.net.cfg.bin_range)
         else: loss = action_loss(out['actions'], tgt, pad) + F.binary_cross_entropy(out['confidence'], confidence_target(out['actions'], tgt, pad))
@@ -272,7 +282,7 @@ def keypoint_rmse(self:VLAImitationLearner, split:str='val', max_frames:int=2000
     data = self.val_data if split == 'val' else self.train_data
     b = _batch_to(data.batch(torch.linspace(0, len(data) - 1, min(max_frames, len(data))).long()), self.device)
     self.objective.eval()
-    _, keys = self.model.encode(b[IMAGE], b[TOKENS], b[PROPRIO], return_keys=True)
+    _, keys = self.model.encode(b[IMAGE], b[TOKENS], b[PROPRIO], b.get(WRIST_IMAGE), return_keys=True)
     return 100 * XY_SCALE * float(masked_mse(self.objective.locate(keys), b[TARGET_XY], b[TARGET_MASK]).sqrt())
 
 # %% ../nbs/06_imitation.ipynb #c027
@@ -397,10 +407,11 @@ def dagger_rollouts(policy, root, n_episodes:int, seed:int, beta:float=0.0, data
             for spec in [s for s in plan_episodes(dc) if s['episode_index'] not in w.done_episodes()]:
                 task = sim.Task(**spec['task'])
                 obs, info = env.reset(seed=spec['seed'], options=dict(command=sim.make_command(task, template=spec['template'])))
-                policy.reset(); expert = sim.ScriptedExpert(env, 0.0, seed=spec['seed']); rec, done = {k: [] for k in (IMAGE, PROPRIO, ACTION, SUCCESS)}, False
+                policy.reset(); expert = sim.ScriptedExpert(env, 0.0, seed=spec['seed']); rec, done = {k: [] for k in (IMAGE, PROPRIO, ACTION, SUCCESS) + ((WRIST_IMAGE,) if 'wrist_image' in obs else ())}, False
                 while not done:
                     label, act = expert.select_action(obs), policy.select_action(obs)       # query both every step (queues advance)
                     rec[IMAGE].append(obs['image']); rec[PROPRIO].append(obs['proprio']); rec[ACTION].append(label)
+                    if WRIST_IMAGE in rec: rec[WRIST_IMAGE].append(obs['wrist_image'])
                     obs, _, term, trunc, step = env.step(label if rng.random() < beta else act); done = term or trunc
                     rec[SUCCESS].append(step['is_success'])
                 frames = {k: np.stack(v) for k, v in rec.items()}; frames[TIMESTAMP] = np.arange(len(frames[ACTION])) / dc.sim.control_hz
@@ -468,9 +479,9 @@ def run_imitation(argv=None) -> VLAImitationLearner:
     ap.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.safetensors'); ap.add_argument('--device', default='auto')
     a = ap.parse_args(argv)
     eds = EpisodeDataset(a.data); torch.manual_seed(a.seed)
-    S = int(eds.load_episode(0)[IMAGE].shape[1])
+    ep0 = eds.load_episode(0); S, W = int(ep0[IMAGE].shape[1]), int(ep0[WRIST_IMAGE].shape[1]) if WRIST_IMAGE in ep0 else 0
     net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, head=a.head, chunk_size=a.chunk_size,
-                           keypoint_level=a.keypoint_level))
+                           keypoint_level=a.keypoint_level, wrist_size=W))
     if a.pretrained: load_pretrained(net, a.pretrained)
     cfg = ImitationConfig(lr=a.lr, batch_size=a.batch_size, eval_every=a.eval_every, eval_episodes=a.eval_episodes, patience=a.patience,
                           seed=a.seed, out_dir=a.out, device=a.device, snapshots=a.snapshots)

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, save_checkpoint, load_checkpoint
-from .data import IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer, CommandTokenizer, command_corpus
+from .data import IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer, CommandTokenizer, command_corpus
 from . import sim
 
 # %% auto #0
@@ -38,6 +38,7 @@ class ModelConfig(Config):
     vision_channels:tuple=(16, 32, 64, 64) # channels of the four stride-2 conv blocks
     keypoints:int=32              # spatial-softmax keypoints of the vision encoder
     keypoint_level:int=3          # conv block (0-3) whose map feeds the spatial softmax: 3 = last (S/16), 1 = finer and more local (S/4)
+    wrist_size:int=0              # side of the wrist-camera image, read by a second VisionEncoder; 0: scene camera only
     text_layers:int=2             # transformer layers of the text encoder
     heads:int=4                   # attention heads
     head:str='continuous'         # action head: 'continuous' (regression) or 'discrete' (bins)
@@ -56,6 +57,7 @@ class ModelConfig(Config):
         for c in self.vision_channels: check_range('vision_channels', c, 1, 1024, integer=True)
         check_range('keypoints', self.keypoints, 1, 1024, integer=True)
         check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
+        if self.wrist_size: check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         check_range('text_layers', self.text_layers, 0, 24, integer=True)
         check_range('heads', self.heads, 1, 64, integer=True)
         if self.d_model % self.heads: raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `heads` ({self.heads})")
@@ -155,18 +157,23 @@ class VLANet(nn.Module):
         self.cfg = cfg = cfg if cfg is not None else ModelConfig()
         d = cfg.d_model
         self.text, self.vision = TextEncoder(cfg), VisionEncoder(cfg)
+        self.wrist = VisionEncoder(cfg) if cfg.wrist_size else None   # own weights: a close-up view, not the scene
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU())
-        self.fuse = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d), nn.LayerNorm(d))
+        self.fuse = nn.Sequential(nn.Linear((4 if cfg.wrist_size else 3) * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d), nn.LayerNorm(d))
         self.head = ContinuousHead(cfg) if cfg.head == 'continuous' else DiscreteHead(cfg)
 
-    def encode(self, image, token_ids, proprio, return_keys:bool=False):   # (B, 3, S, S) float, (B, T) int64, (B, P) float
+    def encode(self, image, token_ids, proprio, wrist_image=None, return_keys:bool=False):   # (B, 3, S, S), (B, T) int64, (B, P), (B, 3, W, W)
         t = self.text(token_ids)                                   # (B, d)
         v, keys = self.vision(image, t, return_keys=True)          # (B, d), (B, 2K)
-        f = self.fuse(torch.cat([v, t, self.proprio(proprio)], -1))   # (B, d)
+        parts = [v, t, self.proprio(proprio)]
+        if self.wrist is not None:
+            if wrist_image is None: raise ValueError(f"this model reads a wrist camera (wrist_size={self.cfg.wrist_size}): pass wrist_image")
+            parts.append(self.wrist(wrist_image, t))               # (B, d)
+        f = self.fuse(torch.cat(parts, -1))                        # (B, d)
         return (f, keys) if return_keys else f
 
-    def forward(self, image, token_ids, proprio):
-        out = self.head(self.encode(image, token_ids, proprio))
+    def forward(self, image, token_ids, proprio, wrist_image=None):
+        out = self.head(self.encode(image, token_ids, proprio, wrist_image))
         return out['actions'], out['confidence']                   # (B, H, A), (B,)
 
 # %% ../nbs/03_model.ipynb #c020
@@ -210,7 +217,7 @@ class DiscreteHead(nn.Module):
         pmax, idx = logits.softmax(-1).max(-1)                     # (B, H, A) each
         return dict(actions=self.centers[idx], confidence=pmax.mean((1, 2)), logits=logits)
 
-# %% ../nbs/03_model.ipynb #c029
+# %% ../nbs/03_model.ipynb #c032
 def action_error(pred, target, pad_mask):
     "Per-sample mean absolute error (B,) over the non-padded steps of (B, H, A) chunks."
     keep = (~pad_mask).unsqueeze(-1).to(pred.dtype)                # (B, H, 1)
@@ -225,7 +232,7 @@ def confidence_target(pred, target, pad_mask):
     "What the continuous confidence predicts: exp(-per-sample mean |error|), in (0, 1]; no gradient."
     return torch.exp(-action_error(pred.detach(), target, pad_mask))
 
-# %% ../nbs/03_model.ipynb #c030
+# %% ../nbs/03_model.ipynb #c033
 def discrete_action_loss(logits, target, pad_mask, bin_range:float=3.0):
     "Cross-entropy of bin logits (B, H, A, n_bins) against the bins of normalized targets (B, H, A), padded steps masked."
     idx = bin_actions(target, logits.shape[-1], bin_range)        # (B, H, A)
@@ -235,7 +242,7 @@ def discrete_action_loss(logits, target, pad_mask, bin_range:float=3.0):
 
 def vla_loss(net:VLANet, batch:dict) -> tuple:
     "Training loss of `net` on a `ChunkDataset` batch: (loss, metrics dict of floats)."
-    out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO]))
+    out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE)))
     tgt, pad = batch[ACTION], batch[ACTION_PAD]
     if net.cfg.head == 'discrete': act_l = discrete_action_loss(out['logits'], tgt, pad, net.cfg.bin_range)
     else: act_l = action_loss(out['actions'], tgt, pad)
@@ -244,13 +251,14 @@ def vla_loss(net:VLANet, batch:dict) -> tuple:
     return act_l + conf_l, dict(action_loss=act_l.detach().item(), confidence_loss=conf_l.detach().item(), l1=l1.item(),
                                 confidence=out['confidence'].detach().mean().item())
 
-# %% ../nbs/03_model.ipynb #c038
+# %% ../nbs/03_model.ipynb #c041
 def model_report(net:VLANet, batch_size:int=32, reps:int=5) -> dict:
     "Parameter count, FLOPs per single-sample forward, and ms per forward+backward of `batch_size` samples."
     cfg = net.cfg; params = sum(p.numel() for p in net.parameters())
     def inputs(B):
         ids = torch.ones(B, cfg.max_tokens, dtype=torch.long)
-        return torch.zeros(B, 3, cfg.image_size, cfg.image_size), ids, torch.zeros(B, cfg.proprio_dim)
+        x = torch.zeros(B, 3, cfg.image_size, cfg.image_size), ids, torch.zeros(B, cfg.proprio_dim)
+        return x + ((torch.zeros(B, 3, cfg.wrist_size, cfg.wrist_size),) if cfg.wrist_size else ())
     with FlopCounterMode(display=False) as fc, torch.no_grad(): net.eval()(*inputs(1))
     net.train(); x = inputs(batch_size); times = []
     for _ in range(reps + 1):
@@ -259,19 +267,20 @@ def model_report(net:VLANet, batch_size:int=32, reps:int=5) -> dict:
     return dict(head=cfg.head, params=params, mflops_per_sample=round(fc.get_total_flops() / 1e6, 1),
                 train_step_ms_b32=round(1000 * float(np.median(times[1:])), 1))
 
-# %% ../nbs/03_model.ipynb #c042
-def _check_image(image, S:int):
+# %% ../nbs/03_model.ipynb #c045
+def _check_image(image, S:int, name:str='image'):
     "Dtype, shape and range of a normalized image batch (B, 3, S, S)."
-    if image.dtype == torch.uint8: raise ValueError("image must be a normalized float tensor (B, 3, H, W), got uint8 pixels")
-    if not image.is_floating_point(): raise ValueError(f"image must be a float tensor, got {image.dtype}")
+    if not isinstance(image, torch.Tensor): raise ValueError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
+    if image.dtype == torch.uint8: raise ValueError(f"{name} must be a normalized float tensor (B, 3, H, W), got uint8 pixels")
+    if not image.is_floating_point(): raise ValueError(f"{name} must be a float tensor, got {image.dtype}")
     if image.ndim != 4 or tuple(image.shape[1:]) != (3, S, S):
         hint = ' (channels last? permute to (B, 3, H, W))' if image.ndim == 4 and image.shape[-1] == 3 else ''
-        raise ValueError(f"image must have shape (B, 3, {S}, {S}), got {tuple(image.shape)}{hint}")
-    if not torch.isfinite(image).all(): raise ValueError("image contains NaN or inf")
+        raise ValueError(f"{name} must have shape (B, 3, {S}, {S}), got {tuple(image.shape)}{hint}")
+    if not torch.isfinite(image).all(): raise ValueError(f"{name} contains NaN or inf")
     m = float(image.abs().max()) if image.numel() else 0.
-    if m > 50: raise ValueError(f"image values out of range (max |x| = {m:.1f}): expected normalized pixels; were 0-255 values not divided by 255?")
+    if m > 50: raise ValueError(f"{name} values out of range (max |x| = {m:.1f}): expected normalized pixels; were 0-255 values not divided by 255?")
 
-def check_inputs(image, token_ids, proprio, cfg:ModelConfig):
+def check_inputs(image, token_ids, proprio, cfg:ModelConfig, wrist_image=None):
     "Raise ValueError naming the problem unless the tensors are what `VLANet.forward` expects under `cfg`."
     for name, x in (('image', image), ('token_ids', token_ids), ('proprio', proprio)):
         if not isinstance(x, torch.Tensor): raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -288,8 +297,13 @@ def check_inputs(image, token_ids, proprio, cfg:ModelConfig):
     if not torch.isfinite(proprio).all(): raise ValueError("proprio contains inf")
     if not image.shape[0] == token_ids.shape[0] == proprio.shape[0]:
         raise ValueError(f"batch sizes differ: image {image.shape[0]}, token_ids {token_ids.shape[0]}, proprio {proprio.shape[0]}")
+    if cfg.wrist_size:
+        if wrist_image is None: raise ValueError(f"this model reads a wrist camera (wrist_size={cfg.wrist_size}): wrist_image is missing")
+        _check_image(wrist_image, cfg.wrist_size, 'wrist_image')
+        if wrist_image.shape[0] != image.shape[0]: raise ValueError(f"batch sizes differ: image {image.shape[0]}, wrist_image {wrist_image.shape[0]}")
+    elif wrist_image is not None: raise ValueError("wrist_image given, but this model has no wrist camera (wrist_size=0)")
 
-# %% ../nbs/03_model.ipynb #c046
+# %% ../nbs/03_model.ipynb #c049
 class TemporalEnsembler:
     "ACT temporal ensembling: step t's action averages every chunk's prediction for t, weight exp(-coeff * i), i = 0 the oldest."
     def __init__(self, coeff:float, chunk_size:int):
@@ -305,17 +319,17 @@ class TemporalEnsembler:
         self.t += 1
         return (w * preds).sum(0) / w.sum()
 
-# %% ../nbs/03_model.ipynb #c051
+# %% ../nbs/03_model.ipynb #c054
 def bounds_stats(image_mean:float=0.5, image_std:float=0.25, action_std:float=0.5) -> dict:
     "Normalization statistics from the simulator's bounds, for an untrained policy (trained ones use their dataset's `stats`)."
     lo, hi = sim.PROPRIO_LOW.astype(np.float64), sim.PROPRIO_HIGH.astype(np.float64)
-    return {IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3), PROPRIO: dict(mean=(lo + hi) / 2, std=(hi - lo) / 4),
+    return {IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3), WRIST_IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3), PROPRIO: dict(mean=(lo + hi) / 2, std=(hi - lo) / 4),
             ACTION: dict(mean=np.zeros(sim.ACT_DIM), std=np.full(sim.ACT_DIM, action_std))}
 
 def _stats_json(norm:Normalizer) -> dict:
     return {k: dict(mean=norm.mean[k].tolist(), std=norm.std[k].tolist()) for k in norm.mean}
 
-# %% ../nbs/03_model.ipynb #c052
+# %% ../nbs/03_model.ipynb #c055
 class VLAPolicy:
     "A `VLANet` with its normalization statistics and tokenizer: `reset`, `predict_action_chunk`, `select_action`, `save`/`load`."
     def __init__(self, net:VLANet, normalizer:Normalizer, tokenizer:CommandTokenizer, n_action_steps:int|None=None,
@@ -338,7 +352,7 @@ class VLAPolicy:
 
     def __repr__(self): return f"VLAPolicy(head={self.cfg.head!r}, chunk_size={self.cfg.chunk_size}, n_action_steps={self.n_action_steps}, temporal_ensemble_coeff={self.temporal_ensemble_coeff})"
 
-# %% ../nbs/03_model.ipynb #c053
+# %% ../nbs/03_model.ipynb #c056
 @patch
 def _tensors(self:VLAPolicy, obs:dict):
     "Observation dict (single or batched) -> normalized, checked (image, token_ids, proprio) and whether it was single."
@@ -354,15 +368,22 @@ def _tensors(self:VLAPolicy, obs:dict):
     image = self.norm.normalize(IMAGE, torch.from_numpy(img.reshape(-1, S, S, 3)).permute(0, 3, 1, 2).float() / 255)   # (N, 3, S, S)
     proprio = torch.as_tensor(np.asarray(obs['proprio'], dtype=np.float32)).reshape(len(image), -1)   # (N, P)
     proprio = self.norm.normalize(PROPRIO, proprio)
-    check_inputs(image, ids, proprio, self.cfg)
-    return image, ids, proprio, single
+    wrist = None
+    if self.cfg.wrist_size:
+        W = self.cfg.wrist_size
+        if 'wrist_image' not in obs: raise ValueError(f"obs lacks 'wrist_image': this policy reads a wrist camera (make the env with wrist_camera=True, wrist_size={W})")
+        w = np.asarray(obs['wrist_image'])
+        if w.dtype != np.uint8 or w.shape[-3:] != (W, W, 3) or w.ndim != img.ndim: raise ValueError(f"obs['wrist_image'] must be uint8 with shape ({W}, {W}, 3) (batched like 'image'), got {w.dtype} {w.shape}")
+        wrist = self.norm.normalize(WRIST_IMAGE, torch.from_numpy(w.reshape(-1, W, W, 3)).permute(0, 3, 1, 2).float() / 255)   # (N, 3, W, W)
+    check_inputs(image, ids, proprio, self.cfg, wrist)
+    return image, ids, proprio, wrist, single
 
 @patch
 def predict_action_chunk(self:VLAPolicy, obs:dict) -> np.ndarray:
     "Raw actions (H, A) for one observation, (N, H, A) for a batch, clipped to [-1, 1]; sets `last_confidence`."
-    image, ids, proprio, single = self._tensors(obs)
+    image, ids, proprio, wrist, single = self._tensors(obs)
     dev = next(self.net.parameters()).device
-    with torch.inference_mode(): act, conf = self.net(image.to(dev), ids.to(dev), proprio.to(dev))   # (N, H, A) normalized, (N,)
+    with torch.inference_mode(): act, conf = self.net(image.to(dev), ids.to(dev), proprio.to(dev), None if wrist is None else wrist.to(dev))   # (N, H, A), (N,)
     act = self.norm.unnormalize(ACTION, act.cpu()).clamp(-1, 1).numpy()
     self.last_confidence = conf.cpu().numpy()
     return act[0] if single else act
@@ -375,7 +396,7 @@ def select_action(self:VLAPolicy, obs:dict) -> np.ndarray:
     if not self._queue: self._queue.extend(self.predict_action_chunk(obs)[:self.n_action_steps])
     return self._queue.popleft().astype(np.float32)
 
-# %% ../nbs/03_model.ipynb #c060
+# %% ../nbs/03_model.ipynb #c063
 def load_weights(net:nn.Module, tensors:dict):
     "Load `tensors` into `net` exactly: every name present, no extras, every shape equal; otherwise a ValueError listing the differences."
     own = net.state_dict()
@@ -388,7 +409,7 @@ def load_weights(net:nn.Module, tensors:dict):
     net.load_state_dict(tensors)
     return net
 
-# %% ../nbs/03_model.ipynb #c061
+# %% ../nbs/03_model.ipynb #c064
 @patch
 def save(self:VLAPolicy, path):
     "Write weights (safetensors) and config, statistics, tokenizer and settings (sidecar JSON) to `path` (.safetensors)."
@@ -410,7 +431,7 @@ def load(cls:VLAPolicy, path, config:ModelConfig|None=None, **kw):
                     temporal_ensemble_coeff=meta['temporal_ensemble_coeff'])
     return cls(net, Normalizer(meta['stats']), CommandTokenizer.from_json(meta['tokenizer']), **{**settings, **kw})
 
-# %% ../nbs/03_model.ipynb #c065
+# %% ../nbs/03_model.ipynb #c068
 class VLAFeaturesExtractor(BaseFeaturesExtractor):
     "SB3 features extractor over {'image', 'proprio', 'command'} observations: `VLANet.encode` -> (B, d_model)."
     def __init__(self, observation_space, config:ModelConfig|None=None, stats:dict|None=None):
@@ -418,13 +439,15 @@ class VLAFeaturesExtractor(BaseFeaturesExtractor):
         shape = sp['image'].shape; S = shape[1] if shape[0] == 3 else shape[0]
         base = config if config is not None else ModelConfig()
         cfg = base.replace(image_size=S, vocab_size=max(base.vocab_size, int(np.max(sp['command'].high)) + 1),
-                           max_tokens=max(base.max_tokens, sp['command'].shape[0]), proprio_dim=sp['proprio'].shape[0])
+                           max_tokens=max(base.max_tokens, sp['command'].shape[0]), proprio_dim=sp['proprio'].shape[0],
+                           wrist_size=sp['wrist_image'].shape[1] if 'wrist_image' in sp else 0)   # (3, W, W) or (W, W, 3): side at [1]
         super().__init__(observation_space, features_dim=cfg.d_model)
         self.net, stats = VLANet(cfg), stats if stats is not None else bounds_stats()
-        for k, key in (('img', IMAGE), ('pro', PROPRIO)):
+        wri = (('wri', WRIST_IMAGE if WRIST_IMAGE in stats else IMAGE),) if cfg.wrist_size else ()
+        for k, key in (('img', IMAGE), ('pro', PROPRIO)) + wri:
             for s in ('mean', 'std'):
                 v = torch.as_tensor(np.asarray(stats[key][s]), dtype=torch.float32)
-                self.register_buffer(f'{k}_{s}', v.view(-1, 1, 1) if k == 'img' else v)
+                self.register_buffer(f'{k}_{s}', v.view(-1, 1, 1) if k != 'pro' else v)
 
     def forward(self, obs:dict) -> torch.Tensor:
         img = obs['image']                                         # (B, 3, S, S) in [0, 1] after SB3's preprocessing
@@ -432,9 +455,13 @@ class VLAFeaturesExtractor(BaseFeaturesExtractor):
         img = (img - self.img_mean) / self.img_std.clamp(min=1e-3)
         ids = obs['command'].round().long()                        # (B, T) token ids (SB3 casts Box observations to float)
         pro = (obs['proprio'] - self.pro_mean) / self.pro_std.clamp(min=1e-3)
-        return self.net.encode(img, ids, pro)                      # (B, d)
+        wri = None
+        if 'wrist_image' in obs:
+            wri = obs['wrist_image'] if obs['wrist_image'].shape[1] == 3 else obs['wrist_image'].permute(0, 3, 1, 2)
+            wri = (wri - self.wri_mean) / self.wri_std.clamp(min=1e-3)
+        return self.net.encode(img, ids, pro, wri)                 # (B, d)
 
-# %% ../nbs/03_model.ipynb #c067
+# %% ../nbs/03_model.ipynb #c070
 class FirstActionMean(nn.Module):
     "Features (B, d) -> raw first action of the continuous head's chunk (B, A): a Gaussian policy's mean, sharing the head's weights."
     def __init__(self, head:ContinuousHead, action_mean=None, action_std=None):

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device
-from .data import IMAGE, TOKENS, TOKEN_MASK, PROPRIO, ACTION, ACTION_PAD, EpisodeDataset, ChunkDataset
+from .data import IMAGE, WRIST_IMAGE, TOKENS, TOKEN_MASK, PROPRIO, ACTION, ACTION_PAD, EpisodeDataset, ChunkDataset
 from .model import ModelConfig, VLANet, action_loss, discrete_action_loss, confidence_target, load_weights
 from . import sim
 
@@ -139,7 +139,7 @@ class PretrainModel(nn.Module):
     def forward(self, batch:dict) -> dict:
         net, h = self.net, self.heads
         t, v = net.text(batch[TOKENS]), self.image_features(batch[IMAGE])              # (B, d) each
-        out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO]))
+        out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE)))
         tgt, pad = batch[ACTION], batch[ACTION_PAD]
         if net.cfg.head == 'discrete': act = discrete_action_loss(out['logits'], tgt, pad, net.cfg.bin_range)
         else: act = action_loss(out['actions'], tgt, pad)
@@ -365,7 +365,8 @@ def run_pretrain(argv=None) -> VLAPretrainer:
     S = int(ds.images.shape[1])
     cfg = PretrainConfig(lr=a.lr, batch_size=a.batch_size, seed=a.seed, out_dir=a.out, device=a.device, log_every=a.log_every)
     torch.manual_seed(a.seed)
-    net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len))
+    W = int(ds.wrist.shape[1]) if ds.wrist is not None else 0                      # a recorded wrist camera is read too
+    net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, wrist_size=W))
     tr = VLAPretrainer(net, ds, cfg, resume=a.resume and (Path(a.out)/'checkpoint.safetensors').exists())
     tr.pretrain(a.epochs, a.max_steps)
     if tr.is_main: print(json.dumps({k: round(v[-1], 4) for k, v in tr.metrics.items() if k.endswith('_loss')}))
@@ -386,7 +387,8 @@ def random_batch(cfg:ModelConfig, B:int=32, seed:int=0) -> dict:
             ACTION_PAD: torch.zeros(B, cfg.chunk_size, dtype=torch.bool), OBJ_XY: torch.randn(B, len(OBJECT_NAMES), 2, generator=g),
             OBJ_MASK: torch.rand(B, len(OBJECT_NAMES), generator=g) < 0.5, FAMILY: torch.randint(0, len(sim.TASK_FAMILIES), (B,), generator=g),
             OBJ: torch.randint(0, len(OBJ_CLASSES), (B,), generator=g), LOC: torch.randint(0, len(LOC_CLASSES), (B,), generator=g),
-            TASK_ID: torch.randint(0, 8, (B,), generator=g)}
+            TASK_ID: torch.randint(0, 8, (B,), generator=g),
+            **({WRIST_IMAGE: torch.randn(B, 3, cfg.wrist_size, cfg.wrist_size, generator=g)} if cfg.wrist_size else {})}
 
 def matmul_peak_gflops(n:int=1024, reps:int=10) -> float:
     "Measured fp32 `torch.mm` throughput (GFLOP/s) of an n x n product, best of `reps`."

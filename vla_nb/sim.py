@@ -156,6 +156,7 @@ class SimConfig(Config):
     "Settings of the tabletop simulator."
     image_size:int=96          # side of the square RGB observation, pixels
     wrist_camera:bool=False    # also return a wrist-camera image under 'wrist_image'
+    wrist_size:int|None=None   # side of the wrist image, pixels (None: image_size)
     control_hz:int=10          # policy steps per second
     physics_hz:int=200         # physics steps per second; a multiple of control_hz
     max_steps:int=120          # steps before the episode is truncated
@@ -169,6 +170,7 @@ class SimConfig(Config):
     def __post_init__(self):
         check_range('image_size', self.image_size, 32, 512, integer=True)
         check_range('render_size', self.render_size, 32, 1024, integer=True)
+        if self.wrist_size is not None: check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         check_range('control_hz', self.control_hz, 1, 100, integer=True)
         check_range('physics_hz', self.physics_hz, 60, 2000, integer=True)
         if self.physics_hz % self.control_hz: raise ValueError(f"physics_hz ({self.physics_hz}) must be a multiple of control_hz ({self.control_hz})")
@@ -534,7 +536,8 @@ class TabletopEnv(gym.Env):
         obs = dict(image=spaces.Box(0, 255, (S, S, 3), np.uint8),
                    proprio=spaces.Box(PROPRIO_LOW, PROPRIO_HIGH, dtype=np.float32),
                    command=spaces.Text(MAX_COMMAND_CHARS, min_length=1, charset=COMMAND_CHARSET))
-        if self.cfg.wrist_camera: obs['wrist_image'] = spaces.Box(0, 255, (S, S, 3), np.uint8)
+        W = self.cfg.wrist_size or S
+        if self.cfg.wrist_camera: obs['wrist_image'] = spaces.Box(0, 255, (W, W, 3), np.uint8)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(-1, 1, (ACT_DIM,), np.float32)
         self.world, self.task, self.command, self._t, self._done = TabletopWorld(self.cfg), None, None, 0, True
@@ -545,7 +548,7 @@ class TabletopEnv(gym.Env):
 @patch
 def _obs(self:TabletopEnv):
     o = dict(image=self.world.render(), proprio=self.world.proprio(), command=self.command)
-    if self.cfg.wrist_camera: o['wrist_image'] = self.world.render_wrist()
+    if self.cfg.wrist_camera: o['wrist_image'] = self.world.render_wrist(self.cfg.wrist_size)
     return o
 
 @patch
