@@ -396,6 +396,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'vla_nb.model.VisionEncoder.__init__': ('model.html#visionencoder.__init__', 'vla_nb/model.py'),
                               'vla_nb.model.VisionEncoder.forward': ('model.html#visionencoder.forward', 'vla_nb/model.py'),
                               'vla_nb.model._check_image': ('model.html#_check_image', 'vla_nb/model.py'),
+                              'vla_nb.model._pixels': ('model.html#_pixels', 'vla_nb/model.py'),
                               'vla_nb.model._stats_json': ('model.html#_stats_json', 'vla_nb/model.py'),
                               'vla_nb.model.action_error': ('model.html#action_error', 'vla_nb/model.py'),
                               'vla_nb.model.action_loss': ('model.html#action_loss', 'vla_nb/model.py'),

@@ -365,8 +365,9 @@ def _torch(self:OptimizedVLAInference):
 # %% ../nbs/08_deployment.ipynb #c038
 @patch
 def _dummy(self:OptimizedVLAInference) -> dict:
-    W = self.pre.W or 8                                            # wrist frame only read when the model has a wrist camera
-    return dict(image=np.zeros((self.pre.S, self.pre.S, 3), np.uint8), wrist_image=np.zeros((W, W, 3), np.uint8), proprio=self.pre.pro_mean.copy(), command='pick up the cup')
+    W = self.pre.W
+    return dict(image=np.zeros((self.pre.S, self.pre.S, 3), np.uint8), proprio=self.pre.pro_mean.copy(), command='pick up the cup',
+                **({'wrist_image': np.zeros((W, W, 3), np.uint8)} if W else {}))
 
 @patch
 def infer(self:OptimizedVLAInference, obs:dict) -> dict:

@@ -353,28 +353,29 @@ class VLAPolicy:
     def __repr__(self): return f"VLAPolicy(head={self.cfg.head!r}, chunk_size={self.cfg.chunk_size}, n_action_steps={self.n_action_steps}, temporal_ensemble_coeff={self.temporal_ensemble_coeff})"
 
 # %% ../nbs/03_model.ipynb #c056
+def _pixels(obs:dict, key:str, S:int, norm:Normalizer, stat:str) -> torch.Tensor:
+    "obs[key], uint8 (S, S, 3) or (N, S, S, 3) -> normalized float (N, 3, S, S), with the error naming what is wrong."
+    x = np.asarray(obs[key])
+    if x.dtype != np.uint8: raise ValueError(f"obs[{key!r}] must be uint8 pixels (H, W, 3), got {x.dtype}")
+    if x.shape[-3:] != (S, S, 3) or x.ndim not in (3, 4): raise ValueError(f"obs[{key!r}] must have shape ({S}, {S}, 3) or (N, {S}, {S}, 3), got {x.shape}")
+    return norm.normalize(stat, torch.from_numpy(x.reshape(-1, S, S, 3)).permute(0, 3, 1, 2).float() / 255)
+
 @patch
 def _tensors(self:VLAPolicy, obs:dict):
     "Observation dict (single or batched) -> normalized, checked (image, token_ids, proprio) and whether it was single."
     if not isinstance(obs, dict): raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
     missing = [k for k in ('image', 'proprio', 'command') if k not in obs]
     if missing: raise ValueError(f"obs lacks {missing}")
-    img, S = np.asarray(obs['image']), self.cfg.image_size
-    if img.dtype != np.uint8: raise ValueError(f"obs['image'] must be uint8 pixels (H, W, 3), got {img.dtype}")
-    single = img.ndim == 3
-    if img.shape[-3:] != (S, S, 3) or img.ndim not in (3, 4): raise ValueError(f"obs['image'] must have shape ({S}, {S}, 3) or (N, {S}, {S}, 3), got {img.shape}")
+    single = np.ndim(obs['image']) == 3
+    image = _pixels(obs, 'image', self.cfg.image_size, self.norm, IMAGE)                # (N, 3, S, S)
     cmds = [obs['command']] if isinstance(obs['command'], str) else list(obs['command'])
     ids = torch.from_numpy(np.stack([self.tokenizer.encode(c)[0] for c in cmds]))           # (N, T)
-    image = self.norm.normalize(IMAGE, torch.from_numpy(img.reshape(-1, S, S, 3)).permute(0, 3, 1, 2).float() / 255)   # (N, 3, S, S)
     proprio = torch.as_tensor(np.asarray(obs['proprio'], dtype=np.float32)).reshape(len(image), -1)   # (N, P)
     proprio = self.norm.normalize(PROPRIO, proprio)
-    wrist = None
-    if self.cfg.wrist_size:
-        W = self.cfg.wrist_size
+    wrist, W = None, self.cfg.wrist_size
+    if W:
         if 'wrist_image' not in obs: raise ValueError(f"obs lacks 'wrist_image': this policy reads a wrist camera (make the env with wrist_camera=True, wrist_size={W})")
-        w = np.asarray(obs['wrist_image'])
-        if w.dtype != np.uint8 or w.shape[-3:] != (W, W, 3) or w.ndim != img.ndim: raise ValueError(f"obs['wrist_image'] must be uint8 with shape ({W}, {W}, 3) (batched like 'image'), got {w.dtype} {w.shape}")
-        wrist = self.norm.normalize(WRIST_IMAGE, torch.from_numpy(w.reshape(-1, W, W, 3)).permute(0, 3, 1, 2).float() / 255)   # (N, 3, W, W)
+        wrist = _pixels(obs, 'wrist_image', W, self.norm, WRIST_IMAGE)                   # (N, 3, W, W)
     check_inputs(image, ids, proprio, self.cfg, wrist)
     return image, ids, proprio, wrist, single
 
