@@ -64,6 +64,8 @@ def test_policy_in_a_wrist_env_and_missing_wrist_error(policy):
     assert o['wrist_image'].shape == (W, W, 3)
     policy.reset(); a = policy.select_action(o); assert a.shape == (7,) and np.isfinite(a).all()
     with pytest.raises(ValueError, match="obs lacks 'wrist_image'"): policy.predict_action_chunk({k: v for k, v in o.items() if k != 'wrist_image'})
+    stats = {k: v for k, v in bounds_stats().items() if k != WRIST_IMAGE}
+    with pytest.raises(ValueError, match="no 'wrist_image' statistics"): VLAPolicy(policy.net, Normalizer(stats), policy.tokenizer)
 
 
 def test_learner_trains_on_wrist_data_and_rejects_mismatch(wrist_data, tmp_path):

@@ -64,7 +64,8 @@ class Preprocessor:
         spec, st = meta['input_spec'], meta['stats']
         self.S, self.P, self.T = spec['image']['shape'][2], spec['proprio']['shape'][1], spec['token_ids']['shape'][1]
         self.W = spec['wrist_image']['shape'][2] if 'wrist_image' in spec else 0   # wrist-camera side; 0: none
-        wst = st.get(WRIST_IMAGE, st[IMAGE])
+        if self.W and WRIST_IMAGE not in st: raise ValueError("the artifact's model reads a wrist camera but its stats have no 'wrist_image' entry")
+        wst = st[WRIST_IMAGE] if self.W else st[IMAGE]                 # unused without a wrist camera
         self.wri_mean = np.asarray(wst['mean'], np.float32).reshape(3, 1, 1)
         self.wri_std = np.maximum(np.asarray(wst['std'], np.float32), 1e-3).reshape(3, 1, 1)
         self.img_mean = np.asarray(st[IMAGE]['mean'], np.float32).reshape(3, 1, 1)
@@ -201,7 +202,7 @@ def parity(net:VLANet, backends:dict, B:int=3, seed:int=1) -> dict:
 def calibration_observations(n:int, seed:int=0, env:sim.TabletopEnv|None=None, every:int=3, wrist_size:int=0) -> list:
     "`n` real observations (dicts) from noisy scripted-expert episodes, every `every`-th step, seeded."
     check_range('n', n, 1, 1_000_000, integer=True)
-    own = env is None; env = env or sim.TabletopEnv(**(dict(wrist_camera=True, wrist_size=wrist_size) if wrist_size else {})); out, k = [], 0
+    own = env is None; env = env or sim.TabletopEnv(wrist_camera=bool(wrist_size), wrist_size=wrist_size or None); out, k = [], 0
     try:
         while len(out) < n:
             fam = sim.TASK_FAMILIES[k % len(sim.TASK_FAMILIES)]
@@ -693,10 +694,10 @@ def _bench_speed(res:dict, art:Path, policy:VLAPolicy, calib:list, calls:int, se
     res['achieved_gflops_b8'] = {k: round(8 * gf * 1000 / v['p50'], 2) for k, v in res['latency_ms']['t2_b8'].items()}
 
 # %% ../nbs/08_deployment.ipynb #c078
-def _bench_loop(res:dict, art:Path, n_action_steps:int, n:int, seed:int):
+def _bench_loop(res:dict, art:Path, mcfg:ModelConfig, n_action_steps:int, n:int, seed:int):
     "Closed-loop success of every backend and of the edge loop on the same seeded episodes (if n > 0), and the edge control rate."
     from vla_nb.evaluation import env_for
-    k, mcfg = n_action_steps, ModelConfig.from_dict(load_artifact(art)[1]['config'])   # env_for(mcfg): the model's cameras
+    k = n_action_steps                                             # env_for(mcfg): a simulator with the model's cameras
     free = EdgeConfig(control_hz=sim.SimConfig().control_hz, realtime=False, n_action_steps=k, refill_at=min(2, k - 1))   # unpaced ticks
     if n > 0:
         res['success'] = {b: closed_loop_success(OptimizedVLAInference(art, b, 2, warmup=2, n_action_steps=k), n, seed, b)['mean_success'] for b in BACKENDS}
@@ -722,7 +723,7 @@ def bench_deploy(checkpoint, calls:int=200, episodes_per_family:int|None=None, s
         art = export_artifact(policy, out_dir/'artifact', DeployConfig(seed=seed), calib=calib); _, meta = load_artifact(art)
         res = dict(checkpoint=str(checkpoint), artifact=str(art), calls=calls, cpu_count=os.cpu_count())
         _bench_speed(res, art, policy, calib, calls, seed)
-        _bench_loop(res, art, policy.n_action_steps, episodes_per_family if episodes_per_family is not None else by_profile(2, 10), seed)
+        _bench_loop(res, art, policy.cfg, policy.n_action_steps, episodes_per_family if episodes_per_family is not None else by_profile(2, 10), seed)
         res['int8_gates'] = g = _int8_gates(res)
         meta['int8_gates'], meta['recommended_backend'] = g, 'ort_int8' if g['int8_kept'] else 'ort_fp32'   # int8 pays or is dropped
         atomic_write(art/'deploy.json', json.dumps(meta, indent=1) + '\n'); res['recommended_backend'] = meta['recommended_backend']

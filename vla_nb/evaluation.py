@@ -79,7 +79,7 @@ class torch_threads:
 def env_for(policy, **kw) -> sim.TabletopEnv:
     "A simulator whose cameras match the policy's inputs (`policy.cfg.image_size`, and a wrist camera when `cfg.wrist_size` > 0); `policy` may be a ModelConfig."
     cfg = policy if hasattr(policy, 'image_size') else getattr(policy, 'cfg', None); S, W = getattr(cfg, 'image_size', None), getattr(cfg, 'wrist_size', 0)
-    return sim.TabletopEnv(**({'image_size': S} if S else {}), **(dict(wrist_camera=True, wrist_size=W) if W else {}), **kw)
+    return sim.TabletopEnv(**({'image_size': S} if S else {}), wrist_camera=bool(W), wrist_size=W or None, **kw)
 
 class EvalResult:
     "Per-episode records of a closed-loop evaluation, with summaries and plots."

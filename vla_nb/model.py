@@ -282,7 +282,7 @@ def _check_image(image, S:int, name:str='image'):
 
 def check_inputs(image, token_ids, proprio, cfg:ModelConfig, wrist_image=None):
     "Raise ValueError naming the problem unless the tensors are what `VLANet.forward` expects under `cfg`."
-    for name, x in (('image', image), ('token_ids', token_ids), ('proprio', proprio)):
+    for name, x in (('token_ids', token_ids), ('proprio', proprio)):
         if not isinstance(x, torch.Tensor): raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     _check_image(image, cfg.image_size)
     if token_ids.dtype != torch.long: raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
@@ -337,6 +337,7 @@ class VLAPolicy:
         cfg = net.cfg
         if tokenizer.vocab_size > cfg.vocab_size: raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
         if tokenizer.max_len > cfg.max_tokens: raise ValueError(f"tokenizer pads to {tokenizer.max_len} tokens but the model's max_tokens is {cfg.max_tokens}")
+        if cfg.wrist_size and WRIST_IMAGE not in normalizer.mean: raise ValueError("the model reads a wrist camera but the normalizer has no 'wrist_image' statistics")
         n = cfg.chunk_size if n_action_steps is None else check_range('n_action_steps', n_action_steps, 1, cfg.chunk_size, integer=True)
         if temporal_ensemble_coeff is not None and n_action_steps not in (None, 1):
             raise ValueError("temporal ensembling predicts a chunk every step: leave n_action_steps at None (or 1)")
@@ -444,22 +445,18 @@ class VLAFeaturesExtractor(BaseFeaturesExtractor):
                            wrist_size=sp['wrist_image'].shape[1] if 'wrist_image' in sp else 0)   # (3, W, W) or (W, W, 3): side at [1]
         super().__init__(observation_space, features_dim=cfg.d_model)
         self.net, stats = VLANet(cfg), stats if stats is not None else bounds_stats()
-        wri = (('wri', WRIST_IMAGE if WRIST_IMAGE in stats else IMAGE),) if cfg.wrist_size else ()
-        for k, key in (('img', IMAGE), ('pro', PROPRIO)) + wri:
+        if cfg.wrist_size and WRIST_IMAGE not in stats: raise ValueError("the observation space has 'wrist_image' but `stats` has no 'wrist_image' statistics")
+        for k, key in (('img', IMAGE), ('pro', PROPRIO)) + ((('wri', WRIST_IMAGE),) if cfg.wrist_size else ()):
             for s in ('mean', 'std'):
                 v = torch.as_tensor(np.asarray(stats[key][s]), dtype=torch.float32)
                 self.register_buffer(f'{k}_{s}', v.view(-1, 1, 1) if k != 'pro' else v)
 
     def forward(self, obs:dict) -> torch.Tensor:
-        img = obs['image']                                         # (B, 3, S, S) in [0, 1] after SB3's preprocessing
-        if img.shape[1] != 3: img = img.permute(0, 3, 1, 2)       # channels last, if SB3 did not transpose
-        img = (img - self.img_mean) / self.img_std.clamp(min=1e-3)
+        chw = lambda x: x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)   # (B, 3, S, S) in [0, 1]; channels last if SB3 did not transpose
+        img = (chw(obs['image']) - self.img_mean) / self.img_std.clamp(min=1e-3)
         ids = obs['command'].round().long()                        # (B, T) token ids (SB3 casts Box observations to float)
         pro = (obs['proprio'] - self.pro_mean) / self.pro_std.clamp(min=1e-3)
-        wri = None
-        if 'wrist_image' in obs:
-            wri = obs['wrist_image'] if obs['wrist_image'].shape[1] == 3 else obs['wrist_image'].permute(0, 3, 1, 2)
-            wri = (wri - self.wri_mean) / self.wri_std.clamp(min=1e-3)
+        wri = (chw(obs['wrist_image']) - self.wri_mean) / self.wri_std.clamp(min=1e-3) if self.net.wrist is not None else None
         return self.net.encode(img, ids, pro, wri)                 # (B, d)
 
 # %% ../nbs/03_model.ipynb #c070
