@@ -8,7 +8,17 @@ import argparse, json, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from .core import Config, check_range, atomic_write, by_profile, ensure_dir, get_profile, set_profile, seed_everything, PROFILES
+from vla_nb.core import (
+    Config,
+    check_range,
+    atomic_write,
+    by_profile,
+    ensure_dir,
+    get_profile,
+    set_profile,
+    seed_everything,
+    PROFILES,
+)
 from . import sim, data, pretraining, imitation, evaluation, deployment
 from .model import ModelConfig, VLANet, VLAPolicy
 
@@ -20,193 +30,382 @@ __all__ = ['DEMO_STAGES', 'BENCHES', 'DemoConfig', 'demo_sim', 'demo_data', 'dem
 @dataclass
 class DemoConfig(Config):
     "Sizes of the demo's stages."
-    episodes:int=600              # expert demonstrations recorded (and trained on)
-    workers:int=2                 # recording processes
-    pretrain_epochs:int=1         # pretraining epochs (0: train the policy from scratch)
-    epochs:int=10                 # behaviour-cloning epochs (early stopping may end sooner)
-    snapshots:int=2000            # randomized scene snapshots co-trained for object localization (0: off)
-    keypoint_level:int=1          # conv block feeding the spatial-softmax keypoints (ModelConfig.keypoint_level)
-    dagger_rounds:int=0           # DAgger rounds after behaviour cloning (0: none)
-    dagger_episodes:int=300       # on-policy episodes relabelled by the expert per DAgger round
-    dagger_epochs:int=2           # training epochs over the aggregated data per DAgger round
-    wrist_size:int=48             # side of a wrist-camera image recorded and read by the policy (0: scene camera only)
-    eval_every:int=4              # closed-loop model selection every this many epochs
-    eval_episodes:int=10          # test episodes per family for the reported success
-    heldout_episodes:int=5        # held-out split episodes per family
-    grounding_episodes:int=12     # grounding-check episodes
-    expert_episodes:int=5         # expert-success episodes per family in the simulator stage
-    deploy_calls:int=50           # timed calls per backend and setting in the deployment stage
+
+    episodes: int = 600  # expert demonstrations recorded (and trained on)
+    workers: int = 2  # recording processes
+    pretrain_epochs: int = 1  # pretraining epochs (0: train the policy from scratch)
+    epochs: int = 10  # behaviour-cloning epochs (early stopping may end sooner)
+    snapshots: int = 2000  # randomized scene snapshots co-trained for object localization (0: off)
+    keypoint_level: int = 1  # conv block feeding the spatial-softmax keypoints (ModelConfig.keypoint_level)
+    dagger_rounds: int = 0  # DAgger rounds after behaviour cloning (0: none)
+    dagger_episodes: int = 300  # on-policy episodes relabelled by the expert per DAgger round
+    dagger_epochs: int = 2  # training epochs over the aggregated data per DAgger round
+    wrist_size: int = 48  # side of a wrist-camera image recorded and read by the policy (0: scene camera only)
+    eval_every: int = 4  # closed-loop model selection every this many epochs
+    eval_episodes: int = 10  # test episodes per family for the reported success
+    heldout_episodes: int = 5  # held-out split episodes per family
+    grounding_episodes: int = 12  # grounding-check episodes
+    expert_episodes: int = 5  # expert-success episodes per family in the simulator stage
+    deploy_calls: int = 50  # timed calls per backend and setting in the deployment stage
 
     def __post_init__(self):
-        for k in ('episodes', 'workers', 'epochs', 'eval_episodes', 'heldout_episodes', 'grounding_episodes', 'expert_episodes', 'deploy_calls'):
+        for k in (
+            'episodes',
+            'workers',
+            'epochs',
+            'eval_episodes',
+            'heldout_episodes',
+            'grounding_episodes',
+            'expert_episodes',
+            'deploy_calls',
+        ):
             check_range(k, getattr(self, k), 1, 10**7, integer=True)
-        check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True); check_range('eval_every', self.eval_every, 1, 10**4, integer=True)
-        check_range('snapshots', self.snapshots, 0, 10**7, integer=True); check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
+        check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True)
+        check_range('eval_every', self.eval_every, 1, 10**4, integer=True)
+        check_range('snapshots', self.snapshots, 0, 10**7, integer=True)
+        check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
         check_range('dagger_rounds', self.dagger_rounds, 0, 100, integer=True)
-        if self.wrist_size: check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
-        for k in ('dagger_episodes', 'dagger_epochs'): check_range(k, getattr(self, k), 1, 10**6, integer=True)
+        if self.wrist_size:
+            check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
+        for k in ('dagger_episodes', 'dagger_epochs'):
+            check_range(k, getattr(self, k), 1, 10**6, integer=True)
 
     @classmethod
-    def for_profile(cls, profile:str|None=None):
+    def for_profile(cls, profile: str | None = None):
         "The quick or full preset."
-        if (profile or get_profile()) == 'quick': return cls()
-        return cls(episodes=3000, pretrain_epochs=1, epochs=10, snapshots=6000, eval_every=5, eval_episodes=50, heldout_episodes=25, grounding_episodes=100, expert_episodes=50, deploy_calls=200)
+        if (profile or get_profile()) == 'quick':
+            return cls()
+        return cls(
+            episodes=3000,
+            pretrain_epochs=1,
+            epochs=10,
+            snapshots=6000,
+            eval_every=5,
+            eval_episodes=50,
+            heldout_episodes=25,
+            grounding_episodes=100,
+            expert_episodes=50,
+            deploy_calls=200,
+        )
 
     @classmethod
-    def tiny(cls): return cls(episodes=16, workers=1, pretrain_epochs=1, epochs=1, snapshots=16, dagger_rounds=1, dagger_episodes=2, dagger_epochs=1, eval_every=1, eval_episodes=1, heldout_episodes=1, grounding_episodes=2, expert_episodes=1, deploy_calls=5)
+    def tiny(cls):
+        return cls(
+            episodes=16,
+            workers=1,
+            pretrain_epochs=1,
+            epochs=1,
+            snapshots=16,
+            dagger_rounds=1,
+            dagger_episodes=2,
+            dagger_epochs=1,
+            eval_every=1,
+            eval_episodes=1,
+            heldout_episodes=1,
+            grounding_episodes=2,
+            expert_episodes=1,
+            deploy_calls=5,
+        )
 
 # %% ../nbs/99_cli.ipynb #c009
 def _save_fig(fig, path):
     import io, matplotlib.pyplot as plt
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=110); plt.close(fig)
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=110)
+    plt.close(fig)
     atomic_write(path, buf.getvalue())
     return Path(path).name
 
-def demo_sim(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
+
+def demo_sim(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Simulator stage of the demo: expert filmstrips per family, a scene grid and expert success."
     env, strips = sim.TabletopEnv(render_size=128), {}
     for k, fam in enumerate(sim.TASK_FAMILIES):
         s = seed + k
-        r = sim.rollout(env, sim.ScriptedExpert(env), s, options=dict(task=sim.sample_task(np.random.default_rng(s), (fam,))), frames=True)
-        strips[fam] = dict(command=r['command'], success=r['success'], steps=r['steps'],
-                           image=_save_fig(sim.filmstrip(r['frames'], title=f"{r['command']!r}: success={r['success']}"), out/f'expert_{fam}.png'))
+        r = sim.rollout(
+            env,
+            sim.ScriptedExpert(env),
+            s,
+            options=dict(task=sim.sample_task(np.random.default_rng(s), (fam,))),
+            frames=True,
+        )
+        strips[fam] = dict(
+            command=r['command'],
+            success=r['success'],
+            steps=r['steps'],
+            image=_save_fig(
+                sim.filmstrip(r['frames'], title=f"{r['command']!r}: success={r['success']}"), out / f'expert_{fam}.png'
+            ),
+        )
     env.close()
-    grid = _save_fig(sim.scene_grid(range(seed, seed + 8), size=128), out/'scenes.png')
+    grid = _save_fig(sim.scene_grid(range(seed, seed + 8), size=128), out / 'scenes.png')
     n = cfg.expert_episodes
     succ = {f: r['success'] for f, r in sim.expert_success(n, seed=seed + 1000).items()}
     return dict(filmstrips=strips, scene_grid=grid, expert_success=succ, episodes_per_family=n)
 
 # %% ../nbs/99_cli.ipynb #c011
-def demo_data(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
+def demo_data(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Data stage of the demo: record, validate and plot an expert dataset under `out/data`."
-    cfg = data.DataConfig(root=str(out/'data'), num_episodes=cfg.episodes, seed=seed, workers=cfg.workers,
-                          wrist_camera=bool(cfg.wrist_size), wrist_size=cfg.wrist_size or None)
+    cfg = data.DataConfig(
+        root=str(out / 'data'),
+        num_episodes=cfg.episodes,
+        seed=seed,
+        workers=cfg.workers,
+        wrist_camera=bool(cfg.wrist_size),
+        wrist_size=cfg.wrist_size or None,
+    )
     rep = data.SyntheticDataGenerator(cfg).generate_dataset()
     problems = data.validate_dataset(cfg.root)
-    if problems: raise RuntimeError(f"the demo dataset failed validation: {problems[:5]}")
+    if problems:
+        raise RuntimeError(f"the demo dataset failed validation: {problems[:5]}")
     ds = data.EpisodeDataset(cfg.root)
-    figs = dict(samples=_save_fig(data.plot_samples(ds, 8), out/'data_samples.png'),
-                episode=_save_fig(data.plot_episode(ds, min(3, len(ds) - 1)), out/'data_episode.png'),
-                stats=_save_fig(data.plot_stats(ds), out/'data_stats.png'))
+    figs = dict(
+        samples=_save_fig(data.plot_samples(ds, 8), out / 'data_samples.png'),
+        episode=_save_fig(data.plot_episode(ds, min(3, len(ds) - 1)), out / 'data_episode.png'),
+        stats=_save_fig(data.plot_stats(ds), out / 'data_stats.png'),
+    )
     return dict(report=rep, figures=figs, valid=True)
 
 # %% ../nbs/99_cli.ipynb #c013
-def demo_policy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
+def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
-    ds = data.EpisodeDataset(out/'data'); seed_everything(seed)
-    net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len, keypoint_level=cfg.keypoint_level,
-                             wrist_size=cfg.wrist_size))
+    ds = data.EpisodeDataset(out / 'data')
+    seed_everything(seed)
+    net = VLANet(
+        ModelConfig(
+            vocab_size=ds.tokenizer.vocab_size,
+            max_tokens=ds.tokenizer.max_len,
+            keypoint_level=cfg.keypoint_level,
+            wrist_size=cfg.wrist_size,
+        )
+    )
     t0, pre = time.time(), None
     if cfg.pretrain_epochs:
-        pt = pretraining.VLAPretrainer(net, pretraining.PretrainDataset(ds), pretraining.PretrainConfig(seed=seed, out_dir=str(out/'pretrain'), tensorboard=False))
+        pt = pretraining.VLAPretrainer(
+            net,
+            pretraining.PretrainDataset(ds),
+            pretraining.PretrainConfig(seed=seed, out_dir=str(out / 'pretrain'), tensorboard=False),
+        )
         pre = {k: round(v[-1], 4) for k, v in pt.pretrain(cfg.pretrain_epochs).items() if k.endswith('_loss')}
     t1 = time.time()
-    icfg = imitation.ImitationConfig(seed=seed, out_dir=str(out/'policy'), eval_every=cfg.eval_every, eval_episodes=max(2, cfg.eval_episodes // 4),
-                                     snapshots=cfg.snapshots, snapshot_workers=cfg.workers)
-    learner = imitation.VLAImitationLearner(net, ds, icfg); hist = learner.train_imitation(cfg.epochs); tb = time.time()
-    dag = imitation.run_dagger(learner, cfg.dagger_rounds, cfg.dagger_episodes, cfg.dagger_epochs, out/'dagger', beta=0.0,
-                               test_episodes=0, seed=seed) if cfg.dagger_rounds else None
-    t2 = time.time(); pol = VLAPolicy.load(learner.best_path); env = evaluation.env_for(pol, render_size=128)
+    icfg = imitation.ImitationConfig(
+        seed=seed,
+        out_dir=str(out / 'policy'),
+        eval_every=cfg.eval_every,
+        eval_episodes=max(2, cfg.eval_episodes // 4),
+        snapshots=cfg.snapshots,
+        snapshot_workers=cfg.workers,
+    )
+    learner = imitation.VLAImitationLearner(net, ds, icfg)
+    hist = learner.train_imitation(cfg.epochs)
+    tb = time.time()
+    dag = (
+        imitation.run_dagger(
+            learner,
+            cfg.dagger_rounds,
+            cfg.dagger_episodes,
+            cfg.dagger_epochs,
+            out / 'dagger',
+            beta=0.0,
+            test_episodes=0,
+            seed=seed,
+        )
+        if cfg.dagger_rounds
+        else None
+    )
+    t2 = time.time()
+    pol = VLAPolicy.load(learner.best_path)
+    env = evaluation.env_for(pol, render_size=128)
     try:
         test = evaluation.evaluate_policy(pol, cfg.eval_episodes, seed, 'test', env, 'test', frames=1)
         held = evaluation.evaluate_policy(pol, cfg.heldout_episodes, seed, 'heldout', env, 'heldout')
-        grd = evaluation.grounding_check(pol, evaluation.grounding_pairs(cfg.grounding_episodes, seed, env), env, test['mean_success'])
-    finally: env.close()
+        grd = evaluation.grounding_check(
+            pol, evaluation.grounding_pairs(cfg.grounding_episodes, seed, env), env, test['mean_success']
+        )
+    finally:
+        env.close()
     kept = next(r for r in test['result'].records if r['frames'] is not None)
-    figs = dict(history=_save_fig(imitation.plot_history(hist), out/'policy_history.png'),
-                success=_save_fig(evaluation.plot_success({'test': test, 'heldout': held}), out/'policy_success.png'),
-                filmstrips=_save_fig(evaluation.rollout_strips(test['result'], n=6, max_rows=4), out/'policy_rollouts.png'),
-                gif=evaluation.save_gif(kept['frames'], out/'policy_rollout.gif').name)
+    figs = dict(
+        history=_save_fig(imitation.plot_history(hist), out / 'policy_history.png'),
+        success=_save_fig(evaluation.plot_success({'test': test, 'heldout': held}), out / 'policy_success.png'),
+        filmstrips=_save_fig(evaluation.rollout_strips(test['result'], n=6, max_rows=4), out / 'policy_rollouts.png'),
+        gif=evaluation.save_gif(kept['frames'], out / 'policy_rollout.gif').name,
+    )
     drop = lambda r: {k: v for k, v in r.items() if k != 'result'}
-    return dict(policy=str(learner.best_path), pretrain_losses=pre, epochs=learner.epoch, best_val_loss=round(learner.best_val, 4),
-                test=drop(test), heldout=drop(held), grounding=grd, figures=figs, dagger=dag, pretrain_seconds=round(t1 - t0, 1),
-                bc_seconds=round(tb - t1, 1), dagger_seconds=round(t2 - tb, 1), train_seconds=round(t2 - t1, 1), eval_seconds=round(time.time() - t2, 1))
+    return dict(
+        policy=str(learner.best_path),
+        pretrain_losses=pre,
+        epochs=learner.epoch,
+        best_val_loss=round(learner.best_val, 4),
+        test=drop(test),
+        heldout=drop(held),
+        grounding=grd,
+        figures=figs,
+        dagger=dag,
+        pretrain_seconds=round(t1 - t0, 1),
+        bc_seconds=round(tb - t1, 1),
+        dagger_seconds=round(t2 - tb, 1),
+        train_seconds=round(t2 - t1, 1),
+        eval_seconds=round(time.time() - t2, 1),
+    )
 
 # %% ../nbs/99_cli.ipynb #c015
-def demo_deploy(out:Path, cfg:DemoConfig, seed:int=0) -> dict:
+def demo_deploy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Deployment stage: export the demo's policy to out/deploy and benchmark its backends briefly."
-    return deployment.demo_deploy(out/'policy'/'best_policy.safetensors', out/'deploy', calls=cfg.deploy_calls, seed=seed)
+    return deployment.demo_deploy(
+        out / 'policy' / 'best_policy.safetensors', out / 'deploy', calls=cfg.deploy_calls, seed=seed
+    )
 
 # %% ../nbs/99_cli.ipynb #c017
 DEMO_STAGES = {'sim': demo_sim, 'data': demo_data, 'policy': demo_policy, 'deploy': demo_deploy}
 
-def _ci(r): return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
 
-def _report_md(summary:dict) -> str:
+def _ci(r):
+    return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
+
+
+def _report_md(summary: dict) -> str:
     s = summary['stages']['sim']
-    lines = ["# vla_nb demo report", f"profile: `{summary['profile']}`, seed {summary['seed']}", "", "## Simulator and scripted expert", "",
-             "| family | expert success | episodes |", "|---|---|---|"]
+    lines = [
+        "# vla_nb demo report",
+        f"profile: `{summary['profile']}`, seed {summary['seed']}",
+        "",
+        "## Simulator and scripted expert",
+        "",
+        "| family | expert success | episodes |",
+        "|---|---|---|",
+    ]
     lines += [f"| {f} | {v:.2f} | {s['episodes_per_family']} |" for f, v in s['expert_success'].items()]
     lines += ["", f"![randomized scenes]({s['scene_grid']})", ""]
-    for fam, st in s['filmstrips'].items(): lines += [f"### {fam}: \"{st['command']}\"", f"![{fam}]({st['image']})", ""]
+    for fam, st in s['filmstrips'].items():
+        lines += [f"### {fam}: \"{st['command']}\"", f"![{fam}]({st['image']})", ""]
     if 'data' in summary['stages']:
-        d = summary['stages']['data']; r = d['report']
-        lines += ["## Expert demonstrations", "", f"{r['episodes']} episodes, {r['frames']} frames, {r['expert_failures']} expert failures, "
-                  f"recorded at {r['frames_per_s']} frames/s; dataset at `{r['root']}` (valid).", ""]
+        d = summary['stages']['data']
+        r = d['report']
+        lines += [
+            "## Expert demonstrations",
+            "",
+            f"{r['episodes']} episodes, {r['frames']} frames, {r['expert_failures']} expert failures, "
+            f"recorded at {r['frames_per_s']} frames/s; dataset at `{r['root']}` (valid).",
+            "",
+        ]
         lines += [f"![{k}]({v})" for k, v in d['figures'].items()]
     if 'policy' in summary['stages']:
-        p = summary['stages']['policy']; t, h, g = p['test'], p['heldout'], p['grounding']
-        lines += ["", "## The learned policy (closed loop, unseen seeds)", "",
-                  f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['bc_seconds']} s, "
-                  + (f"DAgger {p['dagger_seconds']} s ({len(p['dagger']) - 1} round(s), on-policy success of the rollouts "
-                     f"{', '.join(str(r['policy_success']) for r in p['dagger'][1:])}), " if p['dagger'] else "")
-                  + f"{p['epochs']} epochs in all, evaluation {p['eval_seconds']} s; "
-                  f"policy at `{p['policy']}`.", "", "| split / family | success [95% Wilson CI] |", "|---|---|"]
+        p = summary['stages']['policy']
+        t, h, g = p['test'], p['heldout'], p['grounding']
+        lines += [
+            "",
+            "## The learned policy (closed loop, unseen seeds)",
+            "",
+            f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['bc_seconds']} s, "
+            + (
+                f"DAgger {p['dagger_seconds']} s ({len(p['dagger']) - 1} round(s), on-policy success of the rollouts "
+                f"{', '.join(str(r['policy_success']) for r in p['dagger'][1:])}), "
+                if p['dagger']
+                else ""
+            )
+            + f"{p['epochs']} epochs in all, evaluation {p['eval_seconds']} s; "
+            f"policy at `{p['policy']}`.",
+            "",
+            "| split / family | success [95% Wilson CI] |",
+            "|---|---|",
+        ]
         lines += [f"| test: {f} | {_ci(r)} |" for f, r in t['success'].items()]
-        lines += [f"| **test: mean over families** | **{t['mean_success']:.2f}** |", f"| held-out split (mean) | {h['mean_success']:.2f} |",
-                  f"| grounding: new-command success | {_ci(g['new_command_success'])} |", f"| grounding: old-task rate | {_ci(g['old_task_rate'])} |", ""]
+        lines += [
+            f"| **test: mean over families** | **{t['mean_success']:.2f}** |",
+            f"| held-out split (mean) | {h['mean_success']:.2f} |",
+            f"| grounding: new-command success | {_ci(g['new_command_success'])} |",
+            f"| grounding: old-task rate | {_ci(g['old_task_rate'])} |",
+            "",
+        ]
         lines += [f"![{k}]({v})" for k, v in p['figures'].items()]
     if 'deploy' in summary['stages']:
         d = summary['stages']['deploy']
-        lines += ["", "## Deployment (batch 1, 2 threads)", "", f"Artifact: `{d['artifact']}`; recommended backend `{d['recommended_backend']}` "
-                  f"(int8 kept: {d['int8_kept']}); ONNX Runtime fp32 is {d['speedup_ort_fp32_vs_eager']:.1f}x eager; policy step p90 "
-                  f"{d['policy_step_p90_ms']:.2f} ms; edge control loop {d['control_loop_hz']:.1f} Hz.", "", d['table'], ""]
+        lines += [
+            "",
+            "## Deployment (batch 1, 2 threads)",
+            "",
+            f"Artifact: `{d['artifact']}`; recommended backend `{d['recommended_backend']}` "
+            f"(int8 kept: {d['int8_kept']}); ONNX Runtime fp32 is {d['speedup_ort_fp32_vs_eager']:.1f}x eager; policy step p90 "
+            f"{d['policy_step_p90_ms']:.2f} ms; edge control loop {d['control_loop_hz']:.1f} Hz.",
+            "",
+            d['table'],
+            "",
+        ]
     return '\n'.join(lines) + '\n'
 
-def run_demo(out='runs/demo', seed:int=0, config:DemoConfig|None=None) -> dict:
+
+def run_demo(out='runs/demo', seed: int = 0, config: DemoConfig | None = None) -> dict:
     "Run every demo stage into `out`; returns the summary also written to `out/summary.json`."
     out, t0, cfg = ensure_dir(out), time.time(), config or DemoConfig.for_profile()
     summary = dict(profile=get_profile(), seed=seed, config=cfg.to_dict(), stages={})
     for name, stage in DEMO_STAGES.items():
-        t = time.time(); summary['stages'][name] = stage(out, cfg, seed=seed)
+        t = time.time()
+        summary['stages'][name] = stage(out, cfg, seed=seed)
         summary['stages'][name]['seconds'] = round(time.time() - t, 1)
-        atomic_write(out/'summary.json', json.dumps(summary, indent=1))
+        atomic_write(out / 'summary.json', json.dumps(summary, indent=1))
     summary['seconds'] = round(time.time() - t0, 1)
-    atomic_write(out/'summary.json', json.dumps(summary, indent=1)); atomic_write(out/'report.md', _report_md(summary))
+    atomic_write(out / 'summary.json', json.dumps(summary, indent=1))
+    atomic_write(out / 'report.md', _report_md(summary))
     return summary
 
 # %% ../nbs/99_cli.ipynb #c018
 def demo_main(argv=None):
     "Entry point of `vla-demo`."
-    ap = argparse.ArgumentParser(prog='vla-demo', description='Run the vla_nb main job and write a report with figures.')
+    ap = argparse.ArgumentParser(
+        prog='vla-demo', description='Run the vla_nb main job and write a report with figures.'
+    )
     ap.add_argument('--out', default='runs/demo', help='output directory (default: runs/demo)')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default, minutes) or full (real runs)')
     ap.add_argument('--seed', type=int, default=0, help='seed of every random choice')
     ap.add_argument('--tiny', action='store_true', help='a smoke run of every stage in well under a minute (tests)')
-    ap.add_argument('--dagger-rounds', type=int, default=None, help="DAgger rounds after behaviour cloning (default: the profile's preset)")
-    ap.add_argument('--wrist-size', type=int, default=None, help="wrist-camera image side, 0 for none (default: the profile's preset)")
+    ap.add_argument(
+        '--dagger-rounds',
+        type=int,
+        default=None,
+        help="DAgger rounds after behaviour cloning (default: the profile's preset)",
+    )
+    ap.add_argument(
+        '--wrist-size',
+        type=int,
+        default=None,
+        help="wrist-camera image side, 0 for none (default: the profile's preset)",
+    )
     a = ap.parse_args(argv)
-    if a.profile: set_profile(a.profile)
+    if a.profile:
+        set_profile(a.profile)
     cfg = DemoConfig.tiny() if a.tiny else DemoConfig.for_profile()
-    if a.dagger_rounds is not None: cfg = cfg.replace(dagger_rounds=a.dagger_rounds)
-    if a.wrist_size is not None: cfg = cfg.replace(wrist_size=a.wrist_size)
+    if a.dagger_rounds is not None:
+        cfg = cfg.replace(dagger_rounds=a.dagger_rounds)
+    if a.wrist_size is not None:
+        cfg = cfg.replace(wrist_size=a.wrist_size)
     s = run_demo(a.out, a.seed, cfg)
     t = s['stages']['policy']['test']
-    print(f"report: {Path(a.out)/'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
-          f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
-          f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}")
+    print(
+        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
+        f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
+        f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}"
+    )
     return 0
 
 # %% ../nbs/99_cli.ipynb #c022
 def _need_checkpoint(a):
-    if not a.checkpoint: raise ValueError(f"vla-bench {a.what}: --checkpoint PATH (a saved VLAPolicy .safetensors) is required")
+    if not a.checkpoint:
+        raise ValueError(f"vla-bench {a.what}: --checkpoint PATH (a saved VLAPolicy .safetensors) is required")
     return a.checkpoint
 
-BENCHES = {'sim': lambda a: sim.bench_sim(a.episodes, seed=a.seed),
-           'data': lambda a: data.bench_data(a.episodes, seed=a.seed),
-           'train': lambda a: pretraining.bench_train(seed=a.seed),
-           'policy': lambda a: evaluation.bench_policy(_need_checkpoint(a), a.episodes, seed=a.seed),
-           'deploy': lambda a: deployment.bench_deploy(_need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed)}
+
+BENCHES = {
+    'sim': lambda a: sim.bench_sim(a.episodes, seed=a.seed),
+    'data': lambda a: data.bench_data(a.episodes, seed=a.seed),
+    'train': lambda a: pretraining.bench_train(seed=a.seed),
+    'policy': lambda a: evaluation.bench_policy(_need_checkpoint(a), a.episodes, seed=a.seed),
+    'deploy': lambda a: deployment.bench_deploy(
+        _need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed
+    ),
+}
+
 
 def bench_main(argv=None):
     "Entry point of `vla-bench`."
@@ -214,13 +413,29 @@ def bench_main(argv=None):
     ap.add_argument('what', choices=list(BENCHES), help='which benchmark')
     ap.add_argument('--out', required=True, help='JSON file to write')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
-    ap.add_argument('--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)')
+    ap.add_argument(
+        '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)'
+    )
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy and deploy benchmarks)')
     a = ap.parse_args(argv)
-    if a.episodes is not None and a.episodes < 1: ap.error('--episodes must be >= 1')
-    if a.profile: set_profile(a.profile)
+    if a.episodes is not None and a.episodes < 1:
+        ap.error('--episodes must be >= 1')
+    if a.profile:
+        set_profile(a.profile)
     res = BENCHES[a.what](a)
     atomic_write(a.out, json.dumps(res, indent=1, default=str))
-    print(json.dumps({k: v for k, v in res.items() if not (k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer') and isinstance(v, dict))}, indent=1, default=str))  # shortened
+    print(
+        json.dumps(
+            {
+                k: v
+                for k, v in res.items()
+                if not (
+                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer') and isinstance(v, dict)
+                )
+            },
+            indent=1,
+            default=str,
+        )
+    )  # shortened
     return 0

@@ -17,8 +17,9 @@ import safetensors.torch
 import torch
 
 # %% ../nbs/00_core.ipynb #c005
-def seed_everything(seed:int, # non-negative integer seed, below 2**32 (NumPy's limit)
-                   ) -> np.random.Generator: # a new generator seeded with `seed`, for explicit randomness
+def seed_everything(
+    seed: int,  # non-negative integer seed, below 2**32 (NumPy's limit)
+) -> np.random.Generator:  # a new generator seeded with `seed`, for explicit randomness
     "Seed Python `random`, NumPy's global RNG and torch (CPU and every CUDA device); return `np.random.default_rng(seed)`."
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
         raise ValueError(f"`seed` must be a non-negative int below 2**32, got {seed!r}")
@@ -26,25 +27,34 @@ def seed_everything(seed:int, # non-negative integer seed, below 2**32 (NumPy's 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device when CUDA is present
-    if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
     return np.random.default_rng(seed)
 
 # %% ../nbs/00_core.ipynb #c009
-def get_device(device:str='auto', # 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'
-              ) -> torch.device:
+def get_device(
+    device: str = 'auto',  # 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'
+) -> torch.device:
     "Resolve `device` to a `torch.device`, checking that CUDA is really available when asked for."
-    if isinstance(device, torch.device): device = str(device)
-    if not isinstance(device, str): raise TypeError(f"`device` must be a str, got {type(device).__name__}")
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"`device` must be a str, got {type(device).__name__}")
     name = device.strip().lower()
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try: dev = torch.device(name)
-    except RuntimeError: dev = None
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
     if dev is None or dev.type not in ('cpu', 'cuda'):
         raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}). "
-                           "Use device='auto' or 'cpu', or install a CUDA build of torch "
-                           "(https://pytorch.org/get-started/locally/) plus the `gpu` extra: pip install -e '.[gpu]'")
+        raise RuntimeError(
+            f"device {device!r} requested but CUDA is not available (torch {torch.__version__}). "
+            "Use device='auto' or 'cpu', or install a CUDA build of torch "
+            "(https://pytorch.org/get-started/locally/) plus the `gpu` extra: pip install -e '.[gpu]'"
+        )
     if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise RuntimeError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
@@ -53,155 +63,198 @@ def get_device(device:str='auto', # 'auto' (CUDA if available, else CPU), 'cpu',
 PROFILES = ('quick', 'full')
 _PROFILE_ENV = 'VLA_PROFILE'
 
+
 def _check_profile(name):
-    if name not in PROFILES: raise ValueError(f"unknown profile {name!r}: expected one of {', '.join(map(repr, PROFILES))}")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: expected one of {', '.join(map(repr, PROFILES))}")
     return name
+
 
 def get_profile() -> str:
     "The current run profile: env var `VLA_PROFILE`, default 'quick'."
     raw = os.environ.get(_PROFILE_ENV, '')
     name = raw.strip().lower() or 'quick'
     if name not in PROFILES:
-        raise ValueError(f"{_PROFILE_ENV}={raw!r} is not a valid profile: expected one of {', '.join(map(repr, PROFILES))}")
+        raise ValueError(
+            f"{_PROFILE_ENV}={raw!r} is not a valid profile: expected one of {', '.join(map(repr, PROFILES))}"
+        )
     return name
 
 # %% ../nbs/00_core.ipynb #c014
-def set_profile(name:str, # 'quick' or 'full'
-               ):
+def set_profile(
+    name: str,  # 'quick' or 'full'
+):
     "Set the run profile for this process and the subprocesses it starts."
     os.environ[_PROFILE_ENV] = _check_profile(name)
 
 # %% ../nbs/00_core.ipynb #c015
-def by_profile(quick, # value to use under the 'quick' profile
-               full,  # value to use under the 'full' profile
-              ):
+def by_profile(
+    quick,  # value to use under the 'quick' profile
+    full,  # value to use under the 'full' profile
+):
     "Pick `quick` or `full` according to the current profile."
     return quick if get_profile() == 'quick' else full
 
 # %% ../nbs/00_core.ipynb #c016
 @contextlib.contextmanager
-def profile(name:str, # profile to switch to inside the `with` block
-           ):
+def profile(
+    name: str,  # profile to switch to inside the `with` block
+):
     "Temporarily switch the run profile; the previous value (or its absence) is restored on exit."
     _check_profile(name)
     old = os.environ.get(_PROFILE_ENV)
     os.environ[_PROFILE_ENV] = name
-    try: yield name
+    try:
+        yield name
     finally:
-        if old is None: os.environ.pop(_PROFILE_ENV, None)
-        else: os.environ[_PROFILE_ENV] = old
+        if old is None:
+            os.environ.pop(_PROFILE_ENV, None)
+        else:
+            os.environ[_PROFILE_ENV] = old
 
 # %% ../nbs/00_core.ipynb #c021
-def check_range(name:str, # field name, used in the error message
-                value, # the number to check
-                lo:float|None=None, # inclusive lower bound (None: unbounded)
-                hi:float|None=None, # inclusive upper bound (None: unbounded)
-                *, integer:bool=False, # require an integer (bools are never accepted)
-               ):
+def check_range(
+    name: str,  # field name, used in the error message
+    value,  # the number to check
+    lo: float | None = None,  # inclusive lower bound (None: unbounded)
+    hi: float | None = None,  # inclusive upper bound (None: unbounded)
+    *,
+    integer: bool = False,  # require an integer (bools are never accepted)
+):
     "Raise `ValueError` unless `value` is a finite number (an int if `integer`) in `[lo, hi]`; return `value`."
     kind = 'an integer' if integer else 'a number'
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
         raise ValueError(f"`{name}` must be {kind}, got {value!r}")
-    if not isinstance(value, numbers.Integral) and not math.isfinite(value): raise ValueError(f"`{name}` must be finite, got {value!r}")
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        if lo is not None and hi is not None: rng = f"in [{lo}, {hi}]"
-        else: rng = f">= {lo}" if lo is not None else f"<= {hi}"
+        if lo is not None and hi is not None:
+            rng = f"in [{lo}, {hi}]"
+        else:
+            rng = f">= {lo}" if lo is not None else f"<= {hi}"
         raise ValueError(f"`{name}` must be {rng}, got {value!r}")
     return value
 
 # %% ../nbs/00_core.ipynb #c022
-def check_choice(name:str, # field name, used in the error message
-                 value, # the value to check
-                 choices, # the allowed values
-                ):
+def check_choice(
+    name: str,  # field name, used in the error message
+    value,  # the value to check
+    choices,  # the allowed values
+):
     "Raise `ValueError` unless `value` is one of `choices`; return `value`."
     choices = tuple(choices)
-    if value not in choices: raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
 # %% ../nbs/00_core.ipynb #c026
 def _field_hints(cls):
     "Resolved type hints of dataclass `cls` (raw annotations if they can't be resolved)."
-    try: return typing.get_type_hints(cls)
-    except Exception: return {f.name: f.type for f in dataclasses.fields(cls)}
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        return {f.name: f.type for f in dataclasses.fields(cls)}
+
 
 def _coerce(hint, v):
     "Undo JSON's lossy spots: nested `Config` dicts, tuples stored as lists, paths stored as strings."
-    if isinstance(v, dict) and isinstance(hint, type) and issubclass(hint, Config): return hint.from_dict(v)
-    if isinstance(v, list) and (hint is tuple or typing.get_origin(hint) is tuple): return tuple(v)
-    if isinstance(v, str) and hint is Path: return Path(v)
+    if isinstance(v, dict) and isinstance(hint, type) and issubclass(hint, Config):
+        return hint.from_dict(v)
+    if isinstance(v, list) and (hint is tuple or typing.get_origin(hint) is tuple):
+        return tuple(v)
+    if isinstance(v, str) and hint is Path:
+        return Path(v)
     return v
 
+
 def _jsonable(o):
-    if isinstance(o, Path): return str(o)
+    if isinstance(o, Path):
+        return str(o)
     raise TypeError(f"config value {o!r} of type {type(o).__name__} is not JSON-serialisable")
 
 # %% ../nbs/00_core.ipynb #c027
 class Config:
     "Mixin for `@dataclass` configs: dict/JSON round trips and validated copies. Validate fields in `__post_init__`."
-    def __post_init__(self): pass  # subclasses override this to validate their fields
+
+    def __post_init__(self):
+        pass  # subclasses override this to validate their fields
 
 # %% ../nbs/00_core.ipynb #c028
 @patch
-def to_dict(self:Config) -> dict:
+def to_dict(self: Config) -> dict:
     "The fields as a plain (deep) dict."
     return dataclasses.asdict(self)
 
 # %% ../nbs/00_core.ipynb #c029
 @patch(cls_method=True)
-def from_dict(cls:Config, d:dict):
+def from_dict(cls: Config, d: dict):
     "Build and validate a config from `d`; unknown keys are an error, missing keys take their defaults."
-    if not dataclasses.is_dataclass(cls): raise TypeError(f"{cls.__name__} must be decorated with @dataclass")
-    if not isinstance(d, dict): raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be decorated with @dataclass")
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(d) - set(names))
-    if unknown: raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {names}")
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys: {names}")
     hints = _field_hints(cls)
     return cls(**{k: _coerce(hints.get(k), v) for k, v in d.items()})
 
 # %% ../nbs/00_core.ipynb #c030
 @patch
-def to_json(self:Config, path) -> Path:
+def to_json(self: Config, path) -> Path:
     "Write the config to `path` as JSON, atomically; return `path`."
     return atomic_write(path, json.dumps(self.to_dict(), indent=2, default=_jsonable) + '\n')
 
 # %% ../nbs/00_core.ipynb #c031
 @patch(cls_method=True)
-def from_json(cls:Config, path):
+def from_json(cls: Config, path):
     "Read and validate a config written by `to_json`."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"config file not found: {path}")
-    try: d = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"invalid JSON in config file {path}: {e}") from e
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        d = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"invalid JSON in config file {path}: {e}") from e
     return cls.from_dict(d)
 
 # %% ../nbs/00_core.ipynb #c032
 @patch
-def replace(self:Config, **kw):
+def replace(self: Config, **kw):
     "A validated copy of this config with the fields in `kw` changed."
     names = [f.name for f in dataclasses.fields(self) if f.init]
     unknown = sorted(set(kw) - set(names))
-    if unknown: raise ValueError(f"unknown {type(self).__name__} key(s) {unknown}; valid keys: {names}")
+    if unknown:
+        raise ValueError(f"unknown {type(self).__name__} key(s) {unknown}; valid keys: {names}")
     return dataclasses.replace(self, **kw)
 
 # %% ../nbs/00_core.ipynb #c036
-_UMASK = os.umask(0); os.umask(_UMASK)  # read the process umask (the only portable way is to set and restore it)
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read the process umask (the only portable way is to set and restore it)
+
 
 def _fsync_dir(d):
     "Persist a rename by fsyncing its directory (POSIX only; a no-op elsewhere)."
-    if os.name != 'posix': return
+    if os.name != 'posix':
+        return
     fd = os.open(d, os.O_RDONLY)
-    try: os.fsync(fd)
-    except OSError: pass
-    finally: os.close(fd)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 # %% ../nbs/00_core.ipynb #c037
 @contextlib.contextmanager
-def atomic_open(path, # file to (re)write
-                mode:str='wb', # 'wb' for bytes, 'w' for UTF-8 text
-               ):
+def atomic_open(
+    path,  # file to (re)write
+    mode: str = 'wb',  # 'wb' for bytes, 'w' for UTF-8 text
+):
     "Open a temp file beside `path`; on a clean exit fsync it and `os.replace` it over `path`, on error delete it."
-    if mode not in ('w', 'wt', 'wb'): raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
+    if mode not in ('w', 'wt', 'wb'):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
@@ -213,94 +266,135 @@ def atomic_open(path, # file to (re)write
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
 
 # %% ../nbs/00_core.ipynb #c038
-def atomic_write(path, # file to (re)write
-                 data:bytes|str, # contents: bytes, or str written as UTF-8
-                ) -> Path:
+def atomic_write(
+    path,  # file to (re)write
+    data: bytes | str,  # contents: bytes, or str written as UTF-8
+) -> Path:
     "Replace the contents of `path` with `data` atomically; return `path`."
     if not isinstance(data, (bytes, bytearray, memoryview, str)):
         raise TypeError(f"atomic_write expects bytes or str, got {type(data).__name__}")
-    with atomic_open(path, 'w' if isinstance(data, str) else 'wb') as f: f.write(data)
+    with atomic_open(path, 'w' if isinstance(data, str) else 'wb') as f:
+        f.write(data)
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #c043
 CKPT_FORMAT_VERSION = 1
 
-def _sidecar(path): return Path(path).with_suffix('.json')
-def _sha256(data:bytes) -> str: return hashlib.sha256(data).hexdigest()
-def _dtype_name(t:torch.Tensor) -> str: return str(t.dtype).removeprefix('torch.')
+
+def _sidecar(path):
+    return Path(path).with_suffix('.json')
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix('torch.')
+
 
 def _check_tensors(tensors):
-    if not isinstance(tensors, dict) or not tensors: raise ValueError("`tensors` must be a non-empty dict of name -> torch.Tensor")
+    if not isinstance(tensors, dict) or not tensors:
+        raise ValueError("`tensors` must be a non-empty dict of name -> torch.Tensor")
     bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad: raise ValueError(f"`tensors` must map str names to torch.Tensor; bad entries: {bad}")
+    if bad:
+        raise ValueError(f"`tensors` must map str names to torch.Tensor; bad entries: {bad}")
 
 # %% ../nbs/00_core.ipynb #c044
-def save_checkpoint(path, # destination, must end in `.safetensors`
-                    tensors:dict, # name -> tensor, e.g. `model.state_dict()`
-                    meta:dict|None=None, # JSON-serialisable metadata (step, config, metrics...)
-                   ) -> Path:
+def save_checkpoint(
+    path,  # destination, must end in `.safetensors`
+    tensors: dict,  # name -> tensor, e.g. `model.state_dict()`
+    meta: dict | None = None,  # JSON-serialisable metadata (step, config, metrics...)
+) -> Path:
     "Atomically write `tensors` to `path` (safetensors) plus a JSON sidecar with `meta`, shapes, dtypes and SHA-256."
     path = Path(path)
-    if path.suffix != '.safetensors': raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    if path.suffix != '.safetensors':
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     _check_tensors(tensors)
     # clone: detach from autograd, move to CPU, and un-share tied weights (safetensors refuses shared storage)
     tensors = {k: v.detach().to('cpu').clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-    try: meta_json = json.loads(json.dumps(dict(meta or {})))
-    except TypeError as e: raise ValueError(f"checkpoint `meta` must be JSON-serialisable: {e}") from e
+    try:
+        meta_json = json.loads(json.dumps(dict(meta or {})))
+    except TypeError as e:
+        raise ValueError(f"checkpoint `meta` must be JSON-serialisable: {e}") from e
     blob = safetensors.torch.save(tensors)
-    info = dict(format_version=CKPT_FORMAT_VERSION, meta=meta_json, sha256=_sha256(blob), nbytes=len(blob),
-                tensors={k: dict(shape=list(v.shape), dtype=_dtype_name(v)) for k, v in tensors.items()})
+    info = dict(
+        format_version=CKPT_FORMAT_VERSION,
+        meta=meta_json,
+        sha256=_sha256(blob),
+        nbytes=len(blob),
+        tensors={k: dict(shape=list(v.shape), dtype=_dtype_name(v)) for k, v in tensors.items()},
+    )
     atomic_write(path, blob)
     atomic_write(_sidecar(path), json.dumps(info, indent=2) + '\n')
     return path
 
 # %% ../nbs/00_core.ipynb #c045
-def load_checkpoint(path, # a `.safetensors` file written by `save_checkpoint`
-                    device='cpu', # where to put the tensors ('cpu', 'cuda', 'auto', ...)
-                   ) -> tuple: # (tensors: dict[str, Tensor], meta: dict)
+def load_checkpoint(
+    path,  # a `.safetensors` file written by `save_checkpoint`
+    device='cpu',  # where to put the tensors ('cpu', 'cuda', 'auto', ...)
+) -> tuple:  # (tensors: dict[str, Tensor], meta: dict)
     "Load and verify a checkpoint; raise on a missing, corrupt or modified file."
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     side = _sidecar(path)
-    if not side.is_file(): raise ValueError(f"checkpoint sidecar {side} is missing, so {path} cannot be verified")
-    try: info = json.loads(side.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"corrupt checkpoint sidecar {side}: {e}") from e
+    if not side.is_file():
+        raise ValueError(f"checkpoint sidecar {side} is missing, so {path} cannot be verified")
+    try:
+        info = json.loads(side.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt checkpoint sidecar {side}: {e}") from e
     if not isinstance(info, dict) or not {'format_version', 'sha256', 'tensors'} <= set(info):
         raise ValueError(f"corrupt checkpoint sidecar {side}: missing format_version/sha256/tensors")
     if info['format_version'] > CKPT_FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {info['format_version']}; this vla_nb reads <= {CKPT_FORMAT_VERSION}")
+        raise ValueError(
+            f"checkpoint {path} has format_version {info['format_version']}; this vla_nb reads <= {CKPT_FORMAT_VERSION}"
+        )
     blob = path.read_bytes()
-    try: tensors = safetensors.torch.load(blob)
-    except Exception as e: raise ValueError(f"corrupt checkpoint {path} (truncated or not a safetensors file): {e}") from e
+    try:
+        tensors = safetensors.torch.load(blob)
+    except Exception as e:
+        raise ValueError(f"corrupt checkpoint {path} (truncated or not a safetensors file): {e}") from e
     if _sha256(blob) != info['sha256']:
-        raise ValueError(f"checkpoint {path} does not match its sidecar's sha256: the file was modified or only partly written")
+        raise ValueError(
+            f"checkpoint {path} does not match its sidecar's sha256: the file was modified or only partly written"
+        )
     found = {k: dict(shape=list(v.shape), dtype=_dtype_name(v)) for k, v in tensors.items()}
-    if found != info['tensors']: raise ValueError(f"checkpoint {path} tensors do not match the names/shapes/dtypes in {side}")
+    if found != info['tensors']:
+        raise ValueError(f"checkpoint {path} tensors do not match the names/shapes/dtypes in {side}")
     dev = get_device(device)
     return {k: v.to(dev) for k, v in tensors.items()}, info.get('meta', {})
 
 # %% ../nbs/00_core.ipynb #c051
-def _no_progress() -> bool: return os.environ.get('VLA_NO_PROGRESS', '').strip().lower() in ('1', 'true', 'yes')
+def _no_progress() -> bool:
+    return os.environ.get('VLA_NO_PROGRESS', '').strip().lower() in ('1', 'true', 'yes')
 
-def progress(iterable:typing.Iterable|None=None, # what to iterate over (None: update the bar by hand)
-             total:int|None=None, # number of items, when `iterable` has no `len`
-             desc:str|None=None, # label shown before the bar
-             disable:bool|None=None, # hide the bar (None: hidden when env `VLA_NO_PROGRESS=1`)
-             **kw, # passed on to `tqdm.auto.tqdm`
-            ):
+
+def progress(
+    iterable: typing.Iterable | None = None,  # what to iterate over (None: update the bar by hand)
+    total: int | None = None,  # number of items, when `iterable` has no `len`
+    desc: str | None = None,  # label shown before the bar
+    disable: bool | None = None,  # hide the bar (None: hidden when env `VLA_NO_PROGRESS=1`)
+    **kw,  # passed on to `tqdm.auto.tqdm`
+):
     "A `tqdm.auto` progress bar that works in a terminal and in Jupyter."
     from tqdm.auto import tqdm
-    if disable is None: disable = _no_progress()
+
+    if disable is None:
+        disable = _no_progress()
     return tqdm(iterable, total=total, desc=desc, disable=disable, **kw)
 
 # %% ../nbs/00_core.ipynb #c052
-def ensure_dir(path, # directory to create if needed (parents too)
-              ) -> Path:
+def ensure_dir(
+    path,  # directory to create if needed (parents too)
+) -> Path:
     "Create directory `path` (and its parents) if missing and return it as a `Path`."
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -29,56 +29,79 @@ FRAME_KEYS = (IMAGE, WRIST_IMAGE, PROPRIO, ACTION, SUCCESS, TIMESTAMP)
 # %% ../nbs/02_data.ipynb #c007
 PAD, UNK = '<pad>', '<unk>'
 
+
 class CommandTokenizer:
     "Word-level tokenizer over a command corpus (Hugging Face `tokenizers`), fixed length with padding."
-    def __init__(self, tok:Tokenizer, max_len:int=16):
+
+    def __init__(self, tok: Tokenizer, max_len: int = 16):
         check_range('max_len', max_len, 2, 512, integer=True)
         self.tok, self.max_len = tok, max_len
         self.pad_id, self.unk_id = tok.token_to_id(PAD), tok.token_to_id(UNK)
-        if self.pad_id != 0 or self.unk_id is None: raise ValueError("tokenizer must have <pad> at id 0 and an <unk> token")
+        if self.pad_id != 0 or self.unk_id is None:
+            raise ValueError("tokenizer must have <pad> at id 0 and an <unk> token")
 
     @classmethod
-    def build(cls, corpus, max_len:int=16):
+    def build(cls, corpus, max_len: int = 16):
         "Learn the vocabulary of `corpus` (an iterable of commands)."
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
-        tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase(),
-                                               normalizers.Replace(Regex(r"[^\w\s,]"), ' ')])   # punctuation but commas -> space
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()   # words and punctuation runs
+        tok.normalizer = normalizers.Sequence(
+            [
+                normalizers.NFKD(),
+                normalizers.StripAccents(),
+                normalizers.Lowercase(),
+                normalizers.Replace(Regex(r"[^\w\s,]"), ' '),
+            ]
+        )  # punctuation but commas -> space
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation runs
         tok.train_from_iterator(list(corpus), trainers.WordLevelTrainer(special_tokens=[PAD, UNK], min_frequency=1))
         return cls(tok, max_len)
 
     @property
-    def vocab_size(self): return self.tok.get_vocab_size()
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
 
 # %% ../nbs/02_data.ipynb #c008
 from fastcore.basics import patch
 
+
 @patch
-def encode(self:CommandTokenizer, text:str, strict:bool=False):
+def encode(self: CommandTokenizer, text: str, strict: bool = False):
     "Token ids (max_len,) int64 and mask (max_len,) bool; `strict` raises on unknown words and truncation."
-    if not isinstance(text, str): raise TypeError(f"command must be a str, got {type(text).__name__}")
-    if not text.strip(): raise ValueError("command is empty")
+    if not isinstance(text, str):
+        raise TypeError(f"command must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("command is empty")
     enc = self.tok.encode(text)
     ids = enc.ids
     if strict:
-        unknown = [text[s:e] for (s, e), i in zip(enc.offsets, ids) if i == self.unk_id]   # words as the user wrote them
-        if unknown: raise ValueError(f"unknown word(s) {unknown} in command {text!r}")
-        if len(ids) > self.max_len: raise ValueError(f"command has {len(ids)} tokens; the limit is {self.max_len}")
-    ids = ids[:self.max_len]
-    out = np.zeros(self.max_len, np.int64); out[:len(ids)] = ids
+        unknown = [text[s:e] for (s, e), i in zip(enc.offsets, ids) if i == self.unk_id]  # words as the user wrote them
+        if unknown:
+            raise ValueError(f"unknown word(s) {unknown} in command {text!r}")
+        if len(ids) > self.max_len:
+            raise ValueError(f"command has {len(ids)} tokens; the limit is {self.max_len}")
+    ids = ids[: self.max_len]
+    out = np.zeros(self.max_len, np.int64)
+    out[: len(ids)] = ids
     return out, out != self.pad_id
 
+
 @patch
-def decode(self:CommandTokenizer, ids) -> str:
+def decode(self: CommandTokenizer, ids) -> str:
     return ' '.join(self.tok.id_to_token(int(i)) for i in ids if int(i) != self.pad_id)
 
+
 @patch
-def to_json(self:CommandTokenizer) -> str: return json.dumps(dict(max_len=self.max_len, tokenizer=json.loads(self.tok.to_str())))
+def to_json(self: CommandTokenizer) -> str:
+    return json.dumps(dict(max_len=self.max_len, tokenizer=json.loads(self.tok.to_str())))
+
 
 @patch(cls_method=True)
-def from_json(cls:CommandTokenizer, s:str):
-    try: d = json.loads(s); tok, max_len = Tokenizer.from_str(json.dumps(d['tokenizer'])), d['max_len']
-    except Exception as e: raise ValueError(f"not a CommandTokenizer JSON: {type(e).__name__}: {e}") from None
+def from_json(cls: CommandTokenizer, s: str):
+    try:
+        d = json.loads(s)
+        tok, max_len = Tokenizer.from_str(json.dumps(d['tokenizer'])), d['max_len']
+    except Exception as e:
+        raise ValueError(f"not a CommandTokenizer JSON: {type(e).__name__}: {e}") from None
     return cls(tok, max_len)
 
 # %% ../nbs/02_data.ipynb #c010
@@ -87,74 +110,108 @@ def command_corpus():
     out = []
     for fam, ts in sim.TEMPLATES.items():
         for i in range(len(ts)):
-            for o in (sim.OBJECTS if fam != 'move' else [None]):
-                for l in (sim.LOCATIONS if fam in ('move', 'place') else [None]): out.append(sim.make_command(sim.Task(fam, o, l), template=i))
+            for o in sim.OBJECTS if fam != 'move' else [None]:
+                for l in sim.LOCATIONS if fam in ('move', 'place') else [None]:
+                    out.append(sim.make_command(sim.Task(fam, o, l), template=i))
     return out
 
 # %% ../nbs/02_data.ipynb #c014
 SCHEMA_VERSION = 1
 EPISODES_PER_CHUNK = 1000
 
-def _episode_file(i): return f"data/chunk-{i // EPISODES_PER_CHUNK:03d}/episode_{i:06d}.npz"
+
+def _episode_file(i):
+    return f"data/chunk-{i // EPISODES_PER_CHUNK:03d}/episode_{i:06d}.npz"
+
 
 def _read_jsonl(path):
     "Complete JSON lines of `path`; a torn last line (a crash mid-append) is ignored."
-    if not path.exists(): return []
+    if not path.exists():
+        return []
     out, lines = [], path.read_bytes().split(b'\n')
     for k, line in enumerate(lines):
-        if not line.strip(): continue
-        try: out.append(json.loads(line))
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
         except json.JSONDecodeError:
-            if k == len(lines) - 1: break        # torn tail
+            if k == len(lines) - 1:
+                break  # torn tail
             raise ValueError(f"{path}: line {k + 1} is not valid JSON") from None
     return out
 
+
 def _repair_jsonl(path):
     "Cut a torn last line (left by a crash mid-append) so that appends start on a fresh line."
-    if not path.exists(): return
+    if not path.exists():
+        return
     data = path.read_bytes()
     if data and not data.endswith(b'\n'):
-        with open(path, 'r+b') as f: f.truncate(data.rfind(b'\n') + 1)
+        with open(path, 'r+b') as f:
+            f.truncate(data.rfind(b'\n') + 1)
+
 
 def _append_jsonl(path, rec):
     "Append one JSON line and make it durable before returning."
     with open(path, 'ab') as f:
-        f.write((json.dumps(rec) + '\n').encode()); f.flush(); os.fsync(f.fileno())
+        f.write((json.dumps(rec) + '\n').encode())
+        f.flush()
+        os.fsync(f.fileno())
 
 # %% ../nbs/02_data.ipynb #c016
-def _features_of(frames:dict) -> dict:
+def _features_of(frames: dict) -> dict:
     return {k: dict(dtype=str(v.dtype), shape=list(v.shape[1:])) for k, v in frames.items()}
 
-def _check_frames(frames:dict):
-    if not isinstance(frames, dict) or not frames: raise ValueError("frames must be a non-empty dict of arrays")
+
+def _check_frames(frames: dict):
+    if not isinstance(frames, dict) or not frames:
+        raise ValueError("frames must be a non-empty dict of arrays")
     unknown = set(frames) - set(FRAME_KEYS)
-    if unknown: raise ValueError(f"unknown frame feature(s) {sorted(unknown)}; known: {list(FRAME_KEYS)}")
+    if unknown:
+        raise ValueError(f"unknown frame feature(s) {sorted(unknown)}; known: {list(FRAME_KEYS)}")
     for k in (IMAGE, PROPRIO, ACTION):
-        if k not in frames: raise ValueError(f"frames lack the required feature {k!r}")
+        if k not in frames:
+            raise ValueError(f"frames lack the required feature {k!r}")
     T = {k: len(v) for k, v in frames.items()}
-    if len(set(T.values())) != 1: raise ValueError(f"features have different lengths: {T}")
-    if T[ACTION] == 0: raise ValueError("episode has no frames")
+    if len(set(T.values())) != 1:
+        raise ValueError(f"features have different lengths: {T}")
+    if T[ACTION] == 0:
+        raise ValueError("episode has no frames")
     if frames[IMAGE].dtype != np.uint8 or frames[IMAGE].ndim != 4 or frames[IMAGE].shape[-1] != 3:
         raise ValueError(f"image must be uint8 (T, H, W, 3), got {frames[IMAGE].dtype} {frames[IMAGE].shape}")
     for k in (PROPRIO, ACTION):
-        if not np.isfinite(frames[k]).all(): raise ValueError(f"{k} has non-finite values")
+        if not np.isfinite(frames[k]).all():
+            raise ValueError(f"{k} has non-finite values")
 
 # %% ../nbs/02_data.ipynb #c017
 class EpisodeWriter:
     "Writes episodes into a dataset directory, one atomic episode at a time; re-opening an existing dataset resumes it."
-    def __init__(self, root, fps:int=10, config:dict|None=None):
-        self.root = Path(root); check_range('fps', fps, 1, 1000, integer=True)
-        self.info_path, self.index_path = self.root/'meta/info.json', self.root/'meta/episodes.jsonl'
+
+    def __init__(self, root, fps: int = 10, config: dict | None = None):
+        self.root = Path(root)
+        check_range('fps', fps, 1, 1000, integer=True)
+        self.info_path, self.index_path = self.root / 'meta/info.json', self.root / 'meta/episodes.jsonl'
         if self.info_path.exists():
             self.info = _load_info(self.root)
-            if self.info['fps'] != fps: raise ValueError(f"dataset at {self.root} has fps={self.info['fps']}, writer was given fps={fps}")
+            if self.info['fps'] != fps:
+                raise ValueError(f"dataset at {self.root} has fps={self.info['fps']}, writer was given fps={fps}")
         else:
-            self.info = dict(schema_version=SCHEMA_VERSION, format='vla_nb.episodes', fps=fps, features=None, config=config or {},
-                             total_episodes=0, total_frames=0, created=time.strftime('%Y-%m-%dT%H:%M:%S'))
-            ensure_dir(self.root/'meta'); atomic_write(self.info_path, json.dumps(self.info, indent=1))
-        for p in (self.index_path, self.root/'meta/failures.jsonl'): _repair_jsonl(p)
+            self.info = dict(
+                schema_version=SCHEMA_VERSION,
+                format='vla_nb.episodes',
+                fps=fps,
+                features=None,
+                config=config or {},
+                total_episodes=0,
+                total_frames=0,
+                created=time.strftime('%Y-%m-%dT%H:%M:%S'),
+            )
+            ensure_dir(self.root / 'meta')
+            atomic_write(self.info_path, json.dumps(self.info, indent=1))
+        for p in (self.index_path, self.root / 'meta/failures.jsonl'):
+            _repair_jsonl(p)
         self.index = _read_jsonl(self.index_path)
-        self.failures = _read_jsonl(self.root/'meta/failures.jsonl')
+        self.failures = _read_jsonl(self.root / 'meta/failures.jsonl')
 
     def done_episodes(self) -> set:
         "Episode indices already written or recorded as failures (skipped on resume)."
@@ -162,152 +219,249 @@ class EpisodeWriter:
 
 # %% ../nbs/02_data.ipynb #c018
 @patch
-def add_episode(self:EpisodeWriter, episode_index:int, frames:dict, command:str, task:dict|None=None, meta:dict|None=None) -> Path:
+def add_episode(
+    self: EpisodeWriter,
+    episode_index: int,
+    frames: dict,
+    command: str,
+    task: dict | None = None,
+    meta: dict | None = None,
+) -> Path:
     "Write one episode atomically, then record it in the index."
     _check_frames(frames)
-    if episode_index in self.done_episodes(): raise ValueError(f"episode {episode_index} is already in {self.root}")
+    if episode_index in self.done_episodes():
+        raise ValueError(f"episode {episode_index} is already in {self.root}")
     feats = _features_of(frames)
     if self.info['features'] is None:
-        self.info['features'] = feats; atomic_write(self.info_path, json.dumps(self.info, indent=1))
+        self.info['features'] = feats
+        atomic_write(self.info_path, json.dumps(self.info, indent=1))
     elif feats != self.info['features']:
         raise ValueError(f"episode {episode_index} features {feats} do not match the dataset's {self.info['features']}")
-    buf = io.BytesIO(); np.savez_compressed(buf, **frames); data = buf.getvalue()
-    rel = _episode_file(episode_index); ensure_dir((self.root/rel).parent); atomic_write(self.root/rel, data)
-    rec = dict(episode_index=int(episode_index), length=int(len(frames[ACTION])), command=command, task=task, file=rel,
-               nbytes=len(data), sha256=hashlib.sha256(data).hexdigest(), meta=meta or {})
-    _append_jsonl(self.index_path, rec); self.index.append(rec)
-    return self.root/rel
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **frames)
+    data = buf.getvalue()
+    rel = _episode_file(episode_index)
+    ensure_dir((self.root / rel).parent)
+    atomic_write(self.root / rel, data)
+    rec = dict(
+        episode_index=int(episode_index),
+        length=int(len(frames[ACTION])),
+        command=command,
+        task=task,
+        file=rel,
+        nbytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        meta=meta or {},
+    )
+    _append_jsonl(self.index_path, rec)
+    self.index.append(rec)
+    return self.root / rel
+
 
 @patch
-def add_failure(self:EpisodeWriter, episode_index:int, command:str, task:dict|None=None, meta:dict|None=None):
+def add_failure(
+    self: EpisodeWriter, episode_index: int, command: str, task: dict | None = None, meta: dict | None = None
+):
     "Record an episode the expert failed: counted in reports, never trained on."
     rec = dict(episode_index=int(episode_index), command=command, task=task, meta=meta or {})
-    _append_jsonl(self.root/'meta/failures.jsonl', rec); self.failures.append(rec)
+    _append_jsonl(self.root / 'meta/failures.jsonl', rec)
+    self.failures.append(rec)
 
 # %% ../nbs/02_data.ipynb #c020
 def _load_info(root):
-    p = Path(root)/'meta/info.json'
-    if not p.exists(): raise FileNotFoundError(f"{root} is not a vla_nb dataset: {p} is missing")
-    try: info = json.loads(p.read_text())
-    except json.JSONDecodeError as e: raise ValueError(f"corrupt {p}: {e}") from None
+    p = Path(root) / 'meta/info.json'
+    if not p.exists():
+        raise FileNotFoundError(f"{root} is not a vla_nb dataset: {p} is missing")
+    try:
+        info = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupt {p}: {e}") from None
     if info.get('schema_version') != SCHEMA_VERSION:
-        raise ValueError(f"{p}: schema_version {info.get('schema_version')!r} is not supported (this code reads {SCHEMA_VERSION})")
+        raise ValueError(
+            f"{p}: schema_version {info.get('schema_version')!r} is not supported (this code reads {SCHEMA_VERSION})"
+        )
     return info
+
 
 class EpisodeDataset:
     "Read access to a dataset directory written by `EpisodeWriter`."
+
     def __init__(self, root):
-        self.root = Path(root); self.info = _load_info(self.root)
-        self.episodes = sorted(_read_jsonl(self.root/'meta/episodes.jsonl'), key=lambda e: e['episode_index'])   # workers finish in any order; index order keeps splits reproducible
-        self.failures = _read_jsonl(self.root/'meta/failures.jsonl')
-        missing = [e['file'] for e in self.episodes if not (self.root/e['file']).exists()]
-        if missing: raise FileNotFoundError(f"{self.root}: {len(missing)} indexed episode file(s) missing, e.g. {missing[:3]}")
-        sp, tp = self.root/'meta/stats.json', self.root/'meta/tokenizer.json'
-        self.stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(sp.read_text()).items()} if sp.exists() else None
+        self.root = Path(root)
+        self.info = _load_info(self.root)
+        self.episodes = sorted(
+            _read_jsonl(self.root / 'meta/episodes.jsonl'), key=lambda e: e['episode_index']
+        )  # workers finish in any order; index order keeps splits reproducible
+        self.failures = _read_jsonl(self.root / 'meta/failures.jsonl')
+        missing = [e['file'] for e in self.episodes if not (self.root / e['file']).exists()]
+        if missing:
+            raise FileNotFoundError(f"{self.root}: {len(missing)} indexed episode file(s) missing, e.g. {missing[:3]}")
+        sp, tp = self.root / 'meta/stats.json', self.root / 'meta/tokenizer.json'
+        self.stats = (
+            {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(sp.read_text()).items()}
+            if sp.exists()
+            else None
+        )
         self.tokenizer = CommandTokenizer.from_json(tp.read_text()) if tp.exists() else None
 
-    def __len__(self): return len(self.episodes)
+    def __len__(self):
+        return len(self.episodes)
+
     @property
-    def fps(self): return self.info['fps']
+    def fps(self):
+        return self.info['fps']
+
     @property
-    def num_frames(self): return sum(e['length'] for e in self.episodes)
-    def __repr__(self): return f"EpisodeDataset({str(self.root)!r}: {len(self)} episodes, {self.num_frames} frames, {len(self.failures)} failures)"
+    def num_frames(self):
+        return sum(e['length'] for e in self.episodes)
+
+    def __repr__(self):
+        return f"EpisodeDataset({str(self.root)!r}: {len(self)} episodes, {self.num_frames} frames, {len(self.failures)} failures)"
 
 # %% ../nbs/02_data.ipynb #c021
 @patch
-def load_episode(self:EpisodeDataset, k:int, verify:bool=False) -> dict:
+def load_episode(self: EpisodeDataset, k: int, verify: bool = False) -> dict:
     "Arrays of the `k`-th indexed episode; `verify` also checks the file's sha256 against the index."
-    e = self.episodes[k]; path = self.root/e['file']
+    e = self.episodes[k]
+    path = self.root / e['file']
     data = path.read_bytes()
-    if verify and hashlib.sha256(data).hexdigest() != e['sha256']: raise ValueError(f"{path}: sha256 does not match the index (corrupt file)")
+    if verify and hashlib.sha256(data).hexdigest() != e['sha256']:
+        raise ValueError(f"{path}: sha256 does not match the index (corrupt file)")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z: return {k: z[k] for k in z.files}
-    except Exception as err: raise ValueError(f"{path}: cannot read episode ({type(err).__name__}: {err})") from None
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read episode ({type(err).__name__}: {err})") from None
 
 # %% ../nbs/02_data.ipynb #c023
-def compute_stats(ds:EpisodeDataset) -> dict:
+def compute_stats(ds: EpisodeDataset) -> dict:
     "Per-feature mean/std/min/max over every frame of `ds` (images: per channel, in [0, 1])."
     acc = {}
     for k in range(len(ds)):
         ep = ds.load_episode(k)
         for key, v in ep.items():
-            if key in (SUCCESS, TIMESTAMP): continue
-            x = v.reshape(-1, v.shape[-1]).astype(np.float64) / (255. if v.dtype == np.uint8 else 1.)
-            a = acc.setdefault(key, dict(n=0, s=0., s2=0., lo=np.inf, hi=-np.inf))
-            a['n'] += len(x); a['s'] = a['s'] + x.sum(0); a['s2'] = a['s2'] + (x**2).sum(0)
+            if key in (SUCCESS, TIMESTAMP):
+                continue
+            x = v.reshape(-1, v.shape[-1]).astype(np.float64) / (255.0 if v.dtype == np.uint8 else 1.0)
+            a = acc.setdefault(key, dict(n=0, s=0.0, s2=0.0, lo=np.inf, hi=-np.inf))
+            a['n'] += len(x)
+            a['s'] = a['s'] + x.sum(0)
+            a['s2'] = a['s2'] + (x**2).sum(0)
             a['lo'], a['hi'] = np.minimum(a['lo'], x.min(0)), np.maximum(a['hi'], x.max(0))
     out = {}
     for key, a in acc.items():
-        mean = a['s'] / a['n']; std = np.sqrt(np.maximum(a['s2'] / a['n'] - mean**2, 0))
+        mean = a['s'] / a['n']
+        std = np.sqrt(np.maximum(a['s2'] / a['n'] - mean**2, 0))
         out[key] = dict(mean=mean, std=std, min=a['lo'], max=a['hi'], count=np.array([a['n']]))
     return out
 
+
 @patch
-def finalize(self:EpisodeWriter, tokenizer:CommandTokenizer|None=None) -> EpisodeDataset:
+def finalize(self: EpisodeWriter, tokenizer: CommandTokenizer | None = None) -> EpisodeDataset:
     "Write stats, the tokenizer (built from the commands if not given) and totals; returns the dataset for reading."
-    if not self.index: raise ValueError(f"{self.root}: no episodes were written, nothing to finalize")
+    if not self.index:
+        raise ValueError(f"{self.root}: no episodes were written, nothing to finalize")
     ds = EpisodeDataset(self.root)
     stats = compute_stats(ds)
-    atomic_write(self.root/'meta/stats.json', json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}))
+    atomic_write(
+        self.root / 'meta/stats.json', json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()})
+    )
     tokenizer = tokenizer or CommandTokenizer.build(e['command'] for e in self.index)
-    atomic_write(self.root/'meta/tokenizer.json', tokenizer.to_json())
-    self.info.update(total_episodes=len(self.index), total_frames=sum(e['length'] for e in self.index), total_failures=len(self.failures))
+    atomic_write(self.root / 'meta/tokenizer.json', tokenizer.to_json())
+    self.info.update(
+        total_episodes=len(self.index),
+        total_frames=sum(e['length'] for e in self.index),
+        total_failures=len(self.failures),
+    )
     atomic_write(self.info_path, json.dumps(self.info, indent=1))
     return EpisodeDataset(self.root)
 
 # %% ../nbs/02_data.ipynb #c029
 def validate_dataset(root) -> list:
     "A list of problems found in the dataset at `root` (empty when it is valid)."
-    try: ds = EpisodeDataset(root)
-    except (FileNotFoundError, ValueError) as e: return [str(e)]
+    try:
+        ds = EpisodeDataset(root)
+    except (FileNotFoundError, ValueError) as e:
+        return [str(e)]
     probs, feats = [], ds.info.get('features') or {}
-    if not feats: probs.append('info.json declares no features')
-    if ds.stats is None: probs.append('meta/stats.json is missing (run finalize)')
-    if ds.tokenizer is None: probs.append('meta/tokenizer.json is missing (run finalize)')
+    if not feats:
+        probs.append('info.json declares no features')
+    if ds.stats is None:
+        probs.append('meta/stats.json is missing (run finalize)')
+    if ds.tokenizer is None:
+        probs.append('meta/tokenizer.json is missing (run finalize)')
     for k, e in enumerate(ds.episodes):
         name = f"episode {e['episode_index']}"
-        try: ep = ds.load_episode(k, verify=True)
-        except ValueError as err: probs.append(f"{name}: {err}"); continue
+        try:
+            ep = ds.load_episode(k, verify=True)
+        except ValueError as err:
+            probs.append(f"{name}: {err}")
+            continue
         for key, spec in feats.items():
-            if key not in ep: probs.append(f"{name}: feature {key!r} missing"); continue
+            if key not in ep:
+                probs.append(f"{name}: feature {key!r} missing")
+                continue
             v = ep[key]
             if str(v.dtype) != spec['dtype'] or list(v.shape[1:]) != spec['shape']:
-                probs.append(f"{name}: {key} is {v.dtype} {list(v.shape[1:])}, declared {spec['dtype']} {spec['shape']}")
-        if len({len(v) for v in ep.values()}) > 1 or len(ep.get(ACTION, [])) != e['length']: probs.append(f"{name}: feature lengths differ from the index")
-        if TIMESTAMP in ep and not np.all(np.diff(ep[TIMESTAMP]) > 0): probs.append(f"{name}: timestamps are not strictly increasing")
+                probs.append(
+                    f"{name}: {key} is {v.dtype} {list(v.shape[1:])}, declared {spec['dtype']} {spec['shape']}"
+                )
+        if len({len(v) for v in ep.values()}) > 1 or len(ep.get(ACTION, [])) != e['length']:
+            probs.append(f"{name}: feature lengths differ from the index")
+        if TIMESTAMP in ep and not np.all(np.diff(ep[TIMESTAMP]) > 0):
+            probs.append(f"{name}: timestamps are not strictly increasing")
         for key in (PROPRIO, ACTION):
-            if key in ep and not np.isfinite(ep[key]).all(): probs.append(f"{name}: {key} has non-finite values")
-        if ACTION in ep and np.abs(ep[ACTION]).max() > 1 + 1e-6: probs.append(f"{name}: actions outside [-1, 1] (max |a| = {np.abs(ep[ACTION]).max():.3f})")
+            if key in ep and not np.isfinite(ep[key]).all():
+                probs.append(f"{name}: {key} has non-finite values")
+        if ACTION in ep and np.abs(ep[ACTION]).max() > 1 + 1e-6:
+            probs.append(f"{name}: actions outside [-1, 1] (max |a| = {np.abs(ep[ACTION]).max():.3f})")
     return probs
 
 # %% ../nbs/02_data.ipynb #c032
 @dataclass
 class DataConfig(Config):
     "What `SyntheticDataGenerator` records."
-    root:str='runs/data'          # dataset directory
-    num_episodes:int=40           # episodes to plan (failures included)
-    seed:int=0                    # seed of the plan; episode i gets its own derived seed
-    split:str='train'             # 'train' (held-out combinations excluded) or 'heldout' (only those)
-    families:tuple=sim.TASK_FAMILIES # task families, balanced
-    heldout_pairs:tuple=(('green ball', 'kitchen'), ('book', 'shelf'), ('red cup', 'office')) # (object, location) never placed in training
-    heldout_templates:tuple=(('pick', 5), ('move', 4), ('find', 4), ('place', 5))              # (family, template) never used in training
-    noise_std:float=0.1           # expert action noise while recording (DART-style); the clean action is the label
-    image_size:int=96             # observation size
-    wrist_camera:bool=False       # also record the wrist camera
-    wrist_size:int|None=None      # side of the wrist image (None: image_size)
-    workers:int=1                 # worker processes
+
+    root: str = 'runs/data'  # dataset directory
+    num_episodes: int = 40  # episodes to plan (failures included)
+    seed: int = 0  # seed of the plan; episode i gets its own derived seed
+    split: str = 'train'  # 'train' (held-out combinations excluded) or 'heldout' (only those)
+    families: tuple = sim.TASK_FAMILIES  # task families, balanced
+    heldout_pairs: tuple = (
+        ('green ball', 'kitchen'),
+        ('book', 'shelf'),
+        ('red cup', 'office'),
+    )  # (object, location) never placed in training
+    heldout_templates: tuple = (
+        ('pick', 5),
+        ('move', 4),
+        ('find', 4),
+        ('place', 5),
+    )  # (family, template) never used in training
+    noise_std: float = 0.1  # expert action noise while recording (DART-style); the clean action is the label
+    image_size: int = 96  # observation size
+    wrist_camera: bool = False  # also record the wrist camera
+    wrist_size: int | None = None  # side of the wrist image (None: image_size)
+    workers: int = 1  # worker processes
 
     def __post_init__(self):
         check_range('num_episodes', self.num_episodes, 1, 10_000_000, integer=True)
-        check_range('seed', self.seed, 0, 2**31 - 1, integer=True); check_choice('split', self.split, ('train', 'heldout'))
-        check_range('noise_std', self.noise_std, 0, 1); check_range('workers', self.workers, 1, 256, integer=True)
+        check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
+        check_choice('split', self.split, ('train', 'heldout'))
+        check_range('noise_std', self.noise_std, 0, 1)
+        check_range('workers', self.workers, 1, 256, integer=True)
         self.families, self.heldout_pairs = tuple(self.families), tuple(tuple(p) for p in self.heldout_pairs)
         self.heldout_templates = tuple(tuple(t) for t in self.heldout_templates)
-        for f in self.families: check_choice('families', f, sim.TASK_FAMILIES)
-        for o, l in self.heldout_pairs: check_choice('heldout_pairs object', o, tuple(sim.OBJECTS)); check_choice('heldout_pairs location', l, tuple(sim.LOCATIONS))
+        for f in self.families:
+            check_choice('families', f, sim.TASK_FAMILIES)
+        for o, l in self.heldout_pairs:
+            check_choice('heldout_pairs object', o, tuple(sim.OBJECTS))
+            check_choice('heldout_pairs location', l, tuple(sim.LOCATIONS))
         for f, t in self.heldout_templates:
-            check_choice('heldout_templates family', f, sim.TASK_FAMILIES); check_range(f'heldout template of {f}', t, 0, len(sim.TEMPLATES[f]) - 1, integer=True)
-            if len(sim.TEMPLATES[f]) < 2: raise ValueError(f"family {f!r} has one template; holding it out leaves none")
+            check_choice('heldout_templates family', f, sim.TASK_FAMILIES)
+            check_range(f'heldout template of {f}', t, 0, len(sim.TEMPLATES[f]) - 1, integer=True)
+            if len(sim.TEMPLATES[f]) < 2:
+                raise ValueError(f"family {f!r} has one template; holding it out leaves none")
         self.sim = sim.SimConfig(image_size=self.image_size, wrist_camera=self.wrist_camera, wrist_size=self.wrist_size)
 
 # %% ../nbs/02_data.ipynb #c033
@@ -316,7 +470,8 @@ def _combos(fam):
     locs = list(sim.LOCATIONS) if fam in ('move', 'place') else [None]
     return [(o, l) for o in objs for l in locs]
 
-def plan_episodes(cfg:DataConfig) -> list:
+
+def plan_episodes(cfg: DataConfig) -> list:
     "The episode schedule: index, seed, task and command template of every episode, balanced over families and combinations."
     rng, pairs, held_t = np.random.default_rng(cfg.seed), set(cfg.heldout_pairs), set(cfg.heldout_templates)
     pools, plan = {}, []
@@ -324,21 +479,32 @@ def plan_episodes(cfg:DataConfig) -> list:
         ok = lambda o, l: ((o, l) in pairs) == (cfg.split == 'heldout') if fam == 'place' else cfg.split == 'train'
         combos = [c for c in _combos(fam) if ok(*c)]
         temps = [t for t in range(len(sim.TEMPLATES[fam])) if ((fam, t) in held_t) == (cfg.split == 'heldout')]
-        if cfg.split == 'heldout': combos = _combos(fam) if not combos else combos   # held-out paraphrases use any combination
+        if cfg.split == 'heldout':
+            combos = _combos(fam) if not combos else combos  # held-out paraphrases use any combination
         pools[fam] = (combos, temps, [])
     for i in range(cfg.num_episodes):
         fam = cfg.families[i % len(cfg.families)]
         combos, temps, queue = pools[fam]
-        if not temps: raise ValueError(f"split {cfg.split!r} has no command template for family {fam!r}")
-        if not queue: queue.extend(combos[j] for j in rng.permutation(len(combos)))
+        if not temps:
+            raise ValueError(f"split {cfg.split!r} has no command template for family {fam!r}")
+        if not queue:
+            queue.extend(combos[j] for j in rng.permutation(len(combos)))
         o, l = queue.pop()
-        plan.append(dict(episode_index=i, seed=int(rng.integers(2**31 - 1)), task=dict(family=fam, obj=o, loc=l), template=int(rng.choice(temps))))
+        plan.append(
+            dict(
+                episode_index=i,
+                seed=int(rng.integers(2**31 - 1)),
+                task=dict(family=fam, obj=o, loc=l),
+                template=int(rng.choice(temps)),
+            )
+        )
     return plan
 
 # %% ../nbs/02_data.ipynb #c037
-_ENVS = {}   # one simulator per (process, config)
+_ENVS = {}  # one simulator per (process, config)
 
-def record_episode(spec:dict, sim_cfg:sim.SimConfig, noise_std:float) -> dict:
+
+def record_episode(spec: dict, sim_cfg: sim.SimConfig, noise_std: float) -> dict:
     "Run the expert for one planned episode; returns frames, success and metadata."
     key = (os.getpid(), json.dumps(sim_cfg.to_dict(), sort_keys=True))
     env = _ENVS.get(key) or _ENVS.setdefault(key, sim.TabletopEnv(sim_cfg))
@@ -350,169 +516,270 @@ def record_episode(spec:dict, sim_cfg:sim.SimConfig, noise_std:float) -> dict:
     while not done:
         a = expert.select_action(obs)
         for k in rec:
-            if k not in (ACTION, SUCCESS): rec[k].append(obs[k])
+            if k not in (ACTION, SUCCESS):
+                rec[k].append(obs[k])
         rec[ACTION].append(expert.last_clean_action)
-        obs, _, term, trunc, step = env.step(a); done = term or trunc
+        obs, _, term, trunc, step = env.step(a)
+        done = term or trunc
         rec[SUCCESS].append(step['is_success'])
     frames = {k: np.stack(v) for k, v in rec.items()}
     frames[TIMESTAMP] = np.arange(len(frames[ACTION])) / sim_cfg.control_hz
-    return dict(spec=spec, frames=frames, command=info['command'], success=bool(step['is_success']),
-                meta=dict(seed=spec['seed'], template=spec['template'], noise_std=noise_std, scene=info['scene']))
+    return dict(
+        spec=spec,
+        frames=frames,
+        command=info['command'],
+        success=bool(step['is_success']),
+        meta=dict(seed=spec['seed'], template=spec['template'], noise_std=noise_std, scene=info['scene']),
+    )
 
 # %% ../nbs/02_data.ipynb #c040
-def _worker(args): return record_episode(*args)
+def _worker(args):
+    return record_episode(*args)
+
 
 def _results(jobs, workers):
     "Recorded episodes in completion order; worker processes when `workers` > 1."
-    if workers == 1 or len(jobs) < 2: yield from map(_worker, jobs); return
+    if workers == 1 or len(jobs) < 2:
+        yield from map(_worker, jobs)
+        return
     import importlib
     from concurrent.futures import ProcessPoolExecutor, as_completed
-    fn = importlib.import_module('vla_nb.data')._worker   # the installed module's function: picklable even from a notebook
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex:   # a dead worker raises BrokenProcessPool
+
+    fn = importlib.import_module(
+        'vla_nb.data'
+    )._worker  # the installed module's function: picklable even from a notebook
+    with ProcessPoolExecutor(
+        workers, mp_context=mp.get_context('spawn')
+    ) as ex:  # a dead worker raises BrokenProcessPool
         futs = [ex.submit(fn, j) for j in jobs]
         try:
-            for f in as_completed(futs): yield f.result()
+            for f in as_completed(futs):
+                yield f.result()
         finally:
-            for f in futs: f.cancel()
+            for f in futs:
+                f.cancel()
+
 
 class SyntheticDataGenerator:
     "Records expert demonstrations in the randomized simulator into an episode dataset."
-    def __init__(self, config:DataConfig): self.config = config
 
-    def generate_dataset(self, num_samples:int|None=None, progress_bar:bool=True) -> dict:
+    def __init__(self, config: DataConfig):
+        self.config = config
+
+    def generate_dataset(self, num_samples: int | None = None, progress_bar: bool = True) -> dict:
         "Record `num_samples` episodes (default: config.num_episodes) into config.root; returns a report."
         cfg = self.config if num_samples is None else self.config.replace(num_episodes=num_samples)
         w = EpisodeWriter(cfg.root, fps=cfg.sim.control_hz, config=cfg.to_dict())
         todo = [s for s in plan_episodes(cfg) if s['episode_index'] not in w.done_episodes()]
         t0, n_frames = time.time(), 0
         jobs = [(s, cfg.sim, cfg.noise_std) for s in todo]
-        for r in progress(_results(jobs, cfg.workers), total=len(jobs), desc='episodes', disable=None if progress_bar else True):
+        for r in progress(
+            _results(jobs, cfg.workers), total=len(jobs), desc='episodes', disable=None if progress_bar else True
+        ):
             s = r['spec']
-            if r['success']: w.add_episode(s['episode_index'], r['frames'], r['command'], s['task'], r['meta']); n_frames += len(r['frames'][ACTION])
-            else: w.add_failure(s['episode_index'], r['command'], s['task'], r['meta'])
+            if r['success']:
+                w.add_episode(s['episode_index'], r['frames'], r['command'], s['task'], r['meta'])
+                n_frames += len(r['frames'][ACTION])
+            else:
+                w.add_failure(s['episode_index'], r['command'], s['task'], r['meta'])
         ds = w.finalize(CommandTokenizer.build(command_corpus()))
-        return dict(root=str(cfg.root), episodes=len(ds), frames=ds.num_frames, new_episodes=len(jobs), new_frames=n_frames,
-                    expert_failures=len(ds.failures), seconds=round(time.time() - t0, 2),
-                    frames_per_s=round(n_frames / max(time.time() - t0, 1e-9), 1))
+        return dict(
+            root=str(cfg.root),
+            episodes=len(ds),
+            frames=ds.num_frames,
+            new_episodes=len(jobs),
+            new_frames=n_frames,
+            expert_failures=len(ds.failures),
+            seconds=round(time.time() - t0, 2),
+            frames_per_s=round(n_frames / max(time.time() - t0, 1e-9), 1),
+        )
 
 # %% ../nbs/02_data.ipynb #c044
 class Normalizer:
     "Mean/std normalization of named features with a dataset's statistics; kept outside the network."
-    def __init__(self, stats:dict, keys=None, eps:float=1e-3):   # keys: image, proprio, action (+ wrist_image when recorded)
-        if keys is None: keys = (IMAGE, PROPRIO, ACTION) + ((WRIST_IMAGE,) if WRIST_IMAGE in stats else ())
+
+    def __init__(
+        self, stats: dict, keys=None, eps: float = 1e-3
+    ):  # keys: image, proprio, action (+ wrist_image when recorded)
+        if keys is None:
+            keys = (IMAGE, PROPRIO, ACTION) + ((WRIST_IMAGE,) if WRIST_IMAGE in stats else ())
         missing = [k for k in keys if k not in stats]
-        if missing: raise ValueError(f"statistics lack {missing}")
+        if missing:
+            raise ValueError(f"statistics lack {missing}")
         self.mean = {k: torch.as_tensor(np.asarray(stats[k]['mean']), dtype=torch.float32) for k in keys}
         self.std = {k: torch.as_tensor(np.maximum(np.asarray(stats[k]['std']), eps), dtype=torch.float32) for k in keys}
+
     def normalize(self, key, x):
         m, s = self.mean[key], self.std[key]
-        if key in (IMAGE, WRIST_IMAGE): m, s = m.view(-1, 1, 1), s.view(-1, 1, 1)   # (3, H, W) channels first
+        if key in (IMAGE, WRIST_IMAGE):
+            m, s = m.view(-1, 1, 1), s.view(-1, 1, 1)  # (3, H, W) channels first
         return (x - m) / s
-    def unnormalize(self, key, x): return x * self.std[key] + self.mean[key]
 
-def split_episodes(n:int, val_frac:float=0.1, seed:int=0):
+    def unnormalize(self, key, x):
+        return x * self.std[key] + self.mean[key]
+
+
+def split_episodes(n: int, val_frac: float = 0.1, seed: int = 0):
     "Train and validation episode indices (by episode, seeded)."
-    check_range('val_frac', val_frac, 0, 0.9); perm = np.random.default_rng(seed).permutation(n)
+    check_range('val_frac', val_frac, 0, 0.9)
+    perm = np.random.default_rng(seed).permutation(n)
     k = int(round(n * val_frac)) if n > 1 else 0
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 # %% ../nbs/02_data.ipynb #c045
 class ChunkDataset(torch.utils.data.Dataset):
     "Training samples from an EpisodeDataset: image, tokens, proprio and an action chunk with its padding mask."
-    def __init__(self, ds:EpisodeDataset, episodes=None, chunk_size:int=8, augment:bool=False):
+
+    def __init__(self, ds: EpisodeDataset, episodes=None, chunk_size: int = 8, augment: bool = False):
         check_range('chunk_size', chunk_size, 1, 1000, integer=True)
-        if ds.stats is None or ds.tokenizer is None: raise ValueError(f"{ds.root} is not finalized (stats/tokenizer missing)")
+        if ds.stats is None or ds.tokenizer is None:
+            raise ValueError(f"{ds.root} is not finalized (stats/tokenizer missing)")
         self.ds, self.H, self.augment, self.norm = ds, chunk_size, augment, Normalizer(ds.stats)
         eps = list(range(len(ds))) if episodes is None else list(episodes)
-        if not eps: raise ValueError("no episodes selected")
+        if not eps:
+            raise ValueError("no episodes selected")
         parts = [ds.load_episode(k) for k in eps]
-        self.images = torch.from_numpy(np.concatenate([p[IMAGE] for p in parts]))               # (N, H, W, 3) uint8
-        self.wrist = torch.from_numpy(np.concatenate([p[WRIST_IMAGE] for p in parts])) if all(WRIST_IMAGE in p for p in parts) else None  # (N, W, W, 3)
-        self.proprio = torch.from_numpy(np.concatenate([p[PROPRIO] for p in parts]))            # (N, 15)
-        self.actions = torch.from_numpy(np.concatenate([p[ACTION] for p in parts]))             # (N, 7)
-        lens = np.array([len(p[ACTION]) for p in parts]); self.ends = np.repeat(np.cumsum(lens), lens)  # end of each frame's episode
+        self.images = torch.from_numpy(np.concatenate([p[IMAGE] for p in parts]))  # (N, H, W, 3) uint8
+        self.wrist = (
+            torch.from_numpy(np.concatenate([p[WRIST_IMAGE] for p in parts]))
+            if all(WRIST_IMAGE in p for p in parts)
+            else None
+        )  # (N, W, W, 3)
+        self.proprio = torch.from_numpy(np.concatenate([p[PROPRIO] for p in parts]))  # (N, 15)
+        self.actions = torch.from_numpy(np.concatenate([p[ACTION] for p in parts]))  # (N, 7)
+        lens = np.array([len(p[ACTION]) for p in parts])
+        self.ends = np.repeat(np.cumsum(lens), lens)  # end of each frame's episode
         toks = [ds.tokenizer.encode(ds.episodes[k]['command']) for k in eps]
         self.tokens = torch.from_numpy(np.repeat(np.stack([t[0] for t in toks]), lens, 0))
         self.token_mask = torch.from_numpy(np.repeat(np.stack([t[1] for t in toks]), lens, 0))
         self.episode_of = np.repeat(np.array(eps), lens)
 
-    def __len__(self): return len(self.actions)
+    def __len__(self):
+        return len(self.actions)
 
 # %% ../nbs/02_data.ipynb #c046
-def augment_image(img:torch.Tensor, gen:torch.Generator, pad:int=4) -> torch.Tensor:
+def augment_image(img: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     "Random shift (pad + crop, as in DrQ) and brightness/contrast jitter of a (3, H, W) float image in [0, 1]."
     _, H, W = img.shape
     x = torch.nn.functional.pad(img[None], (pad,) * 4, mode='replicate')[0]
     i, j = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    x = x[:, i:i + H, j:j + W]
+    x = x[:, i : i + H, j : j + W]
     b, c = (torch.rand(2, generator=gen) * 0.4 - 0.2).tolist()
     return ((x - x.mean()) * (1 + c) + x.mean() + b).clamp(0, 1)
 
+
 @patch
-def __getitem__(self:ChunkDataset, i:int) -> dict:
-    i = int(i); idx = torch.arange(i, i + self.H)
-    pad = idx >= int(self.ends[i])                                   # (H,) past the episode's end
-    act = self.actions[idx.clamp(max=int(self.ends[i]) - 1)]          # (H, 7) last action repeated under the mask
-    img = self.images[i].permute(2, 0, 1).float() / 255               # (3, H, W)
+def __getitem__(self: ChunkDataset, i: int) -> dict:
+    i = int(i)
+    idx = torch.arange(i, i + self.H)
+    pad = idx >= int(self.ends[i])  # (H,) past the episode's end
+    act = self.actions[idx.clamp(max=int(self.ends[i]) - 1)]  # (H, 7) last action repeated under the mask
+    img = self.images[i].permute(2, 0, 1).float() / 255  # (3, H, W)
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,)))) if self.augment else None
-    if self.augment: img = augment_image(img, gen)
-    out = {IMAGE: self.norm.normalize(IMAGE, img), TOKENS: self.tokens[i], TOKEN_MASK: self.token_mask[i],
-           PROPRIO: self.norm.normalize(PROPRIO, self.proprio[i]), ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad}
+    if self.augment:
+        img = augment_image(img, gen)
+    out = {
+        IMAGE: self.norm.normalize(IMAGE, img),
+        TOKENS: self.tokens[i],
+        TOKEN_MASK: self.token_mask[i],
+        PROPRIO: self.norm.normalize(PROPRIO, self.proprio[i]),
+        ACTION: self.norm.normalize(ACTION, act),
+        ACTION_PAD: pad,
+    }
     if self.wrist is not None:
-        w = self.wrist[i].permute(2, 0, 1).float() / 255             # (3, W, W)
+        w = self.wrist[i].permute(2, 0, 1).float() / 255  # (3, W, W)
         out[WRIST_IMAGE] = self.norm.normalize(WRIST_IMAGE, augment_image(w, gen) if self.augment else w)
     return out
 
 # %% ../nbs/02_data.ipynb #c050
-def plot_samples(ds:EpisodeDataset, n:int=8, cols:int=4):
+def plot_samples(ds: EpisodeDataset, n: int = 8, cols: int = 4):
     "First frames of `n` episodes, titled with their commands."
     import matplotlib.pyplot as plt
-    rows = int(np.ceil(n / cols)); fig, axs = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
-    for ax in axs.flat: ax.axis('off')
-    for ax, k in zip(axs.flat, range(min(n, len(ds)))):
-        ax.imshow(ds.load_episode(k)[IMAGE][0]); ax.set_title(ds.episodes[k]['command'], fontsize=7)
-    fig.tight_layout(); return fig
 
-def plot_episode(ds:EpisodeDataset, k:int, n:int=6):
-    "A filmstrip of episode `k` above its seven action curves."
-    import matplotlib.pyplot as plt
-    ep = ds.load_episode(k); T = len(ep[ACTION]); idx = np.linspace(0, T - 1, n).round().astype(int)
-    fig = plt.figure(figsize=(2 * n, 4.2)); gs = fig.add_gridspec(2, n, height_ratios=[1, 1.1])
-    for j, t in enumerate(idx):
-        ax = fig.add_subplot(gs[0, j]); ax.imshow(ep[IMAGE][t]); ax.set_title(f't={t}', fontsize=7); ax.axis('off')
-    ax = fig.add_subplot(gs[1, :])
-    for d, name in enumerate(['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']): ax.plot(ep[TIMESTAMP], ep[ACTION][:, d], label=name)
-    ax.set_xlabel('seconds'); ax.legend(ncol=7, fontsize=7); fig.suptitle(ds.episodes[k]['command'], fontsize=9)
+    rows = int(np.ceil(n / cols))
+    fig, axs = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axs.flat:
+        ax.axis('off')
+    for ax, k in zip(axs.flat, range(min(n, len(ds)))):
+        ax.imshow(ds.load_episode(k)[IMAGE][0])
+        ax.set_title(ds.episodes[k]['command'], fontsize=7)
+    fig.tight_layout()
     return fig
 
-def plot_stats(ds:EpisodeDataset):
+
+def plot_episode(ds: EpisodeDataset, k: int, n: int = 6):
+    "A filmstrip of episode `k` above its seven action curves."
+    import matplotlib.pyplot as plt
+
+    ep = ds.load_episode(k)
+    T = len(ep[ACTION])
+    idx = np.linspace(0, T - 1, n).round().astype(int)
+    fig = plt.figure(figsize=(2 * n, 4.2))
+    gs = fig.add_gridspec(2, n, height_ratios=[1, 1.1])
+    for j, t in enumerate(idx):
+        ax = fig.add_subplot(gs[0, j])
+        ax.imshow(ep[IMAGE][t])
+        ax.set_title(f't={t}', fontsize=7)
+        ax.axis('off')
+    ax = fig.add_subplot(gs[1, :])
+    for d, name in enumerate(['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']):
+        ax.plot(ep[TIMESTAMP], ep[ACTION][:, d], label=name)
+    ax.set_xlabel('seconds')
+    ax.legend(ncol=7, fontsize=7)
+    fig.suptitle(ds.episodes[k]['command'], fontsize=9)
+    return fig
+
+
+def plot_stats(ds: EpisodeDataset):
     "Histograms of every action dimension and the family/object balance."
     import matplotlib.pyplot as plt
+
     acts = np.concatenate([ds.load_episode(k)[ACTION] for k in range(len(ds))])
     fig, axs = plt.subplots(1, 9, figsize=(18, 2.2))
-    for d, name in enumerate(['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']): axs[d].hist(acts[:, d], 30); axs[d].set_title(name, fontsize=8)
+    for d, name in enumerate(['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']):
+        axs[d].hist(acts[:, d], 30)
+        axs[d].set_title(name, fontsize=8)
     for ax, key in zip(axs[7:], ('family', 'obj')):
-        vals = [str((e['task'] or {}).get(key)) for e in ds.episodes]; u, c = np.unique(vals, return_counts=True)
-        ax.bar(range(len(u)), c); ax.set_xticks(range(len(u)), u, rotation=60, fontsize=6); ax.set_title(key, fontsize=8)
-    fig.tight_layout(); return fig
+        vals = [str((e['task'] or {}).get(key)) for e in ds.episodes]
+        u, c = np.unique(vals, return_counts=True)
+        ax.bar(range(len(u)), c)
+        ax.set_xticks(range(len(u)), u, rotation=60, fontsize=6)
+        ax.set_title(key, fontsize=8)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/02_data.ipynb #c055
-def bench_data(num_episodes:int|None=None, root=None, seed:int=0) -> dict:
+def bench_data(num_episodes: int | None = None, root=None, seed: int = 0) -> dict:
     "Recording rate with 1 and 2 workers, storage per frame, load time per 10k frames, expert failures."
     import tempfile, shutil
+
     n = num_episodes or by_profile(16, 200)
-    base = Path(root or tempfile.mkdtemp(prefix='vla_bench_data_')); res = dict(episodes=n)
+    base = Path(root or tempfile.mkdtemp(prefix='vla_bench_data_'))
+    res = dict(episodes=n)
     try:
         for w in (1, 2):
-            r = SyntheticDataGenerator(DataConfig(root=str(base/f'w{w}'), num_episodes=n, seed=seed, workers=w)).generate_dataset(progress_bar=False)
+            r = SyntheticDataGenerator(
+                DataConfig(root=str(base / f'w{w}'), num_episodes=n, seed=seed, workers=w)
+            ).generate_dataset(progress_bar=False)
             res[f'frames_per_s_{w}_worker' + ('s' if w > 1 else '')] = r['frames_per_s']
-        ds = EpisodeDataset(base/'w1')
-        res['frames'] = ds.num_frames; res['expert_failures'] = len(ds.failures)
+        ds = EpisodeDataset(base / 'w1')
+        res['frames'] = ds.num_frames
+        res['expert_failures'] = len(ds.failures)
         res['bytes_per_frame'] = round(sum(e['nbytes'] for e in ds.episodes) / ds.num_frames, 1)
-        t = time.perf_counter(); ChunkDataset(ds); res['load_s_per_10k_frames'] = round((time.perf_counter() - t) / ds.num_frames * 10_000, 3)
-        same = all(np.array_equal(ds.load_episode(k)[ACTION], EpisodeDataset(base/'w2').load_episode(
-            [e['episode_index'] for e in EpisodeDataset(base/'w2').episodes].index(e['episode_index']))[ACTION]) for k, e in enumerate(ds.episodes))
+        t = time.perf_counter()
+        ChunkDataset(ds)
+        res['load_s_per_10k_frames'] = round((time.perf_counter() - t) / ds.num_frames * 10_000, 3)
+        same = all(
+            np.array_equal(
+                ds.load_episode(k)[ACTION],
+                EpisodeDataset(base / 'w2').load_episode(
+                    [e['episode_index'] for e in EpisodeDataset(base / 'w2').episodes].index(e['episode_index'])
+                )[ACTION],
+            )
+            for k, e in enumerate(ds.episodes)
+        )
         res['identical_across_worker_counts'] = bool(same)
     finally:
-        if root is None: shutil.rmtree(base, ignore_errors=True)
+        if root is None:
+            shutil.rmtree(base, ignore_errors=True)
     return res

@@ -12,7 +12,7 @@ import numpy as np
 import cv2
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (quantize_static, quantize_dynamic, QuantType, QuantFormat, CalibrationDataReader)
+from onnxruntime.quantization import quantize_static, quantize_dynamic, QuantType, QuantFormat, CalibrationDataReader
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tokenizers import Tokenizer
 import safetensors.torch
@@ -37,15 +37,16 @@ __all__ = ['INPUT_NAMES', 'OUTPUT_NAMES', 'DEPLOY_FORMAT_VERSION', 'BACKENDS', '
 @dataclass
 class DeployConfig(Config):
     "Export, compression and runtime settings of a deployment artifact."
-    opset:int=17                  # ONNX opset of the exported graph (>= 17: LayerNormalization is a single op)
-    int8:bool=True                # also write `model_int8.onnx` (static QDQ convs + dynamic MatMul/Gemm)
-    calib_frames:int=64           # real observations used to calibrate the int8 activation ranges
-    prune_amount:float=0.0        # fraction of conv/linear weights zeroed by L1 unstructured pruning before export
-    threads:int=2                 # intra-op threads of ONNX Runtime and torch
-    graph_opt:str='all'           # ONNX Runtime graph optimization level: 'disable', 'basic', 'extended' or 'all'
-    execution_mode:str='sequential' # ONNX Runtime execution mode: 'sequential' or 'parallel'
-    warmup:int=10                 # inferences run and discarded when a runtime starts
-    seed:int=0                    # seed of calibration rollouts and example inputs
+
+    opset: int = 17  # ONNX opset of the exported graph (>= 17: LayerNormalization is a single op)
+    int8: bool = True  # also write `model_int8.onnx` (static QDQ convs + dynamic MatMul/Gemm)
+    calib_frames: int = 64  # real observations used to calibrate the int8 activation ranges
+    prune_amount: float = 0.0  # fraction of conv/linear weights zeroed by L1 unstructured pruning before export
+    threads: int = 2  # intra-op threads of ONNX Runtime and torch
+    graph_opt: str = 'all'  # ONNX Runtime graph optimization level: 'disable', 'basic', 'extended' or 'all'
+    execution_mode: str = 'sequential'  # ONNX Runtime execution mode: 'sequential' or 'parallel'
+    warmup: int = 10  # inferences run and discarded when a runtime starts
+    seed: int = 0  # seed of calibration rollouts and example inputs
 
     def __post_init__(self):
         check_range('opset', self.opset, 17, 23, integer=True)
@@ -60,454 +61,752 @@ class DeployConfig(Config):
 # %% ../nbs/08_deployment.ipynb #c009
 class Preprocessor:
     "The numpy side of a deployment: frames, proprio and commands -> graph inputs; graph outputs -> raw clipped actions. No torch."
-    def __init__(self, meta:dict):
+
+    def __init__(self, meta: dict):
         spec, st = meta['input_spec'], meta['stats']
         self.S, self.P, self.T = spec['image']['shape'][2], spec['proprio']['shape'][1], spec['token_ids']['shape'][1]
-        self.W = spec['wrist_image']['shape'][2] if 'wrist_image' in spec else 0   # wrist-camera side; 0: none
-        if self.W and WRIST_IMAGE not in st: raise ValueError("the artifact's model reads a wrist camera but its stats have no 'wrist_image' entry")
-        wst = st[WRIST_IMAGE] if self.W else st[IMAGE]                 # unused without a wrist camera
+        self.W = spec['wrist_image']['shape'][2] if 'wrist_image' in spec else 0  # wrist-camera side; 0: none
+        if self.W and WRIST_IMAGE not in st:
+            raise ValueError("the artifact's model reads a wrist camera but its stats have no 'wrist_image' entry")
+        wst = st[WRIST_IMAGE] if self.W else st[IMAGE]  # unused without a wrist camera
         self.wri_mean = np.asarray(wst['mean'], np.float32).reshape(3, 1, 1)
         self.wri_std = np.maximum(np.asarray(wst['std'], np.float32), 1e-3).reshape(3, 1, 1)
         self.img_mean = np.asarray(st[IMAGE]['mean'], np.float32).reshape(3, 1, 1)
         self.img_std = np.maximum(np.asarray(st[IMAGE]['std'], np.float32), 1e-3).reshape(3, 1, 1)
-        self.pro_mean, self.pro_std = np.asarray(st[PROPRIO]['mean'], np.float32), np.maximum(np.asarray(st[PROPRIO]['std'], np.float32), 1e-3)
-        self.act_mean, self.act_std = np.asarray(st[ACTION]['mean'], np.float32), np.maximum(np.asarray(st[ACTION]['std'], np.float32), 1e-3)
+        self.pro_mean, self.pro_std = (
+            np.asarray(st[PROPRIO]['mean'], np.float32),
+            np.maximum(np.asarray(st[PROPRIO]['std'], np.float32), 1e-3),
+        )
+        self.act_mean, self.act_std = (
+            np.asarray(st[ACTION]['mean'], np.float32),
+            np.maximum(np.asarray(st[ACTION]['std'], np.float32), 1e-3),
+        )
         self.low, self.high = (np.asarray(meta['action_bounds'][k], np.float32) for k in ('low', 'high'))
         tj = json.loads(meta['tokenizer'])
-        self.tok, self.max_len, self.max_chars = Tokenizer.from_str(json.dumps(tj['tokenizer'])), tj['max_len'], spec['command']['max_chars']
-        self._ids = {}                                             # command -> ids cache: a command repeats every step of an episode
+        self.tok, self.max_len, self.max_chars = (
+            Tokenizer.from_str(json.dumps(tj['tokenizer'])),
+            tj['max_len'],
+            spec['command']['max_chars'],
+        )
+        self._ids = {}  # command -> ids cache: a command repeats every step of an episode
 
 # %% ../nbs/08_deployment.ipynb #c011
 @patch
-def image(self:Preprocessor, frame, name:str='image') -> np.ndarray:
+def image(self: Preprocessor, frame, name: str = 'image') -> np.ndarray:
     "A camera frame (H, W, 3) uint8 RGB of any size -> normalized (3, S, S) float32 (`name`='wrist_image': the wrist camera's size and stats)."
-    if not isinstance(frame, np.ndarray): raise ValueError(f"{name} must be a numpy array (H, W, 3) uint8, got {type(frame).__name__}")
-    if frame.dtype != np.uint8: raise ValueError(f"{name} must be uint8 pixels (H, W, 3), got dtype {frame.dtype}")
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array (H, W, 3) uint8, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"{name} must be uint8 pixels (H, W, 3), got dtype {frame.dtype}")
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"{name} must have shape (H, W, 3) with 3 RGB channels, got {frame.shape}")
-    if min(frame.shape[:2]) < 8: raise ValueError(f"{name} is too small to resize: {frame.shape}")
-    S, mean, std = (self.W, self.wri_mean, self.wri_std) if name == 'wrist_image' else (self.S, self.img_mean, self.img_std)
-    if frame.shape[:2] != (S, S): frame = cv2.resize(frame, (S, S), interpolation=cv2.INTER_AREA)
-    x = frame.transpose(2, 0, 1).astype(np.float32) * (1 / 255)   # (3, S, S) in [0, 1]
+    if min(frame.shape[:2]) < 8:
+        raise ValueError(f"{name} is too small to resize: {frame.shape}")
+    S, mean, std = (
+        (self.W, self.wri_mean, self.wri_std) if name == 'wrist_image' else (self.S, self.img_mean, self.img_std)
+    )
+    if frame.shape[:2] != (S, S):
+        frame = cv2.resize(frame, (S, S), interpolation=cv2.INTER_AREA)
+    x = frame.transpose(2, 0, 1).astype(np.float32) * (1 / 255)  # (3, S, S) in [0, 1]
     return (x - mean) / std
 
+
 @patch
-def proprio(self:Preprocessor, p) -> np.ndarray:
+def proprio(self: Preprocessor, p) -> np.ndarray:
     "Proprioceptive state (P,) -> normalized float32 (P,)."
     p = np.asarray(p, dtype=np.float32)
-    if p.shape != (self.P,): raise ValueError(f"proprio must have shape ({self.P},), got {p.shape}")
-    if np.isnan(p).any(): raise ValueError(f"proprio contains NaN at indices {np.flatnonzero(np.isnan(p)).tolist()}")
-    if not np.isfinite(p).all(): raise ValueError("proprio contains inf")
+    if p.shape != (self.P,):
+        raise ValueError(f"proprio must have shape ({self.P},), got {p.shape}")
+    if np.isnan(p).any():
+        raise ValueError(f"proprio contains NaN at indices {np.flatnonzero(np.isnan(p)).tolist()}")
+    if not np.isfinite(p).all():
+        raise ValueError("proprio contains inf")
     return (p - self.pro_mean) / self.pro_std
 
 # %% ../nbs/08_deployment.ipynb #c012
 @patch
-def command(self:Preprocessor, text) -> np.ndarray:
+def command(self: Preprocessor, text) -> np.ndarray:
     "A command string -> token ids (T,) int64, exactly as `CommandTokenizer.encode` (non-strict) does."
-    if not isinstance(text, str): raise ValueError(f"command must be a str, got {type(text).__name__}")
+    if not isinstance(text, str):
+        raise ValueError(f"command must be a str, got {type(text).__name__}")
     ids = self._ids.get(text)
-    if ids is not None: return ids
-    if not text.strip(): raise ValueError("command is empty")
-    if not text.isascii(): raise ValueError(f"command contains non-ASCII characters: {text!r}")
-    if len(text) > self.max_chars: raise ValueError(f"command is {len(text)} characters long; the limit is {self.max_chars}")
-    enc = self.tok.encode(text).ids[:self.max_len]
-    ids = np.zeros(self.max_len, np.int64); ids[:len(enc)] = enc
-    if len(self._ids) < 4096: self._ids[text] = ids
+    if ids is not None:
+        return ids
+    if not text.strip():
+        raise ValueError("command is empty")
+    if not text.isascii():
+        raise ValueError(f"command contains non-ASCII characters: {text!r}")
+    if len(text) > self.max_chars:
+        raise ValueError(f"command is {len(text)} characters long; the limit is {self.max_chars}")
+    enc = self.tok.encode(text).ids[: self.max_len]
+    ids = np.zeros(self.max_len, np.int64)
+    ids[: len(enc)] = enc
+    if len(self._ids) < 4096:
+        self._ids[text] = ids
     return ids
 
+
 @patch
-def __call__(self:Preprocessor, obs:dict) -> dict:
+def __call__(self: Preprocessor, obs: dict) -> dict:
     "One observation dict -> the graph's input feed, batch of 1."
-    if not isinstance(obs, dict): raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
+    if not isinstance(obs, dict):
+        raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
     missing = [k for k in ('image', 'proprio', 'command') if k not in obs]
-    if missing: raise ValueError(f"obs lacks {missing}")
-    feed = dict(image=self.image(obs['image'])[None], token_ids=self.command(obs['command'])[None], proprio=self.proprio(obs['proprio'])[None])
+    if missing:
+        raise ValueError(f"obs lacks {missing}")
+    feed = dict(
+        image=self.image(obs['image'])[None],
+        token_ids=self.command(obs['command'])[None],
+        proprio=self.proprio(obs['proprio'])[None],
+    )
     if self.W:
-        if 'wrist_image' not in obs: raise ValueError("obs lacks 'wrist_image': this artifact's model reads a wrist camera")
+        if 'wrist_image' not in obs:
+            raise ValueError("obs lacks 'wrist_image': this artifact's model reads a wrist camera")
         feed['wrist_image'] = self.image(obs['wrist_image'], 'wrist_image')[None]
     return feed
 
+
 @patch
-def postprocess(self:Preprocessor, actions:np.ndarray) -> np.ndarray:
+def postprocess(self: Preprocessor, actions: np.ndarray) -> np.ndarray:
     "Normalized chunk (..., H, A) -> raw actions clipped to the action bounds."
     return np.clip(actions * self.act_std + self.act_mean, self.low, self.high).astype(np.float32)
 
 # %% ../nbs/08_deployment.ipynb #c014
 INPUT_NAMES, OUTPUT_NAMES = ('image', 'token_ids', 'proprio'), ('actions', 'confidence')
 
-def input_names(cfg:ModelConfig) -> tuple:
+
+def input_names(cfg: ModelConfig) -> tuple:
     "The graph's inputs under `cfg`: INPUT_NAMES, then 'wrist_image' when the model reads a wrist camera."
     return INPUT_NAMES + (('wrist_image',) if cfg.wrist_size else ())
 
-def example_inputs(cfg:ModelConfig, B:int=2, seed:int=0) -> tuple:
+
+def example_inputs(cfg: ModelConfig, B: int = 2, seed: int = 0) -> tuple:
     "Seeded normalized inputs (image, token_ids, proprio) for tracing and parity checks; the first 6 tokens are real words."
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g); ids[:, 6:] = 0
-    x = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g), ids, torch.randn(B, cfg.proprio_dim, generator=g)
+    ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g)
+    ids[:, 6:] = 0
+    x = (
+        torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g),
+        ids,
+        torch.randn(B, cfg.proprio_dim, generator=g),
+    )
     return x + ((torch.randn(B, 3, cfg.wrist_size, cfg.wrist_size, generator=g),) if cfg.wrist_size else ())
 
-def export_torchscript(net:VLANet, example:tuple|None=None) -> torch.jit.ScriptModule:
+
+def export_torchscript(net: VLANet, example: tuple | None = None) -> torch.jit.ScriptModule:
     "Trace, freeze and optimize `net` for inference."
     example = example if example is not None else example_inputs(net.cfg)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore', torch.jit.TracerWarning); warnings.simplefilter('ignore', DeprecationWarning)   # TorchScript: maintenance mode
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript: maintenance mode
         return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net.eval(), example)))
 
 # %% ../nbs/08_deployment.ipynb #c015
-def export_onnx(net:VLANet, path, opset:int=17) -> Path:
+def export_onnx(net: VLANet, path, opset: int = 17) -> Path:
     "Export `net` to ONNX (dynamic batch axis, named inputs/outputs), check it with `onnx.checker`, write atomically."
-    buf = Path(tempfile.mkdtemp())/'model.onnx'
+    buf = Path(tempfile.mkdtemp()) / 'model.onnx'
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter('ignore')                            # the dynamo=False exporter is deprecated upstream, still supported
-        torch.onnx.export(net.eval(), example_inputs(net.cfg), str(buf), dynamo=False, opset_version=opset, do_constant_folding=True,
-                          input_names=list(input_names(net.cfg)), output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={k: {0: 'batch'} for k in input_names(net.cfg) + OUTPUT_NAMES})
-    model = onnx.load(str(buf)); onnx.checker.check_model(model, full_check=True)
-    out = atomic_write(path, buf.read_bytes()); shutil.rmtree(buf.parent)
+        warnings.simplefilter('ignore')  # the dynamo=False exporter is deprecated upstream, still supported
+        torch.onnx.export(
+            net.eval(),
+            example_inputs(net.cfg),
+            str(buf),
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=list(input_names(net.cfg)),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={k: {0: 'batch'} for k in input_names(net.cfg) + OUTPUT_NAMES},
+        )
+    model = onnx.load(str(buf))
+    onnx.checker.check_model(model, full_check=True)
+    out = atomic_write(path, buf.read_bytes())
+    shutil.rmtree(buf.parent)
     return out
 
-def export_program(net:VLANet):
+
+def export_program(net: VLANet):
     "`torch.export` with a dynamic batch dimension: an `ExportedProgram` (call `.module()` to run it)."
     b = torch.export.Dim('batch', min=1, max=1024)
-    return torch.export.export(net.eval(), example_inputs(net.cfg), dynamic_shapes=tuple({0: b} for _ in input_names(net.cfg)))
+    return torch.export.export(
+        net.eval(), example_inputs(net.cfg), dynamic_shapes=tuple({0: b} for _ in input_names(net.cfg))
+    )
 
 # %% ../nbs/08_deployment.ipynb #c017
-_GRAPH_OPT = dict(disable='ORT_DISABLE_ALL', basic='ORT_ENABLE_BASIC', extended='ORT_ENABLE_EXTENDED', all='ORT_ENABLE_ALL')
+_GRAPH_OPT = dict(
+    disable='ORT_DISABLE_ALL', basic='ORT_ENABLE_BASIC', extended='ORT_ENABLE_EXTENDED', all='ORT_ENABLE_ALL'
+)
 
-def ort_session(path, threads:int=2, graph_opt:str='all', execution_mode:str='sequential', optimized_path=None) -> ort.InferenceSession:
+
+def ort_session(
+    path, threads: int = 2, graph_opt: str = 'all', execution_mode: str = 'sequential', optimized_path=None
+) -> ort.InferenceSession:
     "An ONNX Runtime CPU session with explicit threads, graph optimization level and execution mode."
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _GRAPH_OPT[check_choice('graph_opt', graph_opt, tuple(_GRAPH_OPT))])
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if execution_mode == 'sequential' else ort.ExecutionMode.ORT_PARALLEL
+    so.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _GRAPH_OPT[check_choice('graph_opt', graph_opt, tuple(_GRAPH_OPT))]
+    )
+    so.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL if execution_mode == 'sequential' else ort.ExecutionMode.ORT_PARALLEL
+    )
     so.log_severity_level = 3
-    if optimized_path is not None:                                 # save the optimized graph, in ORT format if the name ends in .ort
+    if optimized_path is not None:  # save the optimized graph, in ORT format if the name ends in .ort
         so.optimized_model_filepath = str(optimized_path)
-        if str(optimized_path).endswith('.ort'): so.add_session_config_entry('session.save_model_format', 'ORT')
+        if str(optimized_path).endswith('.ort'):
+            so.add_session_config_entry('session.save_model_format', 'ORT')
     return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
 
-def parity(net:VLANet, backends:dict, B:int=3, seed:int=1) -> dict:
+
+def parity(net: VLANet, backends: dict, B: int = 3, seed: int = 1) -> dict:
     "Max |difference| from eager of each backend's (actions, confidence) on a fixed batch; backends: name -> callable or ORT session."
     x = example_inputs(net.cfg, B=B, seed=seed)
-    with torch.inference_mode(): ref = [t.numpy() for t in net.eval()(*x)]
+    with torch.inference_mode():
+        ref = [t.numpy() for t in net.eval()(*x)]
     out = {}
     for name, f in backends.items():
-        if isinstance(f, ort.InferenceSession): y = f.run(list(OUTPUT_NAMES), dict(zip(input_names(net.cfg), (t.numpy() for t in x))))
+        if isinstance(f, ort.InferenceSession):
+            y = f.run(list(OUTPUT_NAMES), dict(zip(input_names(net.cfg), (t.numpy() for t in x))))
         else:
-            with torch.inference_mode(): y = [t.numpy() for t in f(*x)]
+            with torch.inference_mode():
+                y = [t.numpy() for t in f(*x)]
         out[name] = float(max(np.abs(a - b).max() for a, b in zip(y, ref)))
     return out
 
 # %% ../nbs/08_deployment.ipynb #c022
-def calibration_observations(n:int, seed:int=0, env:sim.TabletopEnv|None=None, every:int=3, wrist_size:int=0) -> list:
+def calibration_observations(
+    n: int, seed: int = 0, env: sim.TabletopEnv | None = None, every: int = 3, wrist_size: int = 0
+) -> list:
     "`n` real observations (dicts) from noisy scripted-expert episodes, every `every`-th step, seeded."
     check_range('n', n, 1, 1_000_000, integer=True)
-    own = env is None; env = env or sim.TabletopEnv(wrist_camera=bool(wrist_size), wrist_size=wrist_size or None); out, k = [], 0
+    own = env is None
+    env = env or sim.TabletopEnv(wrist_camera=bool(wrist_size), wrist_size=wrist_size or None)
+    out, k = [], 0
     try:
         while len(out) < n:
             fam = sim.TASK_FAMILIES[k % len(sim.TASK_FAMILIES)]
-            obs, _ = env.reset(seed=seed + k, options=dict(task=sim.sample_task(np.random.default_rng(seed + k), (fam,))))
+            obs, _ = env.reset(
+                seed=seed + k, options=dict(task=sim.sample_task(np.random.default_rng(seed + k), (fam,)))
+            )
             expert, done, t = sim.ScriptedExpert(env, noise_std=0.2, seed=seed + k), False, 0
             while not done and len(out) < n:
-                if t % every == 0: out.append({key: obs[key] for key in ('image', 'proprio', 'command', 'wrist_image') if key in obs})
-                obs, _, term, trunc, _ = env.step(expert.select_action(obs)); done, t = term or trunc, t + 1
+                if t % every == 0:
+                    out.append({key: obs[key] for key in ('image', 'proprio', 'command', 'wrist_image') if key in obs})
+                obs, _, term, trunc, _ = env.step(expert.select_action(obs))
+                done, t = term or trunc, t + 1
             k += 1
     finally:
-        if own: env.close()
+        if own:
+            env.close()
     return out
 
 # %% ../nbs/08_deployment.ipynb #c025
 DEPLOY_FORMAT_VERSION = 1
-def _sha(path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-def _input_spec(cfg:ModelConfig) -> dict:
-    return dict(image=dict(dtype='float32', shape=['batch', 3, cfg.image_size, cfg.image_size], source='uint8 RGB frame (H, W, 3), any size',
-                           preprocessing='cv2.resize INTER_AREA to S x S, /255, (x - stats.image.mean) / stats.image.std'),
-                token_ids=dict(dtype='int64', shape=['batch', cfg.max_tokens], preprocessing='tokenizer, padded with 0 to max_len'),
-                proprio=dict(dtype='float32', shape=['batch', cfg.proprio_dim], preprocessing='(x - stats.proprio.mean) / stats.proprio.std'),
-                command=dict(max_chars=sim.MAX_COMMAND_CHARS, charset='ASCII'),
-                **({'wrist_image': dict(dtype='float32', shape=['batch', 3, cfg.wrist_size, cfg.wrist_size], source='uint8 RGB wrist-camera frame (H, W, 3), any size',
-                                         preprocessing='cv2.resize INTER_AREA to W x W, /255, (x - stats.wrist_image.mean) / stats.wrist_image.std')} if cfg.wrist_size else {}))
 
-def _output_spec(cfg:ModelConfig) -> dict:
-    return dict(actions=dict(dtype='float32', shape=['batch', cfg.chunk_size, cfg.act_dim], postprocessing='a * stats.action.std + stats.action.mean, clip to action_bounds'),
-                confidence=dict(dtype='float32', shape=['batch']))
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _input_spec(cfg: ModelConfig) -> dict:
+    return dict(
+        image=dict(
+            dtype='float32',
+            shape=['batch', 3, cfg.image_size, cfg.image_size],
+            source='uint8 RGB frame (H, W, 3), any size',
+            preprocessing='cv2.resize INTER_AREA to S x S, /255, (x - stats.image.mean) / stats.image.std',
+        ),
+        token_ids=dict(
+            dtype='int64', shape=['batch', cfg.max_tokens], preprocessing='tokenizer, padded with 0 to max_len'
+        ),
+        proprio=dict(
+            dtype='float32',
+            shape=['batch', cfg.proprio_dim],
+            preprocessing='(x - stats.proprio.mean) / stats.proprio.std',
+        ),
+        command=dict(max_chars=sim.MAX_COMMAND_CHARS, charset='ASCII'),
+        **(
+            {
+                'wrist_image': dict(
+                    dtype='float32',
+                    shape=['batch', 3, cfg.wrist_size, cfg.wrist_size],
+                    source='uint8 RGB wrist-camera frame (H, W, 3), any size',
+                    preprocessing='cv2.resize INTER_AREA to W x W, /255, (x - stats.wrist_image.mean) / stats.wrist_image.std',
+                )
+            }
+            if cfg.wrist_size
+            else {}
+        ),
+    )
+
+
+def _output_spec(cfg: ModelConfig) -> dict:
+    return dict(
+        actions=dict(
+            dtype='float32',
+            shape=['batch', cfg.chunk_size, cfg.act_dim],
+            postprocessing='a * stats.action.std + stats.action.mean, clip to action_bounds',
+        ),
+        confidence=dict(dtype='float32', shape=['batch']),
+    )
 
 # %% ../nbs/08_deployment.ipynb #c027
-def prune_l1(net:VLANet, amount:float) -> dict:
+def prune_l1(net: VLANet, amount: float) -> dict:
     "L1 unstructured pruning of every Conv2d/Linear weight of `net`, in place and made permanent; returns the real sparsity."
     import torch.nn.utils.prune as prune
+
     mods = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for m in mods:
-        if amount > 0: prune.l1_unstructured(m, 'weight', amount=amount); prune.remove(m, 'weight')
-    w = [m.weight.detach() for m in mods]; zeros, total = sum(int((x == 0).sum()) for x in w), sum(x.numel() for x in w)
-    allp = sum(p.numel() for p in net.parameters()); allz = sum(int((p == 0).sum()) for p in net.parameters())
+        if amount > 0:
+            prune.l1_unstructured(m, 'weight', amount=amount)
+            prune.remove(m, 'weight')
+    w = [m.weight.detach() for m in mods]
+    zeros, total = sum(int((x == 0).sum()) for x in w), sum(x.numel() for x in w)
+    allp = sum(p.numel() for p in net.parameters())
+    allz = sum(int((p == 0).sum()) for p in net.parameters())
     return dict(amount=amount, weight_sparsity=round(zeros / total, 4), param_sparsity=round(allz / allp, 4))
 
 # %% ../nbs/08_deployment.ipynb #c029
 class _Reader(CalibrationDataReader):
-    def __init__(self, feeds): self.it = iter(feeds)
-    def get_next(self): return next(self.it, None)
+    def __init__(self, feeds):
+        self.it = iter(feeds)
 
-def quantize_int8(fp32_path, out_path, feeds:list, recipe:str='mixed') -> Path:
+    def get_next(self):
+        return next(self.it, None)
+
+
+def quantize_int8(fp32_path, out_path, feeds: list, recipe: str = 'mixed') -> Path:
     "Write an int8 model. recipe 'mixed': static QDQ per-channel Conv+Gather, then dynamic MatMul/Gemm; 'dynamic': everything dynamic."
     check_choice('recipe', recipe, ('mixed', 'dynamic'))
-    work, root = Path(tempfile.mkdtemp()), logging.getLogger(); level = root.level
-    root.setLevel(logging.ERROR)                                   # the dynamic pass warns that the QDQ model is 'already quantized': it is, on purpose
+    work, root = Path(tempfile.mkdtemp()), logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the dynamic pass warns that the QDQ model is 'already quantized': it is, on purpose
     try:
-        pre = work/'pre.onnx'; quant_pre_process(str(fp32_path), str(pre))
-        if recipe == 'dynamic': quantize_dynamic(str(pre), str(work/'q.onnx'), weight_type=QuantType.QInt8)
+        pre = work / 'pre.onnx'
+        quant_pre_process(str(fp32_path), str(pre))
+        if recipe == 'dynamic':
+            quantize_dynamic(str(pre), str(work / 'q.onnx'), weight_type=QuantType.QInt8)
         else:
-            if not feeds: raise ValueError("static quantization needs calibration feeds (real observations)")
-            quantize_static(str(pre), str(work/'s.onnx'), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                            op_types_to_quantize=['Conv', 'Gather'], activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            quantize_dynamic(str(work/'s.onnx'), str(work/'q.onnx'), op_types_to_quantize=['MatMul', 'Gemm'], weight_type=QuantType.QInt8)
-        onnx.checker.check_model(onnx.load(str(work/'q.onnx')))
-        return atomic_write(out_path, (work/'q.onnx').read_bytes())
-    finally: shutil.rmtree(work, ignore_errors=True); root.setLevel(level)
+            if not feeds:
+                raise ValueError("static quantization needs calibration feeds (real observations)")
+            quantize_static(
+                str(pre),
+                str(work / 's.onnx'),
+                _Reader(feeds),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                op_types_to_quantize=['Conv', 'Gather'],
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
+            quantize_dynamic(
+                str(work / 's.onnx'),
+                str(work / 'q.onnx'),
+                op_types_to_quantize=['MatMul', 'Gemm'],
+                weight_type=QuantType.QInt8,
+            )
+        onnx.checker.check_model(onnx.load(str(work / 'q.onnx')))
+        return atomic_write(out_path, (work / 'q.onnx').read_bytes())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        root.setLevel(level)
 
 # %% ../nbs/08_deployment.ipynb #c030
-def export_artifact(policy:VLAPolicy, out_dir, cfg:DeployConfig|None=None, calib:list|None=None) -> Path:
+def export_artifact(policy: VLAPolicy, out_dir, cfg: DeployConfig | None = None, calib: list | None = None) -> Path:
     "Write a self-contained deployment directory for `policy`: ONNX fp32 (+ int8), safetensors weights and `deploy.json`."
     cfg, out = cfg or DeployConfig(), ensure_dir(out_dir)
-    (out/'deploy.json').unlink(missing_ok=True)                    # the sidecar goes last: no sidecar = incomplete artifact
-    net = VLANet(policy.cfg); net.load_state_dict(policy.net.state_dict()); net.eval()   # a copy: pruning must not touch the policy
+    (out / 'deploy.json').unlink(missing_ok=True)  # the sidecar goes last: no sidecar = incomplete artifact
+    net = VLANet(policy.cfg)
+    net.load_state_dict(policy.net.state_dict())
+    net.eval()  # a copy: pruning must not touch the policy
     pruning = prune_l1(net, cfg.prune_amount)
-    atomic_write(out/'weights.safetensors', safetensors.torch.save({k: v.contiguous() for k, v in net.state_dict().items()}))
-    export_onnx(net, out/'model.onnx', cfg.opset)
+    atomic_write(
+        out / 'weights.safetensors', safetensors.torch.save({k: v.contiguous() for k, v in net.state_dict().items()})
+    )
+    export_onnx(net, out / 'model.onnx', cfg.opset)
     files = dict(model_onnx='model.onnx', weights='weights.safetensors')
     if cfg.int8:
-        calib = calib if calib is not None else calibration_observations(cfg.calib_frames, seed=cfg.seed, wrist_size=policy.cfg.wrist_size)
-        pre = Preprocessor(dict(input_spec=_input_spec(policy.cfg), stats=_stats_json(policy.norm), tokenizer=policy.tokenizer.to_json(),
-                                action_bounds=dict(low=[-1.] * policy.cfg.act_dim, high=[1.] * policy.cfg.act_dim)))
-        quantize_int8(out/'model.onnx', out/'model_int8.onnx', [pre(o) for o in calib]); files['model_int8'] = 'model_int8.onnx'
-    diffs = parity(net, dict(ort_fp32=ort_session(out/'model.onnx', cfg.threads)))
-    if diffs['ort_fp32'] > 1e-4: raise RuntimeError(f"ONNX export parity failed: max |ORT - eager| = {diffs['ort_fp32']:.2e} > 1e-4")
-    meta = dict(kind='vla_nb.deployment', format_version=DEPLOY_FORMAT_VERSION, config=policy.cfg.to_dict(), deploy=cfg.to_dict(),
-                stats=_stats_json(policy.norm), tokenizer=policy.tokenizer.to_json(), n_action_steps=policy.n_action_steps,
-                action_bounds=dict(low=[-1.] * policy.cfg.act_dim, high=[1.] * policy.cfg.act_dim),
-                input_spec=_input_spec(policy.cfg), output_spec=_output_spec(policy.cfg), pruning=pruning, parity=diffs,
-                files={k: dict(path=f, sha256=_sha(out/f), bytes=(out/f).stat().st_size) for k, f in files.items()},
-                versions=dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=ort.__version__))
-    atomic_write(out/'deploy.json', json.dumps(meta, indent=1) + '\n')
+        calib = (
+            calib
+            if calib is not None
+            else calibration_observations(cfg.calib_frames, seed=cfg.seed, wrist_size=policy.cfg.wrist_size)
+        )
+        pre = Preprocessor(
+            dict(
+                input_spec=_input_spec(policy.cfg),
+                stats=_stats_json(policy.norm),
+                tokenizer=policy.tokenizer.to_json(),
+                action_bounds=dict(low=[-1.0] * policy.cfg.act_dim, high=[1.0] * policy.cfg.act_dim),
+            )
+        )
+        quantize_int8(out / 'model.onnx', out / 'model_int8.onnx', [pre(o) for o in calib])
+        files['model_int8'] = 'model_int8.onnx'
+    diffs = parity(net, dict(ort_fp32=ort_session(out / 'model.onnx', cfg.threads)))
+    if diffs['ort_fp32'] > 1e-4:
+        raise RuntimeError(f"ONNX export parity failed: max |ORT - eager| = {diffs['ort_fp32']:.2e} > 1e-4")
+    meta = dict(
+        kind='vla_nb.deployment',
+        format_version=DEPLOY_FORMAT_VERSION,
+        config=policy.cfg.to_dict(),
+        deploy=cfg.to_dict(),
+        stats=_stats_json(policy.norm),
+        tokenizer=policy.tokenizer.to_json(),
+        n_action_steps=policy.n_action_steps,
+        action_bounds=dict(low=[-1.0] * policy.cfg.act_dim, high=[1.0] * policy.cfg.act_dim),
+        input_spec=_input_spec(policy.cfg),
+        output_spec=_output_spec(policy.cfg),
+        pruning=pruning,
+        parity=diffs,
+        files={k: dict(path=f, sha256=_sha(out / f), bytes=(out / f).stat().st_size) for k, f in files.items()},
+        versions=dict(torch=torch.__version__, onnx=onnx.__version__, onnxruntime=ort.__version__),
+    )
+    atomic_write(out / 'deploy.json', json.dumps(meta, indent=1) + '\n')
     return out
 
 # %% ../nbs/08_deployment.ipynb #c032
 def load_artifact(model_path) -> tuple:
     "(directory, verified sidecar dict) of a deployment artifact; ValueError/FileNotFoundError naming what is wrong."
     d = Path(model_path)
-    if not d.exists(): raise FileNotFoundError(f"deployment artifact not found: {d}")
-    if not d.is_dir(): raise ValueError(f"{d} is not an artifact directory (expected a directory with deploy.json, model.onnx, ...)")
-    side = d/'deploy.json'
-    if not side.is_file(): raise ValueError(f"{d} has no deploy.json: not a deployment artifact, or its export did not finish")
-    try: meta = json.loads(side.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"corrupt deploy.json in {d}: {e}") from None
+    if not d.exists():
+        raise FileNotFoundError(f"deployment artifact not found: {d}")
+    if not d.is_dir():
+        raise ValueError(f"{d} is not an artifact directory (expected a directory with deploy.json, model.onnx, ...)")
+    side = d / 'deploy.json'
+    if not side.is_file():
+        raise ValueError(f"{d} has no deploy.json: not a deployment artifact, or its export did not finish")
+    try:
+        meta = json.loads(side.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt deploy.json in {d}: {e}") from None
     need = {'kind', 'format_version', 'config', 'stats', 'tokenizer', 'action_bounds', 'input_spec', 'files'}
-    if not isinstance(meta, dict) or not need <= set(meta): raise ValueError(f"corrupt deploy.json in {d}: missing {sorted(need - set(meta or {}))}")
-    if meta['kind'] != 'vla_nb.deployment': raise ValueError(f"{side} is not a vla_nb deployment sidecar (kind={meta['kind']!r})")
-    if meta['format_version'] > DEPLOY_FORMAT_VERSION: raise ValueError(f"artifact format_version {meta['format_version']} is newer than this vla_nb ({DEPLOY_FORMAT_VERSION})")
+    if not isinstance(meta, dict) or not need <= set(meta):
+        raise ValueError(f"corrupt deploy.json in {d}: missing {sorted(need - set(meta or {}))}")
+    if meta['kind'] != 'vla_nb.deployment':
+        raise ValueError(f"{side} is not a vla_nb deployment sidecar (kind={meta['kind']!r})")
+    if meta['format_version'] > DEPLOY_FORMAT_VERSION:
+        raise ValueError(
+            f"artifact format_version {meta['format_version']} is newer than this vla_nb ({DEPLOY_FORMAT_VERSION})"
+        )
     for k, f in meta['files'].items():
-        p = d/f['path']
-        if not p.is_file(): raise ValueError(f"artifact {d} lacks {f['path']} listed in deploy.json")
-        if _sha(p) != f['sha256']: raise ValueError(f"{p} does not match the sha256 in deploy.json: modified, truncated or from another export")
+        p = d / f['path']
+        if not p.is_file():
+            raise ValueError(f"artifact {d} lacks {f['path']} listed in deploy.json")
+        if _sha(p) != f['sha256']:
+            raise ValueError(
+                f"{p} does not match the sha256 in deploy.json: modified, truncated or from another export"
+            )
     return d, meta
 
-def check_onnx_io(sess:ort.InferenceSession, meta:dict, name:str='model'):
+
+def check_onnx_io(sess: ort.InferenceSession, meta: dict, name: str = 'model'):
     "Raise unless the session's input/output names match the sidecar's input/output spec."
     got_in, got_out = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
-    want_in = [k for k in meta['input_spec'] if k != 'command']; want_out = list(meta.get('output_spec', {}) or OUTPUT_NAMES)
-    if sorted(got_in) != sorted(want_in): raise ValueError(f"{name} ONNX inputs {got_in} do not match the artifact's input spec {want_in}")
-    if sorted(got_out) != sorted(want_out): raise ValueError(f"{name} ONNX outputs {got_out} do not match the artifact's output spec {want_out}")
+    want_in = [k for k in meta['input_spec'] if k != 'command']
+    want_out = list(meta.get('output_spec', {}) or OUTPUT_NAMES)
+    if sorted(got_in) != sorted(want_in):
+        raise ValueError(f"{name} ONNX inputs {got_in} do not match the artifact's input spec {want_in}")
+    if sorted(got_out) != sorted(want_out):
+        raise ValueError(f"{name} ONNX outputs {got_out} do not match the artifact's output spec {want_out}")
 
 # %% ../nbs/08_deployment.ipynb #c036
 BACKENDS = ('ort_fp32', 'ort_int8', 'torchscript', 'eager')
 
+
 class OptimizedVLAInference:
     "A deployment artifact on one backend: preprocessing, model, postprocessing, latency statistics, and the policy interface."
-    def __init__(self, model_path, backend:str='ort_fp32', threads:int=2, warmup:int=10, n_action_steps:int|None=None, history:int=10_000):
-        check_choice('backend', backend, BACKENDS + ('auto',)); check_range('threads', threads, 1, 256, integer=True)
+
+    def __init__(
+        self,
+        model_path,
+        backend: str = 'ort_fp32',
+        threads: int = 2,
+        warmup: int = 10,
+        n_action_steps: int | None = None,
+        history: int = 10_000,
+    ):
+        check_choice('backend', backend, BACKENDS + ('auto',))
+        check_range('threads', threads, 1, 256, integer=True)
         self.path, self.meta = load_artifact(model_path)
-        if backend == 'auto': backend = self.meta.get('recommended_backend', 'ort_fp32')   # set by bench_deploy's int8 gates
+        if backend == 'auto':
+            backend = self.meta.get('recommended_backend', 'ort_fp32')  # set by bench_deploy's int8 gates
         self.backend, self.threads, self.pre = backend, threads, Preprocessor(self.meta)
         self.cfg = ModelConfig.from_dict(self.meta['config'])
         n = n_action_steps or self.meta.get('n_action_steps') or self.cfg.chunk_size
         self.n_action_steps = check_range('n_action_steps', n, 1, self.cfg.chunk_size, integer=True)
-        self._times = deque(maxlen=history); self.calls = 0
+        self._times = deque(maxlen=history)
+        self.calls = 0
         self._run = self._ort() if backend.startswith('ort') else self._torch()
-        for _ in range(warmup): self.infer(self._dummy())
-        self._times.clear(); self.calls = 0; self.reset()
+        for _ in range(warmup):
+            self.infer(self._dummy())
+        self._times.clear()
+        self.calls = 0
+        self.reset()
 
-    def reset(self): self._queue, self.last_confidence = deque(), None
-    def __repr__(self): return f"OptimizedVLAInference({str(self.path)!r}, backend={self.backend!r}, threads={self.threads})"
+    def reset(self):
+        self._queue, self.last_confidence = deque(), None
+
+    def __repr__(self):
+        return f"OptimizedVLAInference({str(self.path)!r}, backend={self.backend!r}, threads={self.threads})"
 
 # %% ../nbs/08_deployment.ipynb #c037
 @patch
-def _ort(self:OptimizedVLAInference):
+def _ort(self: OptimizedVLAInference):
     key = 'model_onnx' if self.backend == 'ort_fp32' else 'model_int8'
-    if key not in self.meta['files']: raise ValueError(f"artifact {self.path} has no {key} (export it with DeployConfig(int8=True))")
+    if key not in self.meta['files']:
+        raise ValueError(f"artifact {self.path} has no {key} (export it with DeployConfig(int8=True))")
     d = DeployConfig.from_dict(self.meta['deploy']) if 'deploy' in self.meta else DeployConfig()
-    sess = ort_session(self.path/self.meta['files'][key]['path'], self.threads, d.graph_opt, d.execution_mode)
-    check_onnx_io(sess, self.meta, key); self.session = sess
+    sess = ort_session(self.path / self.meta['files'][key]['path'], self.threads, d.graph_opt, d.execution_mode)
+    check_onnx_io(sess, self.meta, key)
+    self.session = sess
     return lambda feed: sess.run(list(OUTPUT_NAMES), feed)
 
+
 @patch
-def _torch(self:OptimizedVLAInference):
-    tensors = safetensors.torch.load((self.path/self.meta['files']['weights']['path']).read_bytes())
+def _torch(self: OptimizedVLAInference):
+    tensors = safetensors.torch.load((self.path / self.meta['files']['weights']['path']).read_bytes())
     net = load_weights(VLANet(self.cfg), tensors).eval()
     mod = export_torchscript(net) if self.backend == 'torchscript' else net
+
     def run(feed):
-        prev = torch.get_num_threads(); torch.set_num_threads(self.threads)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode(): out = mod(*(torch.from_numpy(feed[k]) for k in input_names(self.cfg)))
-        finally: torch.set_num_threads(prev)
+            with torch.inference_mode():
+                out = mod(*(torch.from_numpy(feed[k]) for k in input_names(self.cfg)))
+        finally:
+            torch.set_num_threads(prev)
         return [t.numpy() for t in out]
+
     return run
 
 # %% ../nbs/08_deployment.ipynb #c038
 @patch
-def _dummy(self:OptimizedVLAInference) -> dict:
+def _dummy(self: OptimizedVLAInference) -> dict:
     W = self.pre.W
-    return dict(image=np.zeros((self.pre.S, self.pre.S, 3), np.uint8), proprio=self.pre.pro_mean.copy(), command='pick up the cup',
-                **({'wrist_image': np.zeros((W, W, 3), np.uint8)} if W else {}))
+    return dict(
+        image=np.zeros((self.pre.S, self.pre.S, 3), np.uint8),
+        proprio=self.pre.pro_mean.copy(),
+        command='pick up the cup',
+        **({'wrist_image': np.zeros((W, W, 3), np.uint8)} if W else {}),
+    )
+
 
 @patch
-def infer(self:OptimizedVLAInference, obs:dict) -> dict:
+def infer(self: OptimizedVLAInference, obs: dict) -> dict:
     "One observation -> raw actions (H, A) clipped to the bounds, confidence, and this call's latency (preprocess + model + post)."
     t0 = time.perf_counter()
     feed = self.pre(obs)
     act, conf = self._run(feed)
     out = dict(actions=self.pre.postprocess(act[0]), confidence=float(conf[0]))
-    dt = time.perf_counter() - t0; self._times.append(dt); self.calls += 1
+    dt = time.perf_counter() - t0
+    self._times.append(dt)
+    self.calls += 1
     out['latency_ms'] = 1000 * dt
     return out
 
-@patch
-def predict_action_chunk(self:OptimizedVLAInference, obs:dict) -> np.ndarray:
-    r = self.infer(obs); self.last_confidence = np.array([r['confidence']], np.float32)
-    return r['actions']
 
 @patch
-def select_action(self:OptimizedVLAInference, obs:dict) -> np.ndarray:
+def predict_action_chunk(self: OptimizedVLAInference, obs: dict) -> np.ndarray:
+    r = self.infer(obs)
+    self.last_confidence = np.array([r['confidence']], np.float32)
+    return r['actions']
+
+
+@patch
+def select_action(self: OptimizedVLAInference, obs: dict) -> np.ndarray:
     "The next action (A,): from the queue, refilled with the first `n_action_steps` of a new chunk when empty."
-    if not self._queue: self._queue.extend(self.predict_action_chunk(obs)[:self.n_action_steps])
+    if not self._queue:
+        self._queue.extend(self.predict_action_chunk(obs)[: self.n_action_steps])
     return self._queue.popleft()
 
 # %% ../nbs/08_deployment.ipynb #c039
 def latency_stats(seconds) -> dict:
     "p50/p90/p95/p99 and mean in ms, and calls per second, of a list of durations in seconds."
     ms = 1000 * np.asarray(seconds, dtype=np.float64)
-    if ms.size == 0: return dict(n=0, p50=None, p90=None, p95=None, p99=None, mean=None, fps=0.0)
+    if ms.size == 0:
+        return dict(n=0, p50=None, p90=None, p95=None, p99=None, mean=None, fps=0.0)
     p = np.percentile(ms, [50, 90, 95, 99])
     p = [round(float(v), 3) for v in p]
-    return dict(n=int(ms.size), p50=p[0], p90=p[1], p95=p[2], p99=p[3],
-                mean=round(float(ms.mean()), 3), fps=round(1000 / float(ms.mean()), 1))
+    return dict(
+        n=int(ms.size),
+        p50=p[0],
+        p90=p[1],
+        p95=p[2],
+        p99=p[3],
+        mean=round(float(ms.mean()), 3),
+        fps=round(1000 / float(ms.mean()), 1),
+    )
+
 
 @patch
-def get_performance_metrics(self:OptimizedVLAInference) -> dict:
+def get_performance_metrics(self: OptimizedVLAInference) -> dict:
     "Latency percentiles (ms) and FPS over the calls since warm-up (the last `history` of them)."
     return dict(backend=self.backend, threads=self.threads, total_calls=self.calls, **latency_stats(self._times))
 
 # %% ../nbs/08_deployment.ipynb #c044
-def _interleaved(fns:dict, feed_fn, calls:int, warmup:int=10) -> dict:
+def _interleaved(fns: dict, feed_fn, calls: int, warmup: int = 10) -> dict:
     "Run every callable `calls` times, interleaved (so load on the machine hits all of them alike); seconds per call by name."
     for f in fns.values():
-        for _ in range(warmup): f(feed_fn())
+        for _ in range(warmup):
+            f(feed_fn())
     times = {k: [] for k in fns}
     for _ in range(calls):
         for k, f in fns.items():
-            x = feed_fn(); t = time.perf_counter(); f(x); times[k].append(time.perf_counter() - t)
+            x = feed_fn()
+            t = time.perf_counter()
+            f(x)
+            times[k].append(time.perf_counter() - t)
     return times
 
-def _feed(cfg:ModelConfig, B:int=1, seed:int=0) -> dict:
+
+def _feed(cfg: ModelConfig, B: int = 1, seed: int = 0) -> dict:
     return dict(zip(input_names(cfg), (t.numpy() for t in example_inputs(cfg, B, seed))))
+
 
 class HardwareOptimizer:
     "Target-specific optimization of a `VLANet`: CPU (ONNX Runtime), mobile (ORT format), compression (pruning, int8), Jetson (TensorRT)."
+
     @staticmethod
-    def optimize_for_cpu(onnx_path, threads:int=2, calls:int=100) -> tuple:
+    def optimize_for_cpu(onnx_path, threads: int = 2, calls: int = 100) -> tuple:
         "Measure ONNX Runtime settings (graph optimization level, 1..`threads` threads, execution mode), interleaved: (fastest session, report)."
-        opts = {f'{lvl}/t{t}/sequential': (t, lvl, 'sequential') for lvl in ('disable', 'basic', 'all') for t in sorted({1, threads})}
+        opts = {
+            f'{lvl}/t{t}/sequential': (t, lvl, 'sequential')
+            for lvl in ('disable', 'basic', 'all')
+            for t in sorted({1, threads})
+        }
         opts[f'all/t{threads}/parallel'] = (threads, 'all', 'parallel')
         sessions = {k: ort_session(onnx_path, t, lvl, mode) for k, (t, lvl, mode) in opts.items()}
-        shp = {i.name: i.shape for i in next(iter(sessions.values())).get_inputs()}   # vocab_size=2: token id 1 is valid in every vocabulary
-        feed = _feed(ModelConfig(image_size=shp['image'][2], max_tokens=shp['token_ids'][1], proprio_dim=shp['proprio'][1], vocab_size=2,
-                                 wrist_size=shp['wrist_image'][2] if 'wrist_image' in shp else 0))
-        times = _interleaved({k: (lambda s: lambda f: s.run(None, f))(s) for k, s in sessions.items()}, lambda: feed, calls)
+        shp = {
+            i.name: i.shape for i in next(iter(sessions.values())).get_inputs()
+        }  # vocab_size=2: token id 1 is valid in every vocabulary
+        feed = _feed(
+            ModelConfig(
+                image_size=shp['image'][2],
+                max_tokens=shp['token_ids'][1],
+                proprio_dim=shp['proprio'][1],
+                vocab_size=2,
+                wrist_size=shp['wrist_image'][2] if 'wrist_image' in shp else 0,
+            )
+        )
+        times = _interleaved(
+            {k: (lambda s: lambda f: s.run(None, f))(s) for k, s in sessions.items()}, lambda: feed, calls
+        )
         stats = {k: latency_stats(v) for k, v in times.items()}
         best = min(stats, key=lambda k: stats[k]['p50'])
         return sessions[best], dict(best=best, threads=threads, latency_ms=stats)
 
 # %% ../nbs/08_deployment.ipynb #c045
-def optimize_for_mobile(net:VLANet, out_dir, opset:int=17) -> tuple:
+def optimize_for_mobile(net: VLANet, out_dir, opset: int = 17) -> tuple:
     "Export ONNX, save the fully optimized graph in ORT format, and load it: (session, path of the .ort file)."
-    out = ensure_dir(out_dir); onnx_path = export_onnx(net, out/'mobile.onnx', opset)
-    ort_session(onnx_path, 1, 'all', optimized_path=out/'mobile.ort')   # writes mobile.ort as a side effect
-    sess = ort_session(out/'mobile.ort', 1, 'all')
-    return sess, out/'mobile.ort'
+    out = ensure_dir(out_dir)
+    onnx_path = export_onnx(net, out / 'mobile.onnx', opset)
+    ort_session(onnx_path, 1, 'all', optimized_path=out / 'mobile.ort')  # writes mobile.ort as a side effect
+    sess = ort_session(out / 'mobile.ort', 1, 'all')
+    return sess, out / 'mobile.ort'
+
+
 HardwareOptimizer.optimize_for_mobile = staticmethod(optimize_for_mobile)
 
-def optimize_for_jetson(net:VLANet, batch:int=1):
+
+def optimize_for_jetson(net: VLANet, batch: int = 1):
     "Compile `net` with torch-tensorrt in fp16 for an NVIDIA GPU (Jetson or desktop); clear errors when CUDA or torch-tensorrt is missing."
     if not torch.cuda.is_available():
-        raise RuntimeError("optimize_for_jetson needs a CUDA device (torch.cuda.is_available() is False); use optimize_for_cpu on this machine")
-    try: import torch_tensorrt
-    except ImportError: raise RuntimeError("optimize_for_jetson needs torch-tensorrt: pip install 'vla_nb[gpu]' (torch-tensorrt matching your torch and CUDA)") from None
+        raise RuntimeError(
+            "optimize_for_jetson needs a CUDA device (torch.cuda.is_available() is False); use optimize_for_cpu on this machine"
+        )
+    try:
+        import torch_tensorrt
+    except ImportError:
+        raise RuntimeError(
+            "optimize_for_jetson needs torch-tensorrt: pip install 'vla_nb[gpu]' (torch-tensorrt matching your torch and CUDA)"
+        ) from None
     cfg, dev = net.cfg, torch.device('cuda')
     x = tuple(t.to(dev) for t in example_inputs(cfg, batch))
-    return torch_tensorrt.compile(net.eval().to(dev), ir='dynamo', inputs=list(x), enabled_precisions={torch.float16, torch.float32})
+    return torch_tensorrt.compile(
+        net.eval().to(dev), ir='dynamo', inputs=list(x), enabled_precisions={torch.float16, torch.float32}
+    )
+
+
 HardwareOptimizer.optimize_for_jetson = staticmethod(optimize_for_jetson)
 
 # %% ../nbs/08_deployment.ipynb #c050
 def _gz(path) -> int:
-    import gzip; return len(gzip.compress(Path(path).read_bytes(), 6))
+    import gzip
 
-def apply_model_compression(net:VLANet, calib_feeds:list, out_dir, prune_amount:float=0.5, threads:int=2, calls:int=100) -> dict:
+    return len(gzip.compress(Path(path).read_bytes(), 6))
+
+
+def apply_model_compression(
+    net: VLANet, calib_feeds: list, out_dir, prune_amount: float = 0.5, threads: int = 2, calls: int = 100
+) -> dict:
     "Prune (L1, permanent) and int8-quantize copies of `net`; size, gzip size, latency p50 and max |diff| vs fp32 of each variant."
-    out = ensure_dir(out_dir); net = net.eval()
-    pruned = VLANet(net.cfg); pruned.load_state_dict(net.state_dict()); pruned.eval(); sparsity = prune_l1(pruned, prune_amount)
-    paths = dict(fp32=export_onnx(net, out/'fp32.onnx'), pruned_fp32=export_onnx(pruned, out/'pruned.onnx'))
-    paths['int8_mixed'] = quantize_int8(paths['fp32'], out/'int8_mixed.onnx', calib_feeds, 'mixed')
-    paths['int8_dynamic'] = quantize_int8(paths['fp32'], out/'int8_dynamic.onnx', [], 'dynamic')
+    out = ensure_dir(out_dir)
+    net = net.eval()
+    pruned = VLANet(net.cfg)
+    pruned.load_state_dict(net.state_dict())
+    pruned.eval()
+    sparsity = prune_l1(pruned, prune_amount)
+    paths = dict(fp32=export_onnx(net, out / 'fp32.onnx'), pruned_fp32=export_onnx(pruned, out / 'pruned.onnx'))
+    paths['int8_mixed'] = quantize_int8(paths['fp32'], out / 'int8_mixed.onnx', calib_feeds, 'mixed')
+    paths['int8_dynamic'] = quantize_int8(paths['fp32'], out / 'int8_dynamic.onnx', [], 'dynamic')
     sess = {k: ort_session(p, threads) for k, p in paths.items()}
-    feeds = [_feed(net.cfg, 1, s) for s in range(8)]; ref = [sess['fp32'].run(None, f)[0] for f in feeds]
+    feeds = [_feed(net.cfg, 1, s) for s in range(8)]
+    ref = [sess['fp32'].run(None, f)[0] for f in feeds]
     times = _interleaved({k: (lambda s: lambda f: s.run(None, f))(s) for k, s in sess.items()}, lambda: feeds[0], calls)
-    rows = {k: dict(size_mb=round(p.stat().st_size / 1e6, 3), gzip_mb=round(_gz(p) / 1e6, 3), p50_ms=latency_stats(times[k])['p50'],
-                    max_abs_diff=float(max(np.abs(sess[k].run(None, f)[0] - r).max() for f, r in zip(feeds, ref)))) for k, p in paths.items()}
+    rows = {
+        k: dict(
+            size_mb=round(p.stat().st_size / 1e6, 3),
+            gzip_mb=round(_gz(p) / 1e6, 3),
+            p50_ms=latency_stats(times[k])['p50'],
+            max_abs_diff=float(max(np.abs(sess[k].run(None, f)[0] - r).max() for f, r in zip(feeds, ref))),
+        )
+        for k, p in paths.items()
+    }
     return dict(pruning=sparsity, variants=rows)
+
+
 HardwareOptimizer.apply_model_compression = staticmethod(apply_model_compression)
 
 # %% ../nbs/08_deployment.ipynb #c055
 @dataclass
 class EdgeConfig(Config):
     "Settings of `EdgeVLADeployer`."
-    backend:str='ort_fp32'        # inference backend (see BACKENDS)
-    threads:int=2                 # inference threads
-    control_hz:float=10.0         # control-loop rate; also sets each tick's deadline (1 / control_hz)
-    realtime:bool=True            # sleep to keep ticks at control_hz (False: tick as fast as the caller calls)
-    n_action_steps:int=8          # actions of each chunk that may be executed
-    refill_at:int=2               # request a new chunk when this many actions (or fewer) remain queued
-    queue_size:int=2              # capacity of the input and output queues (overflow drops the oldest)
-    warmup:int=10                 # warm-up inferences at start
+
+    backend: str = 'ort_fp32'  # inference backend (see BACKENDS)
+    threads: int = 2  # inference threads
+    control_hz: float = 10.0  # control-loop rate; also sets each tick's deadline (1 / control_hz)
+    realtime: bool = True  # sleep to keep ticks at control_hz (False: tick as fast as the caller calls)
+    n_action_steps: int = 8  # actions of each chunk that may be executed
+    refill_at: int = 2  # request a new chunk when this many actions (or fewer) remain queued
+    queue_size: int = 2  # capacity of the input and output queues (overflow drops the oldest)
+    warmup: int = 10  # warm-up inferences at start
 
     def __post_init__(self):
-        check_choice('backend', self.backend, BACKENDS + ('auto',)); check_range('threads', self.threads, 1, 256, integer=True)
+        check_choice('backend', self.backend, BACKENDS + ('auto',))
+        check_range('threads', self.threads, 1, 256, integer=True)
         check_range('control_hz', self.control_hz, 0.1, 10_000)
         check_range('n_action_steps', self.n_action_steps, 1, 1024, integer=True)
         check_range('refill_at', self.refill_at, 0, self.n_action_steps - 1, integer=True)
-        check_range('queue_size', self.queue_size, 1, 1024, integer=True); check_range('warmup', self.warmup, 0, 10_000, integer=True)
+        check_range('queue_size', self.queue_size, 1, 1024, integer=True)
+        check_range('warmup', self.warmup, 0, 10_000, integer=True)
 
 # %% ../nbs/08_deployment.ipynb #c056
 class EdgeVLADeployer:
     "Threaded edge runtime over a deployment artifact: bounded queues, per-frame errors, chunked actions, deadline misses held safely."
-    def __init__(self, model_path, cfg:EdgeConfig|None=None):
+
+    def __init__(self, model_path, cfg: EdgeConfig | None = None):
         self.cfg = cfg = cfg or EdgeConfig()
         self.runtime = OptimizedVLAInference(model_path, cfg.backend, cfg.threads, cfg.warmup)
-        if cfg.n_action_steps > self.runtime.cfg.chunk_size: raise ValueError(f"n_action_steps ({cfg.n_action_steps}) exceeds the model's chunk_size ({self.runtime.cfg.chunk_size})")
+        if cfg.n_action_steps > self.runtime.cfg.chunk_size:
+            raise ValueError(
+                f"n_action_steps ({cfg.n_action_steps}) exceeds the model's chunk_size ({self.runtime.cfg.chunk_size})"
+            )
         self.inq, self.outq = queue.Queue(cfg.queue_size), queue.Queue(cfg.queue_size)
         self._stop, self._lock, self._thread = threading.Event(), threading.Lock(), None
         self.dropped = self.dropped_results = self.processed = self.errors = 0
         self._frame = 0
-        self.reset_stats(); self.reset()
+        self.reset_stats()
+        self.reset()
 
     def reset_stats(self):
         "Zero the control-loop statistics (ticks, tick intervals, deadline misses); they accumulate over episodes otherwise."
@@ -517,132 +816,194 @@ class EdgeVLADeployer:
         "Start of an episode: forget queued actions and pending results (a result still in flight is ignored when it arrives)."
         self.actions, self.pending, self.tick, self._last_grip, self._t_last = deque(), None, 0, 0.0, None
         while True:
-            try: self.outq.get_nowait()
-            except queue.Empty: break
+            try:
+                self.outq.get_nowait()
+            except queue.Empty:
+                break
 
 # %% ../nbs/08_deployment.ipynb #c057
 @patch
-def start(self:EdgeVLADeployer):
+def start(self: EdgeVLADeployer):
     "Start the processing thread (idempotent)."
-    if self._thread is not None and self._thread.is_alive(): return self
-    self._stop.clear(); self._thread = threading.Thread(target=self._loop, name='edge-vla', daemon=True); self._thread.start()
+    if self._thread is not None and self._thread.is_alive():
+        return self
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._loop, name='edge-vla', daemon=True)
+    self._thread.start()
     return self
 
+
 @patch
-def _loop(self:EdgeVLADeployer):
+def _loop(self: EdgeVLADeployer):
     while not self._stop.is_set():
-        try: fid, tick, obs = self.inq.get(timeout=0.05)
-        except queue.Empty: continue
+        try:
+            fid, tick, obs = self.inq.get(timeout=0.05)
+        except queue.Empty:
+            continue
         res = dict(frame=fid, tick=tick, error=None, actions=None, confidence=None, latency_ms=None)
-        try: res.update(self.runtime.infer(obs))
-        except Exception as e: res['error'] = f"{type(e).__name__}: {e}"; self.errors += 1   # this frame fails, the thread lives
+        try:
+            res.update(self.runtime.infer(obs))
+        except Exception as e:
+            res['error'] = f"{type(e).__name__}: {e}"
+            self.errors += 1  # this frame fails, the thread lives
         self.processed += 1
-        with self._lock:                                             # output overflow: drop the oldest result too
+        with self._lock:  # output overflow: drop the oldest result too
             if self.outq.full():
-                try: self.outq.get_nowait(); self.dropped_results += 1
-                except queue.Empty: pass
+                try:
+                    self.outq.get_nowait()
+                    self.dropped_results += 1
+                except queue.Empty:
+                    pass
             self.outq.put_nowait(res)
 
 # %% ../nbs/08_deployment.ipynb #c058
 @patch
-def stop(self:EdgeVLADeployer, timeout:float=5.0):
+def stop(self: EdgeVLADeployer, timeout: float = 5.0):
     "Stop and join the processing thread; RuntimeError if it does not finish within `timeout` seconds."
     self._stop.set()
     if self._thread is not None:
         self._thread.join(timeout)
-        if self._thread.is_alive(): raise RuntimeError(f"edge processing thread did not stop within {timeout} s")
+        if self._thread.is_alive():
+            raise RuntimeError(f"edge processing thread did not stop within {timeout} s")
     self._thread = None
 
 # %% ../nbs/08_deployment.ipynb #c059
 @patch
-def submit(self:EdgeVLADeployer, obs:dict, tick:int|None=None) -> int:
+def submit(self: EdgeVLADeployer, obs: dict, tick: int | None = None) -> int:
     "Queue an observation for inference; returns its frame id. A full queue drops its oldest request (counted in `dropped`)."
-    if self._thread is None: raise RuntimeError("call start() before submitting frames")
+    if self._thread is None:
+        raise RuntimeError("call start() before submitting frames")
     with self._lock:
         fid, self._frame = self._frame, self._frame + 1
         while True:
-            try: self.inq.put_nowait((fid, self.tick if tick is None else tick, obs)); break
+            try:
+                self.inq.put_nowait((fid, self.tick if tick is None else tick, obs))
+                break
             except queue.Full:
-                try: self.inq.get_nowait(); self.dropped += 1
-                except queue.Empty: pass
+                try:
+                    self.inq.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
     return fid
 
+
 @patch
-def get_result(self:EdgeVLADeployer, timeout:float|None=None) -> dict|None:
+def get_result(self: EdgeVLADeployer, timeout: float | None = None) -> dict | None:
     "The next result dict (frame, tick, actions, confidence, latency_ms, error), or None after `timeout` seconds."
-    try: return self.outq.get(timeout=timeout) if timeout else self.outq.get_nowait()
-    except queue.Empty: return None
+    try:
+        return self.outq.get(timeout=timeout) if timeout else self.outq.get_nowait()
+    except queue.Empty:
+        return None
 
 # %% ../nbs/08_deployment.ipynb #c060
 @patch
-def _accept(self:EdgeVLADeployer, res:dict):
+def _accept(self: EdgeVLADeployer, res: dict):
     "Take a result for the pending request: fill the action queue, skipping the ticks that passed since its observation."
-    if res['frame'] != self.pending: return                          # a stale result from before a reset
+    if res['frame'] != self.pending:
+        return  # a stale result from before a reset
     self.pending = None
-    if res['error'] is not None: return                              # the tick logic holds position if nothing else is queued
-    fresh = res['actions'][:self.cfg.n_action_steps][self.tick - res['tick']:]
-    if len(fresh): self.actions = deque(fresh)
+    if res['error'] is not None:
+        return  # the tick logic holds position if nothing else is queued
+    fresh = res['actions'][: self.cfg.n_action_steps][self.tick - res['tick'] :]
+    if len(fresh):
+        self.actions = deque(fresh)
 
 # %% ../nbs/08_deployment.ipynb #c062
 @patch
-def select_action(self:EdgeVLADeployer, obs:dict) -> np.ndarray:
+def select_action(self: EdgeVLADeployer, obs: dict) -> np.ndarray:
     "One control tick: the next action, requesting a new chunk when few remain; a missed deadline holds position."
-    if self._thread is None: self.start()
-    period = 1 / self.cfg.control_hz; now = time.perf_counter()
-    if self.cfg.realtime and self._t_last is not None and now < self._t_last + period: time.sleep(self._t_last + period - now)
-    t0 = time.perf_counter(); deadline = t0 + period
-    if self._t_last is not None: self._tick_times.append(t0 - self._t_last)
+    if self._thread is None:
+        self.start()
+    period = 1 / self.cfg.control_hz
+    now = time.perf_counter()
+    if self.cfg.realtime and self._t_last is not None and now < self._t_last + period:
+        time.sleep(self._t_last + period - now)
+    t0 = time.perf_counter()
+    deadline = t0 + period
+    if self._t_last is not None:
+        self._tick_times.append(t0 - self._t_last)
     self._t_last = t0
-    for res in iter(self.get_result, None): self._accept(res)
-    if self.pending is None and len(self.actions) <= self.cfg.refill_at: self.pending = self.submit(obs)
+    for res in iter(self.get_result, None):
+        self._accept(res)
+    if self.pending is None and len(self.actions) <= self.cfg.refill_at:
+        self.pending = self.submit(obs)
     while not self.actions and self.pending is not None and time.perf_counter() < deadline:
         res = self.get_result(timeout=max(deadline - time.perf_counter(), 1e-4))
-        if res is not None: self._accept(res)
-    self.tick += 1; self.ticks += 1
-    if self.actions: a = self.actions.popleft(); self._last_grip = float(a[-1]); return a
+        if res is not None:
+            self._accept(res)
+    self.tick += 1
+    self.ticks += 1
+    if self.actions:
+        a = self.actions.popleft()
+        self._last_grip = float(a[-1])
+        return a
     self.misses += 1
-    a = np.zeros(self.runtime.cfg.act_dim, np.float32); a[-1] = self._last_grip   # hold: no motion, gripper unchanged
+    a = np.zeros(self.runtime.cfg.act_dim, np.float32)
+    a[-1] = self._last_grip  # hold: no motion, gripper unchanged
     return a
 
 # %% ../nbs/08_deployment.ipynb #c063
 @patch
-def get_performance_metrics(self:EdgeVLADeployer) -> dict:
+def get_performance_metrics(self: EdgeVLADeployer) -> dict:
     "Control-loop rate, deadline misses, queue drops and errors, and the inference latency statistics."
     dt = np.asarray(self._tick_times)
-    return dict(control_hz=round(1 / float(dt.mean()), 2) if dt.size else None, ticks=self.ticks, deadline_misses=self.misses,
-                dropped=self.dropped, dropped_results=self.dropped_results, processed=self.processed, errors=self.errors,
-                inference=self.runtime.get_performance_metrics())
+    return dict(
+        control_hz=round(1 / float(dt.mean()), 2) if dt.size else None,
+        ticks=self.ticks,
+        deadline_misses=self.misses,
+        dropped=self.dropped,
+        dropped_results=self.dropped_results,
+        processed=self.processed,
+        errors=self.errors,
+        inference=self.runtime.get_performance_metrics(),
+    )
 
 # %% ../nbs/08_deployment.ipynb #c068
-def edge_rollout(env:sim.TabletopEnv, edge:EdgeVLADeployer, seed:int, options:dict|None=None) -> dict:
+def edge_rollout(env: sim.TabletopEnv, edge: EdgeVLADeployer, seed: int, options: dict | None = None) -> dict:
     "One simulator episode through `edge` (started if needed): success, steps, control-loop Hz, deadline misses."
-    edge.start(); edge.reset_stats()
-    r = sim.rollout(env, edge, seed, options)                      # rollout calls edge.reset() at the start
+    edge.start()
+    edge.reset_stats()
+    r = sim.rollout(env, edge, seed, options)  # rollout calls edge.reset() at the start
     m = edge.get_performance_metrics()
-    return dict(success=r['success'], steps=r['steps'], command=r['command'], control_hz=m['control_hz'],
-                deadline_misses=m['deadline_misses'], inference_p90_ms=m['inference']['p90'])
+    return dict(
+        success=r['success'],
+        steps=r['steps'],
+        command=r['command'],
+        control_hz=m['control_hz'],
+        deadline_misses=m['deadline_misses'],
+        inference_p90_ms=m['inference']['p90'],
+    )
 
 # %% ../nbs/08_deployment.ipynb #c069
 @contextlib.contextmanager
-def edge_session(model_path, cfg:EdgeConfig|None=None):
+def edge_session(model_path, cfg: EdgeConfig | None = None):
     "An `EdgeVLADeployer`, started, and stopped (thread joined) on exit, even after an error."
     edge = EdgeVLADeployer(model_path, cfg).start()
-    try: yield edge
-    finally: edge.stop()
+    try:
+        yield edge
+    finally:
+        edge.stop()
 
 # %% ../nbs/08_deployment.ipynb #c073
-def closed_loop_success(policy, episodes_per_family:int, seed:int=0, name:str='policy', env:sim.TabletopEnv|None=None) -> dict:
+def closed_loop_success(
+    policy, episodes_per_family: int, seed: int = 0, name: str = 'policy', env: sim.TabletopEnv | None = None
+) -> dict:
     "mean success and per-family rates of `policy` on the evaluation chapter's seeded test episodes."
     from vla_nb.evaluation import evaluate_policy
+
     s = evaluate_policy(policy, episodes_per_family, seed=seed, env=env, name=name, progress_bar=False)
-    return dict(mean_success=s['mean_success'], success={f: v['rate'] for f, v in s['success'].items()}, episodes=s['episodes'])
+    return dict(
+        mean_success=s['mean_success'], success={f: v['rate'] for f, v in s['success'].items()}, episodes=s['episodes']
+    )
 
 # %% ../nbs/08_deployment.ipynb #c075
-def _model_runners(art, threads:int) -> dict:
+def _model_runners(art, threads: int) -> dict:
     "Backend -> callable(feed) for raw graph inputs (no pre/postprocessing), sharing one artifact."
     return {b: OptimizedVLAInference(art, b, threads, warmup=0)._run for b in BACKENDS}
 
-def _latency_grid(art, cfg:ModelConfig, calls:int) -> tuple:
+
+def _latency_grid(art, cfg: ModelConfig, calls: int) -> tuple:
     "Interleaved latency stats per setting 't{threads}_b{batch}' and backend; also the 2-thread runners, for reuse."
     out = {}
     for threads in (1, 2):
@@ -653,116 +1014,214 @@ def _latency_grid(art, cfg:ModelConfig, calls:int) -> tuple:
             out[f't{threads}_b{B}'] = {k: latency_stats(v) for k, v in times.items()}
     return out, runners
 
-def _gflops(net:VLANet) -> float:
-    with FlopCounterMode(display=False) as fc, torch.no_grad(): net.eval()(*example_inputs(net.cfg, 1))
+
+def _gflops(net: VLANet) -> float:
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net.eval()(*example_inputs(net.cfg, 1))
     return fc.get_total_flops() / 1e9
 
 # %% ../nbs/08_deployment.ipynb #c076
-def _policy_step(art, obs_list:list, calls:int, threads:int=2) -> dict:
+def _policy_step(art, obs_list: list, calls: int, threads: int = 2) -> dict:
     "Full policy step (preprocess + model + postprocess) of the ONNX fp32 and int8 runtimes at batch 1, interleaved."
-    rts = {b: OptimizedVLAInference(art, b, threads, warmup=min(20, max(3, calls // 5))) for b in ('ort_fp32', 'ort_int8')}
+    rts = {
+        b: OptimizedVLAInference(art, b, threads, warmup=min(20, max(3, calls // 5))) for b in ('ort_fp32', 'ort_int8')
+    }
     for i in range(calls):
-        for r in rts.values(): r.infer(obs_list[i % len(obs_list)])
+        for r in rts.values():
+            r.infer(obs_list[i % len(obs_list)])
     return {b: r.get_performance_metrics() for b, r in rts.items()}
 
-def _int8_gates(res:dict) -> dict:
-    f, q = 'ort_fp32', 'ort_int8'; lat = res['latency_ms']['t2_b1']
-    g = dict(size_ratio=round(res['size_mb'][q] / res['size_mb'][f], 3), size_ok=res['size_mb'][q] <= 0.3 * res['size_mb'][f],
-             speed_ratio=round(lat[q]['p50'] / lat[f]['p50'], 3), speed_ok=lat[q]['p50'] <= lat[f]['p50'] * 1.02,
-             speed_ratio_t1=round(res['latency_ms']['t1_b1'][q]['p50'] / res['latency_ms']['t1_b1'][f]['p50'], 3))   # for information
+
+def _int8_gates(res: dict) -> dict:
+    f, q = 'ort_fp32', 'ort_int8'
+    lat = res['latency_ms']['t2_b1']
+    g = dict(
+        size_ratio=round(res['size_mb'][q] / res['size_mb'][f], 3),
+        size_ok=res['size_mb'][q] <= 0.3 * res['size_mb'][f],
+        speed_ratio=round(lat[q]['p50'] / lat[f]['p50'], 3),
+        speed_ok=lat[q]['p50'] <= lat[f]['p50'] * 1.02,
+        speed_ratio_t1=round(res['latency_ms']['t1_b1'][q]['p50'] / res['latency_ms']['t1_b1'][f]['p50'], 3),
+    )  # for information
     if res.get('success'):
-        d = abs(res['success'][q] - res['success'][f]); g.update(success_diff=round(d, 4), success_ok=d <= 0.02 + 1e-9)
-    else: g['success_ok'] = False                                   # closed-loop parity not measured: int8 is not proven, so dropped
+        d = abs(res['success'][q] - res['success'][f])
+        g.update(success_diff=round(d, 4), success_ok=d <= 0.02 + 1e-9)
+    else:
+        g['success_ok'] = False  # closed-loop parity not measured: int8 is not proven, so dropped
     g['int8_kept'] = all(v for k, v in g.items() if k.endswith('_ok'))
     return g
 
 # %% ../nbs/08_deployment.ipynb #c077
-def _bench_speed(res:dict, art:Path, policy:VLAPolicy, calib:list, calls:int, seed:int):
+def _bench_speed(res: dict, art: Path, policy: VLAPolicy, calib: list, calls: int, seed: int):
     "Latency grid, speedup, parity, sizes, policy step and GFLOP/s into `res`."
-    cfg = policy.cfg; res['latency_ms'], runners = _latency_grid(art, cfg, calls); b1 = res['latency_ms']['t2_b1']
+    cfg = policy.cfg
+    res['latency_ms'], runners = _latency_grid(art, cfg, calls)
+    b1 = res['latency_ms']['t2_b1']
     res['speedup_ort_fp32_vs_eager'] = round(b1['eager']['p50'] / b1['ort_fp32']['p50'], 2)
     x = example_inputs(cfg, 3, seed + 1)
-    with torch.inference_mode(): ref = [t.numpy() for t in policy.net.eval()(*x)]
+    with torch.inference_mode():
+        ref = [t.numpy() for t in policy.net.eval()(*x)]
     feed = dict(zip(input_names(cfg), (t.numpy() for t in x)))
     res['max_abs_diff'] = {b: float(max(np.abs(a - r).max() for a, r in zip(f(feed), ref))) for b, f in runners.items()}
-    size = lambda f: round((art/f).stat().st_size / 1e6, 4)
-    res['size_mb'] = dict(eager=size('weights.safetensors'), torchscript=size('weights.safetensors'), ort_fp32=size('model.onnx'), ort_int8=size('model_int8.onnx'))
+    size = lambda f: round((art / f).stat().st_size / 1e6, 4)
+    res['size_mb'] = dict(
+        eager=size('weights.safetensors'),
+        torchscript=size('weights.safetensors'),
+        ort_fp32=size('model.onnx'),
+        ort_int8=size('model_int8.onnx'),
+    )
     res['policy_step_ms'] = {f't{t}': _policy_step(art, calib, calls, t) for t in (1, 2)}
-    res['policy_step_p90_ms'] = res['policy_step_ms']['t2']['ort_fp32']['p90']     # the target's setting: batch 1, 2 threads
-    gf = _gflops(policy.net); res['gflops_per_sample'] = round(gf, 4)
+    res['policy_step_p90_ms'] = res['policy_step_ms']['t2']['ort_fp32'][
+        'p90'
+    ]  # the target's setting: batch 1, 2 threads
+    gf = _gflops(policy.net)
+    res['gflops_per_sample'] = round(gf, 4)
     res['achieved_gflops'] = {k: round(gf * 1000 / v['p50'], 2) for k, v in b1.items()}
     res['achieved_gflops_b8'] = {k: round(8 * gf * 1000 / v['p50'], 2) for k, v in res['latency_ms']['t2_b8'].items()}
 
 # %% ../nbs/08_deployment.ipynb #c078
-def _bench_loop(res:dict, art:Path, mcfg:ModelConfig, n_action_steps:int, n:int, seed:int):
+def _bench_loop(res: dict, art: Path, mcfg: ModelConfig, n_action_steps: int, n: int, seed: int):
     "Closed-loop success of every backend and of the edge loop on the same seeded episodes (if n > 0), and the edge control rate."
     from vla_nb.evaluation import env_for
-    k = n_action_steps                                             # env_for(mcfg): a simulator with the model's cameras
-    free = EdgeConfig(control_hz=sim.SimConfig().control_hz, realtime=False, n_action_steps=k, refill_at=min(2, k - 1))   # unpaced ticks
+
+    k = n_action_steps  # env_for(mcfg): a simulator with the model's cameras
+    free = EdgeConfig(
+        control_hz=sim.SimConfig().control_hz, realtime=False, n_action_steps=k, refill_at=min(2, k - 1)
+    )  # unpaced ticks
     if n > 0:
-        res['success'] = {b: closed_loop_success(OptimizedVLAInference(art, b, 2, warmup=2, n_action_steps=k), n, seed, b)['mean_success'] for b in BACKENDS}
+        res['success'] = {
+            b: closed_loop_success(OptimizedVLAInference(art, b, 2, warmup=2, n_action_steps=k), n, seed, b)[
+                'mean_success'
+            ]
+            for b in BACKENDS
+        }
         with edge_session(art, free) as edge:
-            with contextlib.closing(env_for(mcfg)) as env: res['success']['edge'] = closed_loop_success(edge, n, seed, 'edge', env)['mean_success']
+            with contextlib.closing(env_for(mcfg)) as env:
+                res['success']['edge'] = closed_loop_success(edge, n, seed, 'edge', env)['mean_success']
             m = edge.get_performance_metrics()
         res['episodes_per_family'] = n
     else:
         with edge_session(art, free) as edge, contextlib.closing(env_for(mcfg, max_steps=by_profile(30, 120))) as env:
-            edge_rollout(env, edge, seed); m = edge.get_performance_metrics()
+            edge_rollout(env, edge, seed)
+            m = edge.get_performance_metrics()
     res['control_loop_hz_unpaced'], res['edge_unpaced'] = m['control_hz'], m
-    with edge_session(art, free.replace(realtime=True)) as edge, contextlib.closing(env_for(mcfg, max_steps=by_profile(20, 60))) as env:
-        edge_rollout(env, edge, seed + 1); m = edge.get_performance_metrics()   # paced at the simulator's control rate, as on a robot
+    with (
+        edge_session(art, free.replace(realtime=True)) as edge,
+        contextlib.closing(env_for(mcfg, max_steps=by_profile(20, 60))) as env,
+    ):
+        edge_rollout(env, edge, seed + 1)
+        m = edge.get_performance_metrics()  # paced at the simulator's control rate, as on a robot
     res['control_loop_hz'], res['edge'] = m['control_hz'], m
 
 # %% ../nbs/08_deployment.ipynb #c079
-def bench_deploy(checkpoint, calls:int=200, episodes_per_family:int|None=None, seed:int=0, out_dir=None, calib_frames:int|None=None) -> dict:
+def bench_deploy(
+    checkpoint,
+    calls: int = 200,
+    episodes_per_family: int | None = None,
+    seed: int = 0,
+    out_dir=None,
+    calib_frames: int | None = None,
+) -> dict:
     "Export `checkpoint` (a VLAPolicy .safetensors) and benchmark every backend; a JSON-ready dict."
-    policy = VLAPolicy.load(checkpoint); prev = torch.get_num_threads(); t0 = time.time()
+    policy = VLAPolicy.load(checkpoint)
+    prev = torch.get_num_threads()
+    t0 = time.time()
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix='vla_deploy_'))
     try:
-        calib = calibration_observations(calib_frames or by_profile(32, 128), seed=seed, wrist_size=policy.cfg.wrist_size)
-        art = export_artifact(policy, out_dir/'artifact', DeployConfig(seed=seed), calib=calib); _, meta = load_artifact(art)
+        calib = calibration_observations(
+            calib_frames or by_profile(32, 128), seed=seed, wrist_size=policy.cfg.wrist_size
+        )
+        art = export_artifact(policy, out_dir / 'artifact', DeployConfig(seed=seed), calib=calib)
+        _, meta = load_artifact(art)
         res = dict(checkpoint=str(checkpoint), artifact=str(art), calls=calls, cpu_count=os.cpu_count())
         _bench_speed(res, art, policy, calib, calls, seed)
-        _bench_loop(res, art, policy.cfg, policy.n_action_steps, episodes_per_family if episodes_per_family is not None else by_profile(2, 10), seed)
+        _bench_loop(
+            res,
+            art,
+            policy.cfg,
+            policy.n_action_steps,
+            episodes_per_family if episodes_per_family is not None else by_profile(2, 10),
+            seed,
+        )
         res['int8_gates'] = g = _int8_gates(res)
-        meta['int8_gates'], meta['recommended_backend'] = g, 'ort_int8' if g['int8_kept'] else 'ort_fp32'   # int8 pays or is dropped
-        atomic_write(art/'deploy.json', json.dumps(meta, indent=1) + '\n'); res['recommended_backend'] = meta['recommended_backend']
-        res['targets'] = dict(ort_speedup_ge_2_5=res['speedup_ort_fp32_vs_eager'] >= 2.5, policy_step_p90_le_10ms=res['policy_step_p90_ms'] <= 10,
-                              parity_fp32_le_1e_4=all(res['max_abs_diff'][b] <= 1e-4 for b in ('torchscript', 'ort_fp32')))
-        if 'success' in res: res['targets']['success_within_2pts'] = all(abs(res['success'][b] - res['success']['eager']) <= 0.02 + 1e-9 for b in ('torchscript', 'ort_fp32'))
+        meta['int8_gates'], meta['recommended_backend'] = (
+            g,
+            'ort_int8' if g['int8_kept'] else 'ort_fp32',
+        )  # int8 pays or is dropped
+        atomic_write(art / 'deploy.json', json.dumps(meta, indent=1) + '\n')
+        res['recommended_backend'] = meta['recommended_backend']
+        res['targets'] = dict(
+            ort_speedup_ge_2_5=res['speedup_ort_fp32_vs_eager'] >= 2.5,
+            policy_step_p90_le_10ms=res['policy_step_p90_ms'] <= 10,
+            parity_fp32_le_1e_4=all(res['max_abs_diff'][b] <= 1e-4 for b in ('torchscript', 'ort_fp32')),
+        )
+        if 'success' in res:
+            res['targets']['success_within_2pts'] = all(
+                abs(res['success'][b] - res['success']['eager']) <= 0.02 + 1e-9 for b in ('torchscript', 'ort_fp32')
+            )
         res['seconds'] = round(time.time() - t0, 1)
         return res
-    finally: torch.set_num_threads(prev)
+    finally:
+        torch.set_num_threads(prev)
 
 # %% ../nbs/08_deployment.ipynb #c081
-def plot_latency(res:dict):
+def plot_latency(res: dict):
     "Bar chart of p50 latency (whiskers to p90/p99) per backend and setting, from `bench_deploy`."
     import matplotlib.pyplot as plt
+
     settings, backs = list(res['latency_ms']), list(BACKENDS)
-    fig, ax = plt.subplots(figsize=(8, 3.2)); w = 0.8 / len(backs)
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    w = 0.8 / len(backs)
     for i, b in enumerate(backs):
-        p50 = [res['latency_ms'][s][b]['p50'] for s in settings]; p99 = [res['latency_ms'][s][b]['p99'] for s in settings]
+        p50 = [res['latency_ms'][s][b]['p50'] for s in settings]
+        p99 = [res['latency_ms'][s][b]['p99'] for s in settings]
         xs = np.arange(len(settings)) + i * w
-        ax.bar(xs, p50, w, label=b); ax.errorbar(xs, p50, yerr=[np.zeros(len(p50)), np.subtract(p99, p50)], fmt='none', c='k', lw=0.8)
-    ax.set_xticks(np.arange(len(settings)) + 0.4 - w / 2, [s.replace('_', ', ').replace('t', 'threads=').replace('b', 'batch=') for s in settings])
-    ax.set_yscale('log'); ax.set_ylabel('ms per call (p50, whisker p99)'); ax.legend(fontsize=8); fig.tight_layout()
+        ax.bar(xs, p50, w, label=b)
+        ax.errorbar(xs, p50, yerr=[np.zeros(len(p50)), np.subtract(p99, p50)], fmt='none', c='k', lw=0.8)
+    ax.set_xticks(
+        np.arange(len(settings)) + 0.4 - w / 2,
+        [s.replace('_', ', ').replace('t', 'threads=').replace('b', 'batch=') for s in settings],
+    )
+    ax.set_yscale('log')
+    ax.set_ylabel('ms per call (p50, whisker p99)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/08_deployment.ipynb #c087
-def deploy_summary(res:dict) -> dict:
+def deploy_summary(res: dict) -> dict:
     "The headline figures of a `bench_deploy` result, with a markdown table of the batch-1, 2-thread latencies."
     lat = res['latency_ms']['t2_b1']
-    rows = ['| backend | p50 ms | p90 ms | p99 ms | size MB | max abs diff |' + (' success |' if 'success' in res else ''),
-            '|---|---|---|---|---|---|' + ('---|' if 'success' in res else '')]
-    rows += [f"| {b} | {lat[b]['p50']:.2f} | {lat[b]['p90']:.2f} | {lat[b]['p99']:.2f} | {res['size_mb'][b]:.2f} | {res['max_abs_diff'][b]:.1e} |"
-             + (f" {res['success'][b]:.2f} |" if 'success' in res else '') for b in BACKENDS]
-    return dict(artifact=res['artifact'], speedup_ort_fp32_vs_eager=res['speedup_ort_fp32_vs_eager'], policy_step_p90_ms=res['policy_step_p90_ms'],
-                control_loop_hz=res['control_loop_hz'], int8_kept=res['int8_gates']['int8_kept'],
-                recommended_backend=res['recommended_backend'], targets=res['targets'], table='\n'.join(rows))
+    rows = [
+        '| backend | p50 ms | p90 ms | p99 ms | size MB | max abs diff |' + (' success |' if 'success' in res else ''),
+        '|---|---|---|---|---|---|' + ('---|' if 'success' in res else ''),
+    ]
+    rows += [
+        f"| {b} | {lat[b]['p50']:.2f} | {lat[b]['p90']:.2f} | {lat[b]['p99']:.2f} | {res['size_mb'][b]:.2f} | {res['max_abs_diff'][b]:.1e} |"
+        + (f" {res['success'][b]:.2f} |" if 'success' in res else '')
+        for b in BACKENDS
+    ]
+    return dict(
+        artifact=res['artifact'],
+        speedup_ort_fp32_vs_eager=res['speedup_ort_fp32_vs_eager'],
+        policy_step_p90_ms=res['policy_step_p90_ms'],
+        control_loop_hz=res['control_loop_hz'],
+        int8_kept=res['int8_gates']['int8_kept'],
+        recommended_backend=res['recommended_backend'],
+        targets=res['targets'],
+        table='\n'.join(rows),
+    )
 
-def demo_deploy(policy_path, out_dir, calls:int|None=None, seed:int=0) -> dict:
+
+def demo_deploy(policy_path, out_dir, calls: int | None = None, seed: int = 0) -> dict:
     "The demo's deployment stage: export `policy_path` into `out_dir`/artifact, benchmark briefly, write deploy_bench.json; the summary."
     out = ensure_dir(out_dir)
-    res = bench_deploy(policy_path, calls=calls or by_profile(50, 200), episodes_per_family=0, seed=seed, out_dir=out, calib_frames=by_profile(16, 64))
-    atomic_write(out/'deploy_bench.json', json.dumps(res, indent=1, default=str) + '\n')
+    res = bench_deploy(
+        policy_path,
+        calls=calls or by_profile(50, 200),
+        episodes_per_family=0,
+        seed=seed,
+        out_dir=out,
+        calib_frames=by_profile(16, 64),
+    )
+    atomic_write(out / 'deploy_bench.json', json.dumps(res, indent=1, default=str) + '\n')
     return deploy_summary(res)

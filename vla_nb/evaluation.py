@@ -20,71 +20,104 @@ __all__ = ['EVAL_SEED_OFFSET', 'wilson_interval', 'EvalConfig', 'eval_episodes',
            'grounding_check', 'CommandBlindExpert', 'bench_policy']
 
 # %% ../nbs/05_evaluation.ipynb #c005
-def wilson_interval(k:int, n:int, z:float=1.96) -> tuple:
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
     "Wilson score interval (lo, hi) for k successes in n trials; z=1.96 gives 95%."
-    if n <= 0: raise ValueError(f"need at least one trial, got n={n}")
-    if not 0 <= k <= n: raise ValueError(f"successes k={k} must lie in [0, n={n}]")
+    if n <= 0:
+        raise ValueError(f"need at least one trial, got n={n}")
+    if not 0 <= k <= n:
+        raise ValueError(f"successes k={k} must lie in [0, n={n}]")
     p, z2 = k / n, z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
 
 # %% ../nbs/05_evaluation.ipynb #c010
-EVAL_SEED_OFFSET = 2**31   # every evaluation seed is >= this; training seeds (plan_episodes) are < 2**31 - 1
+EVAL_SEED_OFFSET = 2**31  # every evaluation seed is >= this; training seeds (plan_episodes) are < 2**31 - 1
+
 
 @dataclass
 class EvalConfig(Config):
     "Which episodes a closed-loop evaluation runs."
-    episodes_per_family:int=10    # episodes of each task family (>= 50 for the reported figures)
-    seed:int=0                    # seed of the episode plan; the same seed gives the same episodes
-    split:str='test'              # 'test' (training combinations, unseen scenes) or 'heldout' (held-out pairs and paraphrases)
-    families:tuple=sim.TASK_FAMILIES # task families to evaluate
-    max_steps:int=120             # steps before an episode counts as a failure
+
+    episodes_per_family: int = 10  # episodes of each task family (>= 50 for the reported figures)
+    seed: int = 0  # seed of the episode plan; the same seed gives the same episodes
+    split: str = 'test'  # 'test' (training combinations, unseen scenes) or 'heldout' (held-out pairs and paraphrases)
+    families: tuple = sim.TASK_FAMILIES  # task families to evaluate
+    max_steps: int = 120  # steps before an episode counts as a failure
 
     def __post_init__(self):
         check_range('episodes_per_family', self.episodes_per_family, 1, 100_000, integer=True)
-        check_range('seed', self.seed, 0, 2**31 - 1, integer=True); check_choice('split', self.split, ('test', 'heldout'))
+        check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
+        check_choice('split', self.split, ('test', 'heldout'))
         self.families = tuple(self.families)
-        if not self.families: raise ValueError("families must name at least one task family")
-        for f in self.families: check_choice('families', f, sim.TASK_FAMILIES)
+        if not self.families:
+            raise ValueError("families must name at least one task family")
+        for f in self.families:
+            check_choice('families', f, sim.TASK_FAMILIES)
         check_range('max_steps', self.max_steps, 1, 10_000, integer=True)
 
 # %% ../nbs/05_evaluation.ipynb #c011
-def eval_episodes(cfg:EvalConfig, data_config:DataConfig|None=None) -> list:
+def eval_episodes(cfg: EvalConfig, data_config: DataConfig | None = None) -> list:
     "The episode set of `cfg`: seed (>= EVAL_SEED_OFFSET), task, command and split of each, balanced over families."
-    dc = (data_config or DataConfig()).replace(num_episodes=cfg.episodes_per_family * len(cfg.families), families=cfg.families,
-                                               seed=cfg.seed, split='train' if cfg.split == 'test' else 'heldout')
+    dc = (data_config or DataConfig()).replace(
+        num_episodes=cfg.episodes_per_family * len(cfg.families),
+        families=cfg.families,
+        seed=cfg.seed,
+        split='train' if cfg.split == 'test' else 'heldout',
+    )
     out = []
     for s in plan_episodes(dc):
         task = sim.Task(**s['task'])
-        out.append(dict(seed=EVAL_SEED_OFFSET + s['seed'], family=task.family, task=task,
-                        command=sim.make_command(task, template=s['template']), split=cfg.split))
+        out.append(
+            dict(
+                seed=EVAL_SEED_OFFSET + s['seed'],
+                family=task.family,
+                task=task,
+                command=sim.make_command(task, template=s['template']),
+                split=cfg.split,
+            )
+        )
     return out
 
-def check_disjoint(episodes:list, dataset:EpisodeDataset):
+
+def check_disjoint(episodes: list, dataset: EpisodeDataset):
     "Raise if any evaluation episode reuses a scene seed of `dataset`."
     used = {e.get('meta', {}).get('seed') for e in dataset.episodes}
     clash = sorted(e['seed'] for e in episodes if e['seed'] in used)
-    if clash: raise ValueError(f"{len(clash)} evaluation seeds also appear in the training data {dataset.root}: {clash[:5]}")
+    if clash:
+        raise ValueError(f"{len(clash)} evaluation seeds also appear in the training data {dataset.root}: {clash[:5]}")
     return True
 
 # %% ../nbs/05_evaluation.ipynb #c017
 class torch_threads:
     "Context manager: run with `n` torch threads, then restore. One observation per call gains nothing from a second thread, and a\
  busy second core makes OpenMP's barrier wait far longer than the work itself."
-    def __init__(self, n:int=1): self.n = n
-    def __enter__(self): self.prev = torch.get_num_threads(); torch.set_num_threads(self.n); return self
-    def __exit__(self, *exc): torch.set_num_threads(self.prev)
+
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev)
+
 
 def env_for(policy, **kw) -> sim.TabletopEnv:
     "A simulator whose cameras match the policy's inputs (`policy.cfg.image_size`, and a wrist camera when `cfg.wrist_size` > 0); `policy` may be a ModelConfig."
-    cfg = policy if hasattr(policy, 'image_size') else getattr(policy, 'cfg', None); S, W = getattr(cfg, 'image_size', None), getattr(cfg, 'wrist_size', 0)
+    cfg = policy if hasattr(policy, 'image_size') else getattr(policy, 'cfg', None)
+    S, W = getattr(cfg, 'image_size', None), getattr(cfg, 'wrist_size', 0)
     return sim.TabletopEnv(**({'image_size': S} if S else {}), wrist_camera=bool(W), wrist_size=W or None, **kw)
+
 
 class EvalResult:
     "Per-episode records of a closed-loop evaluation, with summaries and plots."
-    def __init__(self, records:list, seconds:float=0.0, name:str='policy'):
-        if not records: raise ValueError("an evaluation needs at least one episode")
+
+    def __init__(self, records: list, seconds: float = 0.0, name: str = 'policy'):
+        if not records:
+            raise ValueError("an evaluation needs at least one episode")
         self.records, self.seconds, self.name = records, seconds, name
 
     def __repr__(self):
@@ -92,90 +125,149 @@ class EvalResult:
         return f"EvalResult({self.name!r}: mean_success={s['mean_success']:.3f} over {s['episodes']} episodes)"
 
 # %% ../nbs/05_evaluation.ipynb #c018
-def evaluate(policy, episodes:list, env:sim.TabletopEnv|None=None, frames:int=0, name:str='policy',
-             progress_bar:bool=True) -> EvalResult:
+def evaluate(
+    policy,
+    episodes: list,
+    env: sim.TabletopEnv | None = None,
+    frames: int = 0,
+    name: str = 'policy',
+    progress_bar: bool = True,
+) -> EvalResult:
     "Run `policy` (anything with reset/select_action) on every episode of `episodes`; returns an `EvalResult`."
-    if not episodes: raise ValueError("no episodes to evaluate")
-    if not hasattr(policy, 'select_action'): raise TypeError(f"policy must have select_action(obs); got {type(policy).__name__}")
-    own = env is None; env = env or env_for(policy); t0, recs, kept = time.time(), [], {}
+    if not episodes:
+        raise ValueError("no episodes to evaluate")
+    if not hasattr(policy, 'select_action'):
+        raise TypeError(f"policy must have select_action(obs); got {type(policy).__name__}")
+    own = env is None
+    env = env or env_for(policy)
+    t0, recs, kept = time.time(), [], {}
     with torch_threads(1):
         try:
             for e in progress(episodes, desc=f'eval {name}', disable=None if progress_bar else True):
                 keep = kept.get(e['family'], 0) < frames
                 r = sim.rollout(env, policy, e['seed'], options=dict(command=e['command']), frames=keep)
                 kept[e['family']] = kept.get(e['family'], 0) + keep
-                recs.append(dict(seed=e['seed'], family=e['family'], obj=e['task'].obj, loc=e['task'].loc, command=e['command'],
-                                 split=e['split'], success=r['success'], steps=r['steps'], frames=r.get('frames')))
+                recs.append(
+                    dict(
+                        seed=e['seed'],
+                        family=e['family'],
+                        obj=e['task'].obj,
+                        loc=e['task'].loc,
+                        command=e['command'],
+                        split=e['split'],
+                        success=r['success'],
+                        steps=r['steps'],
+                        frames=r.get('frames'),
+                    )
+                )
         finally:
-            if own: env.close()
+            if own:
+                env.close()
     return EvalResult(recs, time.time() - t0, name)
 
 # %% ../nbs/05_evaluation.ipynb #c020
 def _rate(flags) -> dict:
-    k, n = int(sum(flags)), len(flags); lo, hi = wilson_interval(k, n)
+    k, n = int(sum(flags)), len(flags)
+    lo, hi = wilson_interval(k, n)
     return dict(rate=round(k / n, 4), lo=round(lo, 4), hi=round(hi, 4), k=k, n=n)
 
+
 @patch
-def summary(self:EvalResult) -> dict:
+def summary(self: EvalResult) -> dict:
     "Success per family (with Wilson CI), mean over families, per-object breakdown, episode lengths, wall time."
     fams = list(dict.fromkeys(r['family'] for r in self.records))
     per = {f: _rate([r['success'] for r in self.records if r['family'] == f]) for f in fams}
     objs = sorted({r['obj'] for r in self.records if r['obj']})
     steps = {f: [r['steps'] for r in self.records if r['family'] == f and r['success']] for f in fams}
-    return dict(name=self.name, mean_success=round(float(np.mean([per[f]['k'] / per[f]['n'] for f in fams])), 4), success=per,
-                overall=_rate([r['success'] for r in self.records]),
-                by_object={o: _rate([r['success'] for r in self.records if r['obj'] == o]) for o in objs},
-                mean_steps={f: round(float(np.mean(v)), 2) if v else None for f, v in steps.items()},
-                episodes=len(self.records), seconds=round(self.seconds, 1))
+    return dict(
+        name=self.name,
+        mean_success=round(float(np.mean([per[f]['k'] / per[f]['n'] for f in fams])), 4),
+        success=per,
+        overall=_rate([r['success'] for r in self.records]),
+        by_object={o: _rate([r['success'] for r in self.records if r['obj'] == o]) for o in objs},
+        mean_steps={f: round(float(np.mean(v)), 2) if v else None for f, v in steps.items()},
+        episodes=len(self.records),
+        seconds=round(self.seconds, 1),
+    )
 
 # %% ../nbs/05_evaluation.ipynb #c026
-def rollout_strips(result:EvalResult, n:int=6, max_rows:int=4):
+def rollout_strips(result: EvalResult, n: int = 6, max_rows: int = 4):
     "One row of `n` frames per kept episode of `result`, titled with command and outcome."
     import matplotlib.pyplot as plt
+
     rows = [r for r in result.records if r['frames'] is not None][:max_rows]
-    if not rows: raise ValueError("no frames kept: evaluate with frames >= 1")
+    if not rows:
+        raise ValueError("no frames kept: evaluate with frames >= 1")
     fig, axs = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
     for ax_row, r in zip(axs, rows):
         idx = np.linspace(0, len(r['frames']) - 1, n).round().astype(int)
         for j, (ax, i) in enumerate(zip(ax_row, idx)):
-            ax.imshow(r['frames'][i]); ax.set_xticks([]); ax.set_yticks([])
+            ax.imshow(r['frames'][i])
+            ax.set_xticks([])
+            ax.set_yticks([])
             ax.set_xlabel(f"t={i}", fontsize=7)
-        ax_row[0].set_title(f"{r['command']} -> {'success' if r['success'] else 'FAIL'} ({r['steps']} steps)", fontsize=8, loc='left')
-    fig.tight_layout(); return fig
+        ax_row[0].set_title(
+            f"{r['command']} -> {'success' if r['success'] else 'FAIL'} ({r['steps']} steps)", fontsize=8, loc='left'
+        )
+    fig.tight_layout()
+    return fig
 
-def save_gif(frames, path, fps:int=10) -> Path:
+
+def save_gif(frames, path, fps: int = 10) -> Path:
     "Write (T, H, W, 3) uint8 frames to an animated GIF at `path` (atomic)."
     from PIL import Image
+
     frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8: raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    ims = [Image.fromarray(f) for f in frames]; buf = io.BytesIO()
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    ims = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
     ims[0].save(buf, format='GIF', save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
-    atomic_write(path, buf.getvalue()); return Path(path)
+    atomic_write(path, buf.getvalue())
+    return Path(path)
 
 # %% ../nbs/05_evaluation.ipynb #c028
-def plot_success(summaries:dict, title:str='closed-loop success (95% Wilson CI)'):
+def plot_success(summaries: dict, title: str = 'closed-loop success (95% Wilson CI)'):
     "Grouped bars of success per family for several `EvalResult.summary()` dicts, with interval whiskers."
     import matplotlib.pyplot as plt
-    names = list(summaries); fams = list(next(iter(summaries.values()))['success'])
+
+    names = list(summaries)
+    fams = list(next(iter(summaries.values()))['success'])
     fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(fams) * max(1, len(names)) / 2, 3))
     w = 0.8 / len(names)
     for i, nme in enumerate(names):
-        s = summaries[nme]['success']; x = np.arange(len(fams)) + (i - (len(names) - 1) / 2) * w
-        r = np.array([s[f]['rate'] for f in fams]); lo = np.array([s[f]['lo'] for f in fams]); hi = np.array([s[f]['hi'] for f in fams])
+        s = summaries[nme]['success']
+        x = np.arange(len(fams)) + (i - (len(names) - 1) / 2) * w
+        r = np.array([s[f]['rate'] for f in fams])
+        lo = np.array([s[f]['lo'] for f in fams])
+        hi = np.array([s[f]['hi'] for f in fams])
         ax.bar(x, r, w, label=f"{nme} (mean {summaries[nme]['mean_success']:.2f})", yerr=[r - lo, hi - r], capsize=3)
-    ax.set_xticks(np.arange(len(fams)), fams); ax.set_ylim(0, 1.05); ax.set_ylabel('success'); ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc='lower right'); fig.tight_layout(); return fig
+    ax.set_xticks(np.arange(len(fams)), fams)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel('success')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/05_evaluation.ipynb #c032
-def evaluate_policy(policy, episodes_per_family:int, seed:int=0, split:str='test', env:sim.TabletopEnv|None=None,
-                    name:str='policy', frames:int=0, progress_bar:bool=True) -> dict:
+def evaluate_policy(
+    policy,
+    episodes_per_family: int,
+    seed: int = 0,
+    split: str = 'test',
+    env: sim.TabletopEnv | None = None,
+    name: str = 'policy',
+    frames: int = 0,
+    progress_bar: bool = True,
+) -> dict:
     "Summary (see `EvalResult.summary`) of `policy` on the seeded `split` episode set; the EvalResult is under 'result'."
     cfg = EvalConfig(episodes_per_family=episodes_per_family, seed=seed, split=split)
     res = evaluate(policy, eval_episodes(cfg), env=env, frames=frames, name=name, progress_bar=progress_bar)
     return {**res.summary(), 'split': split, 'result': res}
 
 # %% ../nbs/05_evaluation.ipynb #c036
-def _other_task(rng, a:sim.Task, present:list) -> sim.Task:
+def _other_task(rng, a: sim.Task, present: list) -> sim.Task:
     "A task different from `a` in its target (another present object or another location), of a random family."
     objs, locs = [o for o in present if o != a.obj], [l for l in sim.LOCATIONS if l != a.loc]
     fams = [f for f in sim.TASK_FAMILIES if f == 'move' or objs]
@@ -184,36 +276,59 @@ def _other_task(rng, a:sim.Task, present:list) -> sim.Task:
     loc = str(rng.choice(locs)) if fam in ('move', 'place') else None
     return sim.Task(fam, obj, loc)
 
-def grounding_pairs(n:int, seed:int=0, env:sim.TabletopEnv|None=None) -> list:
+
+def grounding_pairs(n: int, seed: int = 0, env: sim.TabletopEnv | None = None) -> list:
     "`n` (scene, task A, task B, command B) episodes: A built the scene, B is what the policy is told to do in it."
-    own = env is None; env = env or sim.TabletopEnv(); out = []; held = set(DataConfig().heldout_templates)
+    own = env is None
+    env = env or sim.TabletopEnv()
+    out = []
+    held = set(DataConfig().heldout_templates)
     try:
         for e in eval_episodes(EvalConfig(episodes_per_family=max(1, -(-n // 4)), seed=seed + 1))[:n]:
             rng = np.random.default_rng(e['seed'])
             _, info = env.reset(seed=e['seed'], options=dict(task=e['task']))
             present = [o['name'] for o in info['scene']['objects'] if o['name'] in sim.OBJECTS]
             b = _other_task(rng, e['task'], present)
-            temps = [t for t in range(len(sim.TEMPLATES[b.family])) if (b.family, t) not in held]   # training paraphrases only
-            out.append(dict(seed=e['seed'], scene=info['scene'], task_a=e['task'], task_b=b, command=sim.make_command(b, template=int(rng.choice(temps)))))
+            temps = [
+                t for t in range(len(sim.TEMPLATES[b.family])) if (b.family, t) not in held
+            ]  # training paraphrases only
+            out.append(
+                dict(
+                    seed=e['seed'],
+                    scene=info['scene'],
+                    task_a=e['task'],
+                    task_b=b,
+                    command=sim.make_command(b, template=int(rng.choice(temps))),
+                )
+            )
     finally:
-        if own: env.close()
+        if own:
+            env.close()
     return out
 
 # %% ../nbs/05_evaluation.ipynb #c037
-def grounding_check(policy, pairs:list, env:sim.TabletopEnv|None=None, normal_success:float|None=None) -> dict:
+def grounding_check(
+    policy, pairs: list, env: sim.TabletopEnv | None = None, normal_success: float | None = None
+) -> dict:
     "New-command success and old-task rate of `policy` over `pairs` (see `grounding_pairs`)."
-    own = env is None; env = env or env_for(policy); new, old = [], []
+    own = env is None
+    env = env or env_for(policy)
+    new, old = [], []
     with torch_threads(1):
         try:
             for p in pairs:
                 obs, info = env.reset(seed=p['seed'], options=dict(scene=p['scene'], command=p['command']))
-                if hasattr(policy, 'reset'): policy.reset()
+                if hasattr(policy, 'reset'):
+                    policy.reset()
                 done = False
                 while not done:
-                    obs, _, term, trunc, info = env.step(policy.select_action(obs)); done = term or trunc
-                new.append(info['is_success']); old.append(sim.task_success(env.world, p['task_a']))   # A still true at the end?
+                    obs, _, term, trunc, info = env.step(policy.select_action(obs))
+                    done = term or trunc
+                new.append(info['is_success'])
+                old.append(sim.task_success(env.world, p['task_a']))  # A still true at the end?
         finally:
-            if own: env.close()
+            if own:
+                env.close()
     out = dict(new_command_success=_rate(new), old_task_rate=_rate(old), episodes=len(pairs))
     if normal_success is not None:
         out['ratio_to_normal'] = round(out['new_command_success']['rate'] / max(normal_success, 1e-9), 4)
@@ -222,25 +337,52 @@ def grounding_check(policy, pairs:list, env:sim.TabletopEnv|None=None, normal_su
 # %% ../nbs/05_evaluation.ipynb #c039
 class CommandBlindExpert(sim.ScriptedExpert):
     "The scripted expert doing `task` whatever the command says: a skilled policy with no language grounding."
-    def __init__(self, env:sim.TabletopEnv, task:sim.Task): self.fixed = task; super().__init__(env)
+
+    def __init__(self, env: sim.TabletopEnv, task: sim.Task):
+        self.fixed = task
+        super().__init__(env)
+
     def select_action(self, obs=None) -> np.ndarray:
-        a = getattr(self, f'_{self.fixed.family}')(self.env.world, self.fixed); self.t_phase += 1
-        self.last_clean_action = a; return a
+        a = getattr(self, f'_{self.fixed.family}')(self.env.world, self.fixed)
+        self.t_phase += 1
+        self.last_clean_action = a
+        return a
 
 # %% ../nbs/05_evaluation.ipynb #c044
-def bench_policy(checkpoint, episodes_per_family:int|None=None, heldout_per_family:int|None=None, grounding:int|None=None,
-                 seed:int=0, progress_bar:bool=True) -> dict:
+def bench_policy(
+    checkpoint,
+    episodes_per_family: int | None = None,
+    heldout_per_family: int | None = None,
+    grounding: int | None = None,
+    seed: int = 0,
+    progress_bar: bool = True,
+) -> dict:
     "Closed-loop figures of a saved `VLAPolicy`: test success per family (Wilson CI), held-out success, grounding, wall time."
     from vla_nb.model import VLAPolicy
-    t0 = time.time(); pol = VLAPolicy.load(checkpoint); env = env_for(pol)
-    n = episodes_per_family or by_profile(10, 50); nh = heldout_per_family or by_profile(5, 25); ng = grounding or by_profile(12, 100)
+
+    t0 = time.time()
+    pol = VLAPolicy.load(checkpoint)
+    env = env_for(pol)
+    n = episodes_per_family or by_profile(10, 50)
+    nh = heldout_per_family or by_profile(5, 25)
+    ng = grounding or by_profile(12, 100)
     try:
         test = evaluate_policy(pol, n, seed, 'test', env, 'test', progress_bar=progress_bar)
         held = evaluate_policy(pol, nh, seed, 'heldout', env, 'heldout', progress_bar=progress_bar)
         grd = grounding_check(pol, grounding_pairs(ng, seed, env), env, normal_success=test['mean_success'])
-    finally: env.close()
+    finally:
+        env.close()
     drop = lambda s: {k: v for k, v in s.items() if k != 'result'}
-    return dict(checkpoint=str(checkpoint), profile=get_profile(), success=test['success'], mean_success=test['mean_success'],
-                episodes=test['episodes'], by_object=test['by_object'], mean_steps=test['mean_steps'],
-                heldout=dict(mean_success=held['mean_success'], success=held['success'], episodes=held['episodes']),
-                grounding=grd, test=drop(test), wall_s=round(time.time() - t0, 1))
+    return dict(
+        checkpoint=str(checkpoint),
+        profile=get_profile(),
+        success=test['success'],
+        mean_success=test['mean_success'],
+        episodes=test['episodes'],
+        by_object=test['by_object'],
+        mean_steps=test['mean_steps'],
+        heldout=dict(mean_success=held['mean_success'], success=held['success'], episodes=held['episodes']),
+        grounding=grd,
+        test=drop(test),
+        wall_s=round(time.time() - t0, 1),
+    )

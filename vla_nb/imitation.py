@@ -15,11 +15,57 @@ from torch import nn
 import torch.nn.functional as F
 import torch.distributed as dist
 from fastcore.basics import patch
-from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device, by_profile, seed_everything
-from .data import (IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, SUCCESS, TIMESTAMP, EpisodeDataset, EpisodeWriter,
-                         ChunkDataset, Normalizer, DataConfig, plan_episodes, split_episodes, CommandTokenizer, command_corpus)
-from .model import ModelConfig, VLANet, VLAPolicy, vla_loss, load_weights, action_loss, discrete_action_loss, confidence_target
-from .pretraining import warmup_cosine, epoch_indices, dist_info, init_distributed, _optim_tensors, _restore_optim, XY_CENTER, XY_SCALE, OBJECT_NAMES
+from vla_nb.core import (
+    Config,
+    check_range,
+    save_checkpoint,
+    load_checkpoint,
+    ensure_dir,
+    progress,
+    get_device,
+    by_profile,
+    seed_everything,
+)
+from vla_nb.data import (
+    IMAGE,
+    WRIST_IMAGE,
+    TOKENS,
+    PROPRIO,
+    ACTION,
+    ACTION_PAD,
+    SUCCESS,
+    TIMESTAMP,
+    EpisodeDataset,
+    EpisodeWriter,
+    ChunkDataset,
+    Normalizer,
+    DataConfig,
+    plan_episodes,
+    split_episodes,
+    CommandTokenizer,
+    command_corpus,
+)
+from vla_nb.model import (
+    ModelConfig,
+    VLANet,
+    VLAPolicy,
+    vla_loss,
+    load_weights,
+    action_loss,
+    discrete_action_loss,
+    confidence_target,
+)
+from vla_nb.pretraining import (
+    warmup_cosine,
+    epoch_indices,
+    dist_info,
+    init_distributed,
+    _optim_tensors,
+    _restore_optim,
+    XY_CENTER,
+    XY_SCALE,
+    OBJECT_NAMES,
+)
 from .evaluation import evaluate_policy, env_for, torch_threads
 from . import sim
 
@@ -31,95 +77,140 @@ __all__ = ['TARGET_XY', 'TARGET_MASK', 'SNAPSHOT_SEED', 'ChunkData', 'scene_targ
 # %% ../nbs/06_imitation.ipynb #c007
 class ChunkData:
     "Frames of several `ChunkDataset`s (same tokenizer) with one `Normalizer`; `batch(idx)` cuts (B, H, A) action chunks."
-    def __init__(self, parts:list, norm:Normalizer, chunk_size:int):
-        if not parts: raise ValueError("ChunkData needs at least one ChunkDataset")
+
+    def __init__(self, parts: list, norm: Normalizer, chunk_size: int):
+        if not parts:
+            raise ValueError("ChunkData needs at least one ChunkDataset")
         toks = {p.ds.tokenizer.to_json() for p in parts}
-        if len(toks) > 1: raise ValueError("the datasets use different tokenizers; token ids would mean different words")
+        if len(toks) > 1:
+            raise ValueError("the datasets use different tokenizers; token ids would mean different words")
         self.norm, self.H, self.parts = norm, chunk_size, list(parts)
-        self.images = torch.cat([p.images for p in parts]).permute(0, 3, 1, 2).contiguous()   # (N, 3, S, S) uint8
+        self.images = torch.cat([p.images for p in parts]).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
         has = [p.wrist is not None for p in parts]
-        if any(has) and not all(has): raise ValueError(f"some datasets have wrist-camera frames and some do not: {[str(p.ds.root) for p in parts]}")
-        self.wrist = torch.cat([p.wrist for p in parts]).permute(0, 3, 1, 2).contiguous() if all(has) else None   # (N, 3, W, W) uint8
+        if any(has) and not all(has):
+            raise ValueError(
+                f"some datasets have wrist-camera frames and some do not: {[str(p.ds.root) for p in parts]}"
+            )
+        self.wrist = (
+            torch.cat([p.wrist for p in parts]).permute(0, 3, 1, 2).contiguous() if all(has) else None
+        )  # (N, 3, W, W) uint8
         self.proprio, self.actions = torch.cat([p.proprio for p in parts]), torch.cat([p.actions for p in parts])
         self.tokens = torch.cat([p.tokens for p in parts])
         offs = np.cumsum([0] + [len(p) for p in parts])[:-1]
-        self.ends = torch.from_numpy(np.concatenate([p.ends + o for p, o in zip(parts, offs)])).long()   # (N,) end of each frame's episode
+        self.ends = torch.from_numpy(
+            np.concatenate([p.ends + o for p, o in zip(parts, offs)])
+        ).long()  # (N,) end of each frame's episode
         tm = [task_targets(p) for p in parts]
-        self.target_xy, self.target_mask = torch.cat([t for t, _ in tm]), torch.cat([m for _, m in tm])   # (N, 2K) each
+        self.target_xy, self.target_mask = torch.cat([t for t, _ in tm]), torch.cat([m for _, m in tm])  # (N, 2K) each
 
-    def __len__(self): return len(self.actions)
-    def __repr__(self): return f"ChunkData({len(self)} frames from {len(self.parts)} dataset(s), chunk_size={self.H})"
+    def __len__(self):
+        return len(self.actions)
+
+    def __repr__(self):
+        return f"ChunkData({len(self)} frames from {len(self.parts)} dataset(s), chunk_size={self.H})"
 
 # %% ../nbs/06_imitation.ipynb #c008
 TARGET_XY, TARGET_MASK = 'target_xy', 'target_mask'
 
-def scene_targets(scene:dict|None) -> tuple:
+
+def scene_targets(scene: dict | None) -> tuple:
     "Table xy (2K,) of every object of a recorded scene in `OBJECT_NAMES` order (normalized units), and which are present (2K,)."
     t, m = np.zeros((len(OBJECT_NAMES), 2), np.float32), np.zeros((len(OBJECT_NAMES), 2), bool)
     for o in (scene or {}).get('objects', []):
-        j = OBJECT_NAMES.index(o['name']); t[j] = (np.asarray(o['xy'][:2]) - XY_CENTER) / XY_SCALE; m[j] = True
+        j = OBJECT_NAMES.index(o['name'])
+        t[j] = (np.asarray(o['xy'][:2]) - XY_CENTER) / XY_SCALE
+        m[j] = True
     return t.reshape(-1), m.reshape(-1)
 
-def task_targets(part:ChunkDataset) -> tuple:
+
+def task_targets(part: ChunkDataset) -> tuple:
     "Per-frame keypoint targets (N, 2K): every object's xy; the commanded object is masked from the first gripper close (it moves)."
     xy, mask, start = [], [], 0
     for k in dict.fromkeys(part.episode_of.tolist()):
-        e = part.ds.episodes[k]; L, obj = e['length'], (e.get('task') or {}).get('obj')
-        t, m = scene_targets(e.get('meta', {}).get('scene'))                            # episodes without a scene: all masked
-        t, m = np.repeat(t[None], L, 0), np.repeat(m[None], L, 0)                       # (L, 2K) each
-        closes = np.flatnonzero(part.actions[start:start + L, 6].numpy() > 0)
-        if obj in OBJECT_NAMES and len(closes): j = 2 * OBJECT_NAMES.index(obj); m[closes[0]:, j:j + 2] = False
-        xy.append(t); mask.append(m); start += L
+        e = part.ds.episodes[k]
+        L, obj = e['length'], (e.get('task') or {}).get('obj')
+        t, m = scene_targets(e.get('meta', {}).get('scene'))  # episodes without a scene: all masked
+        t, m = np.repeat(t[None], L, 0), np.repeat(m[None], L, 0)  # (L, 2K) each
+        closes = np.flatnonzero(part.actions[start : start + L, 6].numpy() > 0)
+        if obj in OBJECT_NAMES and len(closes):
+            j = 2 * OBJECT_NAMES.index(obj)
+            m[closes[0] :, j : j + 2] = False
+        xy.append(t)
+        mask.append(m)
+        start += L
     return torch.from_numpy(np.concatenate(xy)), torch.from_numpy(np.concatenate(mask))
 
-def shift_and_jitter(img:torch.Tensor, gen:torch.Generator, pad:int=4) -> torch.Tensor:
+
+def shift_and_jitter(img: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     "Per-sample random shift (replicate-pad + crop, DrQ) and brightness/contrast jitter of (B, 3, S, S) images in [0, 1]."
     B, C, S, _ = img.shape
-    x = F.pad(img, (pad,) * 4, mode='replicate')                                  # (B, 3, S+2p, S+2p)
+    x = F.pad(img, (pad,) * 4, mode='replicate')  # (B, 3, S+2p, S+2p)
     i, j = torch.randint(0, 2 * pad + 1, (2, B), generator=gen)
-    rows, cols = i[:, None] + torch.arange(S), j[:, None] + torch.arange(S)       # (B, S)
-    x = x[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
-    b, c = (torch.rand(2, B, 1, 1, 1, generator=gen) * 0.4 - 0.2)
+    rows, cols = i[:, None] + torch.arange(S), j[:, None] + torch.arange(S)  # (B, S)
+    x = x[
+        torch.arange(B)[:, None, None, None],
+        torch.arange(C)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    b, c = torch.rand(2, B, 1, 1, 1, generator=gen) * 0.4 - 0.2
     m = x.mean((1, 2, 3), keepdim=True)
     return ((x - m) * (1 + c) + m + b).clamp(0, 1)
 
+
 @patch
-def batch(self:ChunkData, idx, gen:torch.Generator|None=None, augment:bool=False) -> dict:
+def batch(self: ChunkData, idx, gen: torch.Generator | None = None, augment: bool = False) -> dict:
     "Normalized training batch for frame indices `idx`: image, tokens, proprio, (B, H, A) actions and their padding mask."
     idx = torch.as_tensor(idx, dtype=torch.long)
-    steps = idx[:, None] + torch.arange(self.H)                                   # (B, H)
+    steps = idx[:, None] + torch.arange(self.H)  # (B, H)
     end = self.ends[idx][:, None]
-    pad = steps >= end                                                            # (B, H) past the episode's end
-    act = self.actions[torch.minimum(steps, end - 1)]                             # (B, H, A) last action repeated under the mask
-    img = self.images[idx].float() / 255                                          # (B, 3, S, S)
+    pad = steps >= end  # (B, H) past the episode's end
+    act = self.actions[torch.minimum(steps, end - 1)]  # (B, H, A) last action repeated under the mask
+    img = self.images[idx].float() / 255  # (B, 3, S, S)
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    if augment: img = shift_and_jitter(img, gen)
-    out = {IMAGE: self.norm.normalize(IMAGE, img),
-           TOKENS: self.tokens[idx], PROPRIO: self.norm.normalize(PROPRIO, self.proprio[idx]),
-           ACTION: self.norm.normalize(ACTION, act), ACTION_PAD: pad, TARGET_XY: self.target_xy[idx], TARGET_MASK: self.target_mask[idx]}
+    if augment:
+        img = shift_and_jitter(img, gen)
+    out = {
+        IMAGE: self.norm.normalize(IMAGE, img),
+        TOKENS: self.tokens[idx],
+        PROPRIO: self.norm.normalize(PROPRIO, self.proprio[idx]),
+        ACTION: self.norm.normalize(ACTION, act),
+        ACTION_PAD: pad,
+        TARGET_XY: self.target_xy[idx],
+        TARGET_MASK: self.target_mask[idx],
+    }
     if self.wrist is not None:
-        w = self.wrist[idx].float() / 255                                         # (B, 3, W, W)
+        w = self.wrist[idx].float() / 255  # (B, 3, W, W)
         out[WRIST_IMAGE] = self.norm.normalize(WRIST_IMAGE, shift_and_jitter(w, gen, pad=2) if augment else w)
     return out
 
 # %% ../nbs/06_imitation.ipynb #c013
 SNAPSHOT_SEED = 2**30
 
-def _render_snapshots(image_size:int, seeds) -> tuple:
-    env = sim.TabletopEnv(sim.SimConfig(image_size=image_size)); ims, xy, m = [], [], []
+
+def _render_snapshots(image_size: int, seeds) -> tuple:
+    env = sim.TabletopEnv(sim.SimConfig(image_size=image_size))
+    ims, xy, m = [], [], []
     for s in seeds:
-        obs, _ = env.reset(seed=int(s)); t, k = scene_targets(env.world.scene)
-        ims.append(obs['image']); xy.append(t); m.append(k)
+        obs, _ = env.reset(seed=int(s))
+        t, k = scene_targets(env.world.scene)
+        ims.append(obs['image'])
+        xy.append(t)
+        m.append(k)
     env.close()
     return np.stack(ims), np.stack(xy), np.stack(m)
 
-def render_snapshots(n:int, seed:int=0, image_size:int=96, workers:int=1) -> dict:
+
+def render_snapshots(n: int, seed: int = 0, image_size: int = 96, workers: int = 1) -> dict:
     "`n` randomized scenes, one frame each: images (n, 3, S, S) uint8, every object's xy (n, 2K) and mask (n, 2K)."
-    check_range('n', n, 1, 10**7, integer=True); check_range('workers', workers, 1, 64, integer=True)
+    check_range('n', n, 1, 10**7, integer=True)
+    check_range('workers', workers, 1, 64, integer=True)
     seeds = np.array_split(SNAPSHOT_SEED + np.random.default_rng(seed).integers(0, 2**30, n), workers)
-    if workers == 1: parts = [_render_snapshots(image_size, seeds[0])]
+    if workers == 1:
+        parts = [_render_snapshots(image_size, seeds[0])]
     else:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex: parts = list(ex.map(_render_snapshots, [image_size] * workers, seeds))
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex:
+            parts = list(ex.map(_render_snapshots, [image_size] * workers, seeds))
     cat = lambda i: torch.from_numpy(np.concatenate([p[i] for p in parts]))
     return {IMAGE: cat(0).permute(0, 3, 1, 2).contiguous(), TARGET_XY: cat(1), TARGET_MASK: cat(2)}
 
@@ -127,158 +218,256 @@ def render_snapshots(n:int, seed:int=0, image_size:int=96, workers:int=1) -> dic
 @dataclass
 class ImitationConfig(Config):
     "Settings of `VLAImitationLearner`."
-    lr:float=1e-3                 # peak learning rate (AdamW)
-    weight_decay:float=1e-4       # AdamW decoupled weight decay, on weight matrices only
-    warmup_steps:int=100          # linear warmup, then cosine to lr * min_lr_ratio
-    min_lr_ratio:float=0.05
-    batch_size:int=64             # samples per process per step
-    grad_clip:float=1.0           # max global gradient norm
-    augment:bool=True             # random shift + colour jitter of training images
-    aux_weight:float=1.0          # weight of the keypoint loss locating every object (0: off)
-    snapshots:int=0               # randomized scene snapshots rendered for the keypoint loss (0: demo frames only)
-    snapshot_batch:int=32         # snapshot frames added to each step
-    snapshot_workers:int=1        # processes rendering the snapshots
-    val_frac:float=0.1            # episodes held back for the validation loss
-    patience:int=4                # epochs without a better validation loss before early stopping
-    min_delta:float=1e-3          # improvement of the validation loss that counts
-    eval_every:int=2              # closed-loop evaluation every this many epochs (0: never; always after the last epoch)
-    eval_episodes:int=4           # validation episodes per family for model selection (a seed set apart from the test set)
-    log_every:int=50              # steps between log lines (metrics.jsonl)
-    out_dir:str='runs/imitation'  # checkpoints, best policy and logs (rank 0 only)
-    seed:int=0                    # data order, augmentation, dropout
-    device:str='auto'             # 'auto', 'cpu', 'cuda'
+
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay, on weight matrices only
+    warmup_steps: int = 100  # linear warmup, then cosine to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    batch_size: int = 64  # samples per process per step
+    grad_clip: float = 1.0  # max global gradient norm
+    augment: bool = True  # random shift + colour jitter of training images
+    aux_weight: float = 1.0  # weight of the keypoint loss locating every object (0: off)
+    snapshots: int = 0  # randomized scene snapshots rendered for the keypoint loss (0: demo frames only)
+    snapshot_batch: int = 32  # snapshot frames added to each step
+    snapshot_workers: int = 1  # processes rendering the snapshots
+    val_frac: float = 0.1  # episodes held back for the validation loss
+    patience: int = 4  # epochs without a better validation loss before early stopping
+    min_delta: float = 1e-3  # improvement of the validation loss that counts
+    eval_every: int = 2  # closed-loop evaluation every this many epochs (0: never; always after the last epoch)
+    eval_episodes: int = 4  # validation episodes per family for model selection (a seed set apart from the test set)
+    log_every: int = 50  # steps between log lines (metrics.jsonl)
+    out_dir: str = 'runs/imitation'  # checkpoints, best policy and logs (rank 0 only)
+    seed: int = 0  # data order, augmentation, dropout
+    device: str = 'auto'  # 'auto', 'cpu', 'cuda'
 
     def __post_init__(self):
-        check_range('lr', self.lr, 0, 10); check_range('weight_decay', self.weight_decay, 0, 10)
+        check_range('lr', self.lr, 0, 10)
+        check_range('weight_decay', self.weight_decay, 0, 10)
         for k in ('warmup_steps', 'batch_size', 'patience', 'eval_every', 'eval_episodes', 'log_every'):
             check_range(k, getattr(self, k), 0 if k in ('warmup_steps', 'eval_every') else 1, 10**9, integer=True)
-        check_range('min_lr_ratio', self.min_lr_ratio, 0, 1); check_range('grad_clip', self.grad_clip, 1e-6, 1e6)
-        check_range('val_frac', self.val_frac, 0.01, 0.5); check_range('min_delta', self.min_delta, 0, 1)
-        check_range('seed', self.seed, 0, 2**31 - 1, integer=True); check_range('aux_weight', self.aux_weight, 0, 100)
+        check_range('min_lr_ratio', self.min_lr_ratio, 0, 1)
+        check_range('grad_clip', self.grad_clip, 1e-6, 1e6)
+        check_range('val_frac', self.val_frac, 0.01, 0.5)
+        check_range('min_delta', self.min_delta, 0, 1)
+        check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
+        check_range('aux_weight', self.aux_weight, 0, 100)
         check_range('snapshots', self.snapshots, 0, 10**7, integer=True)
-        check_range('snapshot_batch', self.snapshot_batch, 1, 10**5, integer=True); check_range('snapshot_workers', self.snapshot_workers, 1, 64, integer=True)
+        check_range('snapshot_batch', self.snapshot_batch, 1, 10**5, integer=True)
+        check_range('snapshot_workers', self.snapshot_workers, 1, 64, integer=True)
 
     @classmethod
     def full(cls, **kw):
         "The preset of the full-profile run (thousands of demos, tens of epochs)."
-        return cls(**{**dict(batch_size=64, lr=1e-3, warmup_steps=300, patience=6, eval_every=3, eval_episodes=10), **kw})
+        return cls(
+            **{**dict(batch_size=64, lr=1e-3, warmup_steps=300, patience=6, eval_every=3, eval_episodes=10), **kw}
+        )
 
 # %% ../nbs/06_imitation.ipynb #c021
 class VLAImitationLearner:
     "Behaviour cloning of action chunks with validation-loss early stopping and closed-loop model selection; resumable, torchrun-ready."
-    def __init__(self, model:VLANet, dataset:EpisodeDataset, config:ImitationConfig|None=None, resume=None, episodes=None):
+
+    def __init__(
+        self, model: VLANet, dataset: EpisodeDataset, config: ImitationConfig | None = None, resume=None, episodes=None
+    ):
         self.config = cfg = config if config is not None else ImitationConfig()
         self.rank, self.world, local = dist_info()
         dev = get_device(cfg.device)
         self.device = torch.device(f'cuda:{local}') if dev.type == 'cuda' and self.world > 1 else dev
         self._own_group = init_distributed(self.device)
         self.model, self.dataset = model.to(self.device), dataset
-        pool = list(range(len(dataset))) if episodes is None else sorted(episodes)    # `episodes`: train on a subset only
-        tr, va = split_episodes(len(pool), cfg.val_frac, cfg.seed); tr, va = [pool[i] for i in tr], [pool[i] for i in va]
-        if not va or not tr: raise ValueError(f"{len(pool)} episodes are too few to split off validation episodes (val_frac={cfg.val_frac})")
-        H, W = model.cfg.chunk_size, model.cfg.wrist_size; base = ChunkDataset(dataset, tr, H)
+        pool = list(range(len(dataset))) if episodes is None else sorted(episodes)  # `episodes`: train on a subset only
+        tr, va = split_episodes(len(pool), cfg.val_frac, cfg.seed)
+        tr, va = [pool[i] for i in tr], [pool[i] for i in va]
+        if not va or not tr:
+            raise ValueError(
+                f"{len(pool)} episodes are too few to split off validation episodes (val_frac={cfg.val_frac})"
+            )
+        H, W = model.cfg.chunk_size, model.cfg.wrist_size
+        base = ChunkDataset(dataset, tr, H)
         if W and (base.wrist is None or base.wrist.shape[1] != W):
-            raise ValueError(f"the model reads a {W}-pixel wrist camera but {dataset.root} has {'no wrist_image' if base.wrist is None else f'{base.wrist.shape[1]}-pixel wrist images'}; record with DataConfig(wrist_camera=True, wrist_size={W})")
+            raise ValueError(
+                f"the model reads a {W}-pixel wrist camera but {dataset.root} has {'no wrist_image' if base.wrist is None else f'{base.wrist.shape[1]}-pixel wrist images'}; record with DataConfig(wrist_camera=True, wrist_size={W})"
+            )
         self.norm, self.tokenizer = base.norm, dataset.tokenizer
-        self.train_data, self.val_data = ChunkData([base], self.norm, H), ChunkData([ChunkDataset(dataset, va, H)], self.norm, H)
-        self.extra_roots = []                                        # DAgger datasets appended with `add_data`
-        snaps = render_snapshots(cfg.snapshots, cfg.seed, model.cfg.image_size, cfg.snapshot_workers) if cfg.snapshots and cfg.aux_weight else None
+        self.train_data, self.val_data = (
+            ChunkData([base], self.norm, H),
+            ChunkData([ChunkDataset(dataset, va, H)], self.norm, H),
+        )
+        self.extra_roots = []  # DAgger datasets appended with `add_data`
+        snaps = (
+            render_snapshots(cfg.snapshots, cfg.seed, model.cfg.image_size, cfg.snapshot_workers)
+            if cfg.snapshots and cfg.aux_weight
+            else None
+        )
         self.objective = obj = BCObjective(model, cfg.aux_weight, snaps, self.norm, cfg.snapshot_batch).to(self.device)
-        self.ddp = nn.parallel.DistributedDataParallel(obj, device_ids=[local] if self.device.type == 'cuda' else None) if self.world > 1 else obj
-        decay = [p for p in obj.parameters() if p.ndim >= 2]; rest = [p for p in obj.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.lr)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(obj, device_ids=[local] if self.device.type == 'cuda' else None)
+            if self.world > 1
+            else obj
+        )
+        decay = [p for p in obj.parameters() if p.ndim >= 2]
+        rest = [p for p in obj.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.lr
+        )
         self.step, self.epoch, self.pos, self.total_steps, self.stopped = 0, 0, 0, 1, False
         self.best_val, self.bad_epochs, self.best_success = float('inf'), 0, -1.0
         self.history = dict(step=[], train_loss=[], learning_rate=[], epoch=[], val_loss=[], eval_epoch=[], success=[])
         self.out_dir = Path(cfg.out_dir)
-        if resume: self.load_state(self.ckpt_path if resume is True else resume)
+        if resume:
+            self.load_state(self.ckpt_path if resume is True else resume)
 
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
-    def ckpt_path(self) -> Path: return self.out_dir/'checkpoint.safetensors'
+    def ckpt_path(self) -> Path:
+        return self.out_dir / 'checkpoint.safetensors'
+
     @property
-    def best_path(self) -> Path: return self.out_dir/'best_policy.safetensors'
+    def best_path(self) -> Path:
+        return self.out_dir / 'best_policy.safetensors'
 
 # %% ../nbs/06_imitation.ipynb #c023
 @patch
-def policy(self:VLAImitationLearner, **kw) -> VLAPolicy:
+def policy(self: VLAImitationLearner, **kw) -> VLAPolicy:
     "The current network as a `VLAPolicy` (eval mode; shares the weights)."
     return VLAPolicy(self.model, self.norm, self.tokenizer, **kw)
 
-def load_pretrained(net:VLANet, path) -> VLANet:
+
+def load_pretrained(net: VLANet, path) -> VLANet:
     "Copy the network weights of a `VLAPretrainer` checkpoint (or a saved `VLAPolicy`) into `net`; shapes must match."
     tensors, meta = load_checkpoint(path)
     kind = meta.get('kind')
-    if kind == 'vla_nb.VLAPretrainer': tensors = {k[4:]: v for k, v in tensors.items() if k.startswith('net.')}
-    elif kind != 'vla_nb.VLAPolicy': raise ValueError(f"{path} is neither a VLAPretrainer nor a VLAPolicy checkpoint (kind={kind!r})")
+    if kind == 'vla_nb.VLAPretrainer':
+        tensors = {k[4:]: v for k, v in tensors.items() if k.startswith('net.')}
+    elif kind != 'vla_nb.VLAPolicy':
+        raise ValueError(f"{path} is neither a VLAPretrainer nor a VLAPolicy checkpoint (kind={kind!r})")
     return load_weights(net, tensors)
 
 # %% ../nbs/06_imitation.ipynb #c025
-def _batch_to(batch:dict, device) -> dict: return {k: v.to(device) for k, v in batch.items()}
+def _batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
-def masked_mse(pred, target, mask): m = mask.to(pred.dtype); return ((pred - target).square() * m).sum() / m.sum().clamp(min=1)
+
+def masked_mse(pred, target, mask):
+    m = mask.to(pred.dtype)
+    return ((pred - target).square() * m).sum() / m.sum().clamp(min=1)
+
 
 class BCObjective(nn.Module):
     "Chunk loss of `net` + `aux_weight` x keypoint localization loss (demo frames and snapshots); a module so DDP can wrap it."
-    def __init__(self, net:VLANet, aux_weight:float=0.0, snapshots:dict|None=None, norm:Normalizer|None=None, snapshot_batch:int=32):
-        super().__init__(); self.net, self.aux_weight, self.snapshots, self.norm, self.snapshot_batch = net, aux_weight, snapshots, norm, snapshot_batch
-        if net.cfg.keypoints < len(OBJECT_NAMES): raise ValueError(f"the keypoint loss needs keypoints >= {len(OBJECT_NAMES)}, got {net.cfg.keypoints}")
-        if snapshots is not None and norm is None: raise ValueError("snapshots need the dataset's Normalizer")
-        self.aux = nn.Sequential(nn.Linear(2, 64), nn.GELU(), nn.Linear(64, 2))  # keypoint (x, y) in the image -> table xy
 
-    def locate(self, keys):                                                        # (B, 2K') -> (B, 2K) table xy of every object
-        K = len(OBJECT_NAMES); return self.aux(keys[:, :2 * K].reshape(-1, K, 2)).reshape(-1, 2 * K)
+    def __init__(
+        self,
+        net: VLANet,
+        aux_weight: float = 0.0,
+        snapshots: dict | None = None,
+        norm: Normalizer | None = None,
+        snapshot_batch: int = 32,
+    ):
+        super().__init__()
+        self.net, self.aux_weight, self.snapshots, self.norm, self.snapshot_batch = (
+            net,
+            aux_weight,
+            snapshots,
+            norm,
+            snapshot_batch,
+        )
+        if net.cfg.keypoints < len(OBJECT_NAMES):
+            raise ValueError(f"the keypoint loss needs keypoints >= {len(OBJECT_NAMES)}, got {net.cfg.keypoints}")
+        if snapshots is not None and norm is None:
+            raise ValueError("snapshots need the dataset's Normalizer")
+        self.aux = nn.Sequential(
+            nn.Linear(2, 64), nn.GELU(), nn.Linear(64, 2)
+        )  # keypoint (x, y) in the image -> table xy
 
-    def forward(self, batch:dict) -> torch.Tensor:
-        f, keys = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True)   # (B, d), (B, 2K')
-        out, tgt, pad = self.net.head(f), batch[ACTION], batch[ACTION_PAD]         # targets (B, H, A)
-        if self.net.cfg.head == 'discrete': loss = discrete_action_loss(out['logits'], tgt, pad, self.net.cfg.bin_range)
-        else: loss = action_loss(out['actions'], tgt, pad) + F.binary_cross_entropy(out['confidence'], confidence_target(out['actions'], tgt, pad))
-        if not self.aux_weight: return loss
+    def locate(self, keys):  # (B, 2K') -> (B, 2K) table xy of every object
+        K = len(OBJECT_NAMES)
+        return self.aux(keys[:, : 2 * K].reshape(-1, K, 2)).reshape(-1, 2 * K)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        f, keys = self.net.encode(
+            batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True
+        )  # (B, d), (B, 2K')
+        out, tgt, pad = self.net.head(f), batch[ACTION], batch[ACTION_PAD]  # targets (B, H, A)
+        if self.net.cfg.head == 'discrete':
+            loss = discrete_action_loss(out['logits'], tgt, pad, self.net.cfg.bin_range)
+        else:
+            loss = action_loss(out['actions'], tgt, pad) + F.binary_cross_entropy(
+                out['confidence'], confidence_target(out['actions'], tgt, pad)
+            )
+        if not self.aux_weight:
+            return loss
         loss = loss + self.aux_weight * masked_mse(self.locate(keys), batch[TARGET_XY], batch[TARGET_MASK])
-        if self.snapshots is not None and self.training:                          # fresh layouts, under the batch's commands
+        if self.snapshots is not None and self.training:  # fresh layouts, under the batch's commands
             S, dev = self.snapshots, batch[IMAGE].device
-            i, j = torch.randint(0, len(S[IMAGE]), (self.snapshot_batch,)), torch.randint(0, len(batch[TOKENS]), (self.snapshot_batch,))
+            i, j = (
+                torch.randint(0, len(S[IMAGE]), (self.snapshot_batch,)),
+                torch.randint(0, len(batch[TOKENS]), (self.snapshot_batch,)),
+            )
             img = self.norm.normalize(IMAGE, S[IMAGE][i].float() / 255).to(dev)
             _, k = self.net.vision(img, self.net.text(batch[TOKENS][j]), return_keys=True)
-            loss = loss + self.aux_weight * masked_mse(self.locate(k), S[TARGET_XY][i].to(dev), S[TARGET_MASK][i].to(dev))
+            loss = loss + self.aux_weight * masked_mse(
+                self.locate(k), S[TARGET_XY][i].to(dev), S[TARGET_MASK][i].to(dev)
+            )
         return loss
 
+
 @patch
-def train_step(self:VLAImitationLearner, batch:dict) -> float:
+def train_step(self: VLAImitationLearner, batch: dict) -> float:
     "One behaviour-cloning update on `batch`; returns the (process-averaged) loss."
-    cfg = self.config; self.ddp.train()
+    cfg = self.config
+    self.ddp.train()
     bad = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad: raise FloatingPointError(f"non-finite values in batch {bad} at step {self.step}; check the dataset (validate_dataset) and its stats")
-    torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1024 + self.rank)          # dropout: reproducible on resume
+    if bad:
+        raise FloatingPointError(
+            f"non-finite values in batch {bad} at step {self.step}; check the dataset (validate_dataset) and its stats"
+        )
+    torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1024 + self.rank)  # dropout: reproducible on resume
     lr = cfg.lr * warmup_cosine(self.step, self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    for g in self.optimizer.param_groups: g['lr'] = lr
-    loss = self.ddp(_batch_to(batch, self.device))                                   # vla_loss through DDP: gradients averaged
+    for g in self.optimizer.param_groups:
+        g['lr'] = lr
+    loss = self.ddp(_batch_to(batch, self.device))  # vla_loss through DDP: gradients averaged
     val = loss.detach().clone()
-    if self.world > 1: dist.all_reduce(val); val = val / self.world
-    if not math.isfinite(float(val)): raise FloatingPointError(f"non-finite loss ({float(val)}) at step {self.step} (epoch {self.epoch}); lower `lr` or check the data")
-    self.optimizer.zero_grad(set_to_none=True); loss.backward()
-    torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip); self.optimizer.step(); self.step += 1
-    for k, v in (('step', self.step), ('train_loss', float(val)), ('learning_rate', lr)): self.history[k].append(v)
+    if self.world > 1:
+        dist.all_reduce(val)
+        val = val / self.world
+    if not math.isfinite(float(val)):
+        raise FloatingPointError(
+            f"non-finite loss ({float(val)}) at step {self.step} (epoch {self.epoch}); lower `lr` or check the data"
+        )
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.grad_clip)
+    self.optimizer.step()
+    self.step += 1
+    for k, v in (('step', self.step), ('train_loss', float(val)), ('learning_rate', lr)):
+        self.history[k].append(v)
     return float(val)
+
 
 @patch
 @torch.no_grad()
-def validate(self:VLAImitationLearner, batch_size:int=256) -> float:
+def validate(self: VLAImitationLearner, batch_size: int = 256) -> float:
     "Mean action-chunk loss (L1, or bin cross-entropy) over every validation frame (no augmentation, dropout off)."
-    self.model.eval(); tot, n = 0.0, 0
+    self.model.eval()
+    tot, n = 0.0, 0
     for i in range(0, len(self.val_data), batch_size):
         idx = torch.arange(i, min(len(self.val_data), i + batch_size))
         _, m = vla_loss(self.model, _batch_to(self.val_data.batch(idx), self.device))
-        tot += m['action_loss'] * len(idx); n += len(idx)
+        tot += m['action_loss'] * len(idx)
+        n += len(idx)
     return tot / n
+
 
 @patch
 @torch.no_grad()
-def keypoint_rmse(self:VLAImitationLearner, split:str='val', max_frames:int=2000) -> float:
+def keypoint_rmse(self: VLAImitationLearner, split: str = 'val', max_frames: int = 2000) -> float:
     "RMS error (cm, per coordinate) of the objects' table positions read from the keypoints, on 'train' or 'val' frames."
-    if split not in ('train', 'val'): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in ('train', 'val'):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data = self.val_data if split == 'val' else self.train_data
     b = _batch_to(data.batch(torch.linspace(0, len(data) - 1, min(max_frames, len(data))).long()), self.device)
     self.objective.eval()
@@ -287,210 +476,412 @@ def keypoint_rmse(self:VLAImitationLearner, split:str='val', max_frames:int=2000
 
 # %% ../nbs/06_imitation.ipynb #c027
 @patch
-def save_state(self:VLAImitationLearner, path=None) -> Path|None:
+def save_state(self: VLAImitationLearner, path=None) -> Path | None:
     "Rank 0: write the full training state (default `out_dir/checkpoint.safetensors`); other ranks do nothing."
-    if not self.is_main: return None
+    if not self.is_main:
+        return None
     path = Path(path) if path is not None else self.ckpt_path
     opt_t, groups = _optim_tensors(self.optimizer)
-    meta = dict(kind='vla_nb.VLAImitationLearner', step=self.step, epoch=self.epoch, pos=self.pos, total_steps=self.total_steps,
-                stopped=self.stopped, best_val=self.best_val if math.isfinite(self.best_val) else None, bad_epochs=self.bad_epochs,
-                best_success=self.best_success, extra_roots=self.extra_roots, world=self.world, param_groups=groups,
-                model_config=self.model.cfg.to_dict(), config=self.config.to_dict(), history=self.history)
-    tensors = {**{f'net.{k}': v for k, v in self.model.state_dict().items()}, **{f'aux.{k}': v for k, v in self.objective.aux.state_dict().items()}, **opt_t}
+    meta = dict(
+        kind='vla_nb.VLAImitationLearner',
+        step=self.step,
+        epoch=self.epoch,
+        pos=self.pos,
+        total_steps=self.total_steps,
+        stopped=self.stopped,
+        best_val=self.best_val if math.isfinite(self.best_val) else None,
+        bad_epochs=self.bad_epochs,
+        best_success=self.best_success,
+        extra_roots=self.extra_roots,
+        world=self.world,
+        param_groups=groups,
+        model_config=self.model.cfg.to_dict(),
+        config=self.config.to_dict(),
+        history=self.history,
+    )
+    tensors = {
+        **{f'net.{k}': v for k, v in self.model.state_dict().items()},
+        **{f'aux.{k}': v for k, v in self.objective.aux.state_dict().items()},
+        **opt_t,
+    }
     return save_checkpoint(path, tensors, meta)
 
+
 @patch
-def load_state(self:VLAImitationLearner, path):
+def load_state(self: VLAImitationLearner, path):
     "Restore weights, optimizer, schedule and data position, counters, history and DAgger datasets from `save_state`."
     tensors, meta = load_checkpoint(path, device=self.device)
-    if meta.get('kind') != 'vla_nb.VLAImitationLearner': raise ValueError(f"{path} is not a VLAImitationLearner checkpoint (kind={meta.get('kind')!r})")
+    if meta.get('kind') != 'vla_nb.VLAImitationLearner':
+        raise ValueError(f"{path} is not a VLAImitationLearner checkpoint (kind={meta.get('kind')!r})")
     load_weights(self.model, {k[4:]: v for k, v in tensors.items() if k.startswith('net.')})
     load_weights(self.objective.aux, {k[4:]: v for k, v in tensors.items() if k.startswith('aux.')})
     _restore_optim(self.optimizer, tensors, meta['param_groups'])
-    for k in ('step', 'epoch', 'pos', 'total_steps', 'stopped', 'bad_epochs', 'best_success'): setattr(self, k, meta[k])
+    for k in ('step', 'epoch', 'pos', 'total_steps', 'stopped', 'bad_epochs', 'best_success'):
+        setattr(self, k, meta[k])
     self.best_val = float('inf') if meta['best_val'] is None else meta['best_val']
     self.history = {k: list(v) for k, v in meta['history'].items()}
     for r in meta['extra_roots']:
-        if r not in self.extra_roots: self.add_data(EpisodeDataset(r))
+        if r not in self.extra_roots:
+            self.add_data(EpisodeDataset(r))
     return self
 
+
 @patch
-def add_data(self:VLAImitationLearner, dataset:EpisodeDataset):
+def add_data(self: VLAImitationLearner, dataset: EpisodeDataset):
     "Append every episode of `dataset` (e.g. DAgger relabels) to the training frames; statistics stay those of the base data."
     part = ChunkDataset(dataset, None, self.model.cfg.chunk_size)
     self.train_data = ChunkData(self.train_data.parts + [part], self.norm, self.model.cfg.chunk_size)
-    self.extra_roots.append(str(dataset.root)); return self
+    self.extra_roots.append(str(dataset.root))
+    return self
+
 
 @patch
-def _log(self:VLAImitationLearner, rec:dict):
-    if not self.is_main: return
-    with open(ensure_dir(self.out_dir)/'metrics.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+def _log(self: VLAImitationLearner, rec: dict):
+    if not self.is_main:
+        return
+    with open(ensure_dir(self.out_dir) / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps(rec) + '\n')
 
 # %% ../nbs/06_imitation.ipynb #c029
 @patch
-def evaluate(self:VLAImitationLearner, episodes_per_family:int|None=None, env:sim.TabletopEnv|None=None) -> float:
+def evaluate(
+    self: VLAImitationLearner, episodes_per_family: int | None = None, env: sim.TabletopEnv | None = None
+) -> float:
     "Closed-loop mean success of the current weights on the learner's validation episode set."
-    n = episodes_per_family or self.config.eval_episodes; pol = self.policy()
-    return evaluate_policy(pol, n, seed=self.config.seed + 7919, split='test', env=env, name=f'epoch {self.epoch}',
-                           progress_bar=False)['mean_success']
+    n = episodes_per_family or self.config.eval_episodes
+    pol = self.policy()
+    return evaluate_policy(
+        pol, n, seed=self.config.seed + 7919, split='test', env=env, name=f'epoch {self.epoch}', progress_bar=False
+    )['mean_success']
 
 # %% ../nbs/06_imitation.ipynb #c030
 @patch
-def _end_epoch(self:VLAImitationLearner, num_epochs:int, env) -> dict:
+def _end_epoch(self: VLAImitationLearner, num_epochs: int, env) -> dict:
     "Validation loss, early-stopping counter, periodic closed-loop evaluation and best-policy selection at an epoch boundary."
     cfg, rec = self.config, dict(epoch=self.epoch, step=self.step)
     rec['val_loss'] = v = self.validate()
-    if v < self.best_val - cfg.min_delta: self.best_val, self.bad_epochs = v, 0
-    else: self.bad_epochs += 1
+    if v < self.best_val - cfg.min_delta:
+        self.best_val, self.bad_epochs = v, 0
+    else:
+        self.bad_epochs += 1
     last = self.epoch + 1 == num_epochs or self.bad_epochs >= cfg.patience
     if self.is_main and ((cfg.eval_every and (self.epoch + 1) % cfg.eval_every == 0) or last):
         rec['success'] = s = self.evaluate(env=env)
-        self.history['eval_epoch'].append(self.epoch); self.history['success'].append(s)
-        if s >= self.best_success: self.best_success = s; ensure_dir(self.out_dir); self.policy().save(self.best_path)   # ties go to the later, longer-trained weights
-    self.history['epoch'].append(self.epoch); self.history['val_loss'].append(v)
+        self.history['eval_epoch'].append(self.epoch)
+        self.history['success'].append(s)
+        if s >= self.best_success:
+            self.best_success = s
+            ensure_dir(self.out_dir)
+            self.policy().save(self.best_path)  # ties go to the later, longer-trained weights
+    self.history['epoch'].append(self.epoch)
+    self.history['val_loss'].append(v)
     self.stopped = self.bad_epochs >= cfg.patience
     return rec
 
 # %% ../nbs/06_imitation.ipynb #c032
 @patch
-def train_imitation(self:VLAImitationLearner, num_epochs:int, max_steps:int|None=None) -> dict:
+def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int | None = None) -> dict:
     "Train for up to `num_epochs` epochs (or `max_steps` steps), stopping early on the validation loss; returns the history."
     cfg, B = self.config, self.config.batch_size
-    n = len(self.train_data); per_epoch = len(epoch_indices(n, 0, cfg.seed, self.rank, self.world)) // B
-    if per_epoch == 0: raise ValueError(f"{n} training frames per process are fewer than batch_size={B}")
+    n = len(self.train_data)
+    per_epoch = len(epoch_indices(n, 0, cfg.seed, self.rank, self.world)) // B
+    if per_epoch == 0:
+        raise ValueError(f"{n} training frames per process are fewer than batch_size={B}")
     self.total_steps = max(self.total_steps, num_epochs * per_epoch)
     gen, env = torch.Generator(), env_for(self.policy()) if self.is_main else None
-    bar = progress(total=num_epochs * per_epoch, initial=min(self.step, num_epochs * per_epoch), desc='imitation', disable=None if self.is_main else True)
+    bar = progress(
+        total=num_epochs * per_epoch,
+        initial=min(self.step, num_epochs * per_epoch),
+        desc='imitation',
+        disable=None if self.is_main else True,
+    )
     try:
         while self.epoch < num_epochs and not self.stopped and (max_steps is None or self.step < max_steps):
             idx = torch.tensor(epoch_indices(n, self.epoch, cfg.seed, self.rank, self.world))
             while self.pos < per_epoch and (max_steps is None or self.step < max_steps):
                 gen.manual_seed(cfg.seed * 7_919 + self.step * 2 + self.rank)
-                loss = self.train_step(self.train_data.batch(idx[self.pos * B:(self.pos + 1) * B], gen, cfg.augment))
-                self.pos += 1; bar.update(1)
-                if self.step % cfg.log_every == 0: self._log(dict(step=self.step, epoch=self.epoch, train_loss=loss)); bar.set_postfix(loss=f"{loss:.3f}")
-            if self.pos < per_epoch: break                           # max_steps reached mid-epoch
-            rec = self._end_epoch(num_epochs, env); self._log(rec)
+                loss = self.train_step(self.train_data.batch(idx[self.pos * B : (self.pos + 1) * B], gen, cfg.augment))
+                self.pos += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    self._log(dict(step=self.step, epoch=self.epoch, train_loss=loss))
+                    bar.set_postfix(loss=f"{loss:.3f}")
+            if self.pos < per_epoch:
+                break  # max_steps reached mid-epoch
+            rec = self._end_epoch(num_epochs, env)
+            self._log(rec)
             if self.world > 1:
-                flag = torch.tensor([float(self.stopped)]); dist.broadcast(flag, 0); self.stopped = bool(flag.item())
+                flag = torch.tensor([float(self.stopped)])
+                dist.broadcast(flag, 0)
+                self.stopped = bool(flag.item())
             self.epoch, self.pos = self.epoch + 1, 0
             self.save_state()
     finally:
         bar.close()
-        if env is not None: env.close()
+        if env is not None:
+            env.close()
     self.save_state()
     return self.history
 
 # %% ../nbs/06_imitation.ipynb #c035
-def plot_history(history:dict, title:str='behaviour cloning'):
+def plot_history(history: dict, title: str = 'behaviour cloning'):
     "Training loss (smoothed), validation loss and closed-loop validation success against epochs."
     import matplotlib.pyplot as plt
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8))
-    tl = np.asarray(history['train_loss']); k = max(1, len(tl) // 50)
+    tl = np.asarray(history['train_loss'])
+    k = max(1, len(tl) // 50)
     per_epoch = len(tl) / max(1, len(history['epoch']))
-    a.plot(np.arange(len(tl))[k - 1:] / per_epoch, np.convolve(tl, np.ones(k) / k, 'valid'), label='train (smoothed)')
+    a.plot(np.arange(len(tl))[k - 1 :] / per_epoch, np.convolve(tl, np.ones(k) / k, 'valid'), label='train (smoothed)')
     a.plot(np.asarray(history['epoch']) + 1, history['val_loss'], 'o-', label='validation')
-    a.set_xlabel('epoch'); a.set_ylabel('chunk loss'); a.legend(fontsize=7); a.set_title(title, fontsize=9)
+    a.set_xlabel('epoch')
+    a.set_ylabel('chunk loss')
+    a.legend(fontsize=7)
+    a.set_title(title, fontsize=9)
     b.plot(np.asarray(history['eval_epoch']) + 1, history['success'], 's-', color='C2')
-    b.set_ylim(0, 1.02); b.set_xlabel('epoch'); b.set_ylabel('validation success'); b.set_title('closed loop', fontsize=9)
-    fig.tight_layout(); return fig
+    b.set_ylim(0, 1.02)
+    b.set_xlabel('epoch')
+    b.set_ylabel('validation success')
+    b.set_title('closed loop', fontsize=9)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/06_imitation.ipynb #c047
-def dagger_rollouts(policy, root, n_episodes:int, seed:int, beta:float=0.0, data_config:DataConfig|None=None,
-                    env:sim.TabletopEnv|None=None) -> dict:
+def dagger_rollouts(
+    policy,
+    root,
+    n_episodes: int,
+    seed: int,
+    beta: float = 0.0,
+    data_config: DataConfig | None = None,
+    env: sim.TabletopEnv | None = None,
+) -> dict:
     "Let `policy` act (the expert's action with probability `beta`); record every visited state with the expert's clean label."
-    dc = (data_config or DataConfig()).replace(root=str(root), num_episodes=n_episodes, seed=seed, split='train', noise_std=0.0)
-    w, rng, own = EpisodeWriter(root, fps=dc.sim.control_hz, config=dc.to_dict()), np.random.default_rng(seed), env is None
-    env = env or sim.TabletopEnv(dc.sim); wins = []
+    dc = (data_config or DataConfig()).replace(
+        root=str(root), num_episodes=n_episodes, seed=seed, split='train', noise_std=0.0
+    )
+    w, rng, own = (
+        EpisodeWriter(root, fps=dc.sim.control_hz, config=dc.to_dict()),
+        np.random.default_rng(seed),
+        env is None,
+    )
+    env = env or sim.TabletopEnv(dc.sim)
+    wins = []
     with torch_threads(1):
         try:
             for spec in [s for s in plan_episodes(dc) if s['episode_index'] not in w.done_episodes()]:
                 task = sim.Task(**spec['task'])
-                obs, info = env.reset(seed=spec['seed'], options=dict(command=sim.make_command(task, template=spec['template'])))
-                policy.reset(); expert = sim.ScriptedExpert(env, 0.0, seed=spec['seed']); rec, done = {k: [] for k in (IMAGE, PROPRIO, ACTION, SUCCESS) + ((WRIST_IMAGE,) if 'wrist_image' in obs else ())}, False
+                obs, info = env.reset(
+                    seed=spec['seed'], options=dict(command=sim.make_command(task, template=spec['template']))
+                )
+                policy.reset()
+                expert = sim.ScriptedExpert(env, 0.0, seed=spec['seed'])
+                rec, done = (
+                    {
+                        k: []
+                        for k in (IMAGE, PROPRIO, ACTION, SUCCESS) + ((WRIST_IMAGE,) if 'wrist_image' in obs else ())
+                    },
+                    False,
+                )
                 while not done:
-                    label, act = expert.select_action(obs), policy.select_action(obs)       # query both every step (queues advance)
-                    rec[IMAGE].append(obs['image']); rec[PROPRIO].append(obs['proprio']); rec[ACTION].append(label)
-                    if WRIST_IMAGE in rec: rec[WRIST_IMAGE].append(obs['wrist_image'])
-                    obs, _, term, trunc, step = env.step(label if rng.random() < beta else act); done = term or trunc
+                    label, act = (
+                        expert.select_action(obs),
+                        policy.select_action(obs),
+                    )  # query both every step (queues advance)
+                    rec[IMAGE].append(obs['image'])
+                    rec[PROPRIO].append(obs['proprio'])
+                    rec[ACTION].append(label)
+                    if WRIST_IMAGE in rec:
+                        rec[WRIST_IMAGE].append(obs['wrist_image'])
+                    obs, _, term, trunc, step = env.step(label if rng.random() < beta else act)
+                    done = term or trunc
                     rec[SUCCESS].append(step['is_success'])
-                frames = {k: np.stack(v) for k, v in rec.items()}; frames[TIMESTAMP] = np.arange(len(frames[ACTION])) / dc.sim.control_hz
-                w.add_episode(spec['episode_index'], frames, info['command'], spec['task'],
-                              dict(seed=spec['seed'], template=spec['template'], beta=beta, policy_success=bool(step['is_success']), scene=info['scene']))
+                frames = {k: np.stack(v) for k, v in rec.items()}
+                frames[TIMESTAMP] = np.arange(len(frames[ACTION])) / dc.sim.control_hz
+                w.add_episode(
+                    spec['episode_index'],
+                    frames,
+                    info['command'],
+                    spec['task'],
+                    dict(
+                        seed=spec['seed'],
+                        template=spec['template'],
+                        beta=beta,
+                        policy_success=bool(step['is_success']),
+                        scene=info['scene'],
+                    ),
+                )
                 wins.append(bool(step['is_success']))
         finally:
-            if own: env.close()
+            if own:
+                env.close()
     ds = w.finalize(CommandTokenizer.build(command_corpus()))
-    return dict(root=str(root), episodes=len(ds), frames=ds.num_frames, new_episodes=len(wins),
-                policy_success=round(float(np.mean(wins)), 4) if wins else None)
+    return dict(
+        root=str(root),
+        episodes=len(ds),
+        frames=ds.num_frames,
+        new_episodes=len(wins),
+        policy_success=round(float(np.mean(wins)), 4) if wins else None,
+    )
 
 # %% ../nbs/06_imitation.ipynb #c049
-def run_dagger(learner:VLAImitationLearner, rounds:int, episodes_per_round:int, epochs_per_round:int, root, beta:float=0.5,
-               test_episodes:int=5, seed:int=0) -> list:
+def run_dagger(
+    learner: VLAImitationLearner,
+    rounds: int,
+    episodes_per_round: int,
+    epochs_per_round: int,
+    root,
+    beta: float = 0.5,
+    test_episodes: int = 5,
+    seed: int = 0,
+) -> list:
     "DAgger rounds on top of a trained `learner`; returns [{round, frames, policy_success, success}], round 0 = before DAgger."
-    check_range('rounds', rounds, 1, 1000, integer=True); check_range('test_episodes', test_episodes, 0, 10**5, integer=True)
+    check_range('rounds', rounds, 1, 1000, integer=True)
+    check_range('test_episodes', test_episodes, 0, 10**5, integer=True)
     env = env_for(learner.policy())
-    test = lambda: evaluate_policy(learner.policy(), test_episodes, seed, env=env, progress_bar=False)['mean_success'] if test_episodes else None
+    test = lambda: (
+        evaluate_policy(learner.policy(), test_episodes, seed, env=env, progress_bar=False)['mean_success']
+        if test_episodes
+        else None
+    )
     try:
         out = [dict(round=0, frames=len(learner.train_data), policy_success=None, success=test())]
         for r in range(1, rounds + 1):
-            rep = dagger_rollouts(learner.policy(), Path(root)/f'round{r}', episodes_per_round, seed=10_000 * (seed + 1) + r,
-                                  beta=beta * 0.5 ** (r - 1), env=env)
+            rep = dagger_rollouts(
+                learner.policy(),
+                Path(root) / f'round{r}',
+                episodes_per_round,
+                seed=10_000 * (seed + 1) + r,
+                beta=beta * 0.5 ** (r - 1),
+                env=env,
+            )
             learner.add_data(EpisodeDataset(rep['root']))
-            learner.stopped, learner.bad_epochs, learner.total_steps = False, 0, 1     # new data: restart patience, re-stretch schedule
+            learner.stopped, learner.bad_epochs, learner.total_steps = (
+                False,
+                0,
+                1,
+            )  # new data: restart patience, re-stretch schedule
             learner.train_imitation(learner.epoch + epochs_per_round)
-            out.append(dict(round=r, frames=len(learner.train_data), policy_success=rep['policy_success'], success=test()))
-    finally: env.close()
+            out.append(
+                dict(round=r, frames=len(learner.train_data), policy_success=rep['policy_success'], success=test())
+            )
+    finally:
+        env.close()
     return out
 
 # %% ../nbs/06_imitation.ipynb #c055
-def train_and_evaluate(ds:EpisodeDataset, epochs:int, episodes_per_family:int, model_kw:dict|None=None, config_kw:dict|None=None,
-                       pretrained=None, episodes=None, variants:dict|None=None, out_dir=None, seed:int=0) -> dict:
+def train_and_evaluate(
+    ds: EpisodeDataset,
+    epochs: int,
+    episodes_per_family: int,
+    model_kw: dict | None = None,
+    config_kw: dict | None = None,
+    pretrained=None,
+    episodes=None,
+    variants: dict | None = None,
+    out_dir=None,
+    seed: int = 0,
+) -> dict:
     "Train a fresh policy on `ds` and return {variant name: test-split summary} (variants: VLAPolicy keyword settings)."
     seed_everything(seed)
     net = VLANet(ModelConfig(vocab_size=ds.tokenizer.vocab_size, max_tokens=ds.tokenizer.max_len, **(model_kw or {})))
-    if pretrained: load_pretrained(net, pretrained)
+    if pretrained:
+        load_pretrained(net, pretrained)
     import tempfile
+
     out = out_dir or tempfile.mkdtemp()
-    cfg = ImitationConfig(**{**dict(out_dir=str(out), seed=seed, eval_every=max(1, epochs // 2), eval_episodes=2), **(config_kw or {})})
-    lr = VLAImitationLearner(net, ds, cfg, episodes=episodes); lr.train_imitation(epochs)
+    cfg = ImitationConfig(
+        **{**dict(out_dir=str(out), seed=seed, eval_every=max(1, epochs // 2), eval_episodes=2), **(config_kw or {})}
+    )
+    lr = VLAImitationLearner(net, ds, cfg, episodes=episodes)
+    lr.train_imitation(epochs)
     res, env = {}, env_for(lr.policy())
     try:
         for name, kw in (variants or {'policy': {}}).items():
-            r = evaluate_policy(VLAPolicy.load(lr.best_path, **kw), episodes_per_family, seed, env=env, name=name, progress_bar=False)
+            r = evaluate_policy(
+                VLAPolicy.load(lr.best_path, **kw), episodes_per_family, seed, env=env, name=name, progress_bar=False
+            )
             res[name] = {k: v for k, v in r.items() if k != 'result'}
-    finally: env.close()
+    finally:
+        env.close()
     return res
 
 # %% ../nbs/06_imitation.ipynb #c068
 def run_imitation(argv=None) -> VLAImitationLearner:
     "Command line: behaviour cloning of a `VLANet` on a recorded dataset (alone or under torchrun)."
-    ap = argparse.ArgumentParser(prog='vla-imitate', description='Train a VLA policy by behaviour cloning with closed-loop model selection.')
+    ap = argparse.ArgumentParser(
+        prog='vla-imitate', description='Train a VLA policy by behaviour cloning with closed-loop model selection.'
+    )
     ap.add_argument('--data', required=True, help='dataset directory written by SyntheticDataGenerator')
     ap.add_argument('--out', default='runs/imitation', help='checkpoint, best policy and log directory')
-    ap.add_argument('--epochs', type=int, default=10); ap.add_argument('--max-steps', type=int, default=None)
-    ap.add_argument('--batch-size', type=int, default=64); ap.add_argument('--lr', type=float, default=1e-3)
+    ap.add_argument('--epochs', type=int, default=10)
+    ap.add_argument('--max-steps', type=int, default=None)
+    ap.add_argument('--batch-size', type=int, default=64)
+    ap.add_argument('--lr', type=float, default=1e-3)
     ap.add_argument('--pretrained', default=None, help='VLAPretrainer checkpoint to start from')
-    ap.add_argument('--head', default='continuous', choices=['continuous', 'discrete']); ap.add_argument('--chunk-size', type=int, default=8)
-    ap.add_argument('--eval-every', type=int, default=2); ap.add_argument('--eval-episodes', type=int, default=4)
-    ap.add_argument('--patience', type=int, default=4); ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--keypoint-level', type=int, default=3, help='conv block feeding the keypoints (must match --pretrained)')
-    ap.add_argument('--snapshots', type=int, default=0, help='randomized scene snapshots co-trained for object localization')
-    ap.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.safetensors'); ap.add_argument('--device', default='auto')
+    ap.add_argument('--head', default='continuous', choices=['continuous', 'discrete'])
+    ap.add_argument('--chunk-size', type=int, default=8)
+    ap.add_argument('--eval-every', type=int, default=2)
+    ap.add_argument('--eval-episodes', type=int, default=4)
+    ap.add_argument('--patience', type=int, default=4)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument(
+        '--keypoint-level', type=int, default=3, help='conv block feeding the keypoints (must match --pretrained)'
+    )
+    ap.add_argument(
+        '--snapshots', type=int, default=0, help='randomized scene snapshots co-trained for object localization'
+    )
+    ap.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.safetensors')
+    ap.add_argument('--device', default='auto')
     a = ap.parse_args(argv)
-    eds = EpisodeDataset(a.data); torch.manual_seed(a.seed)
-    ep0 = eds.load_episode(0); S, W = int(ep0[IMAGE].shape[1]), int(ep0[WRIST_IMAGE].shape[1]) if WRIST_IMAGE in ep0 else 0
-    net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, head=a.head, chunk_size=a.chunk_size,
-                           keypoint_level=a.keypoint_level, wrist_size=W))
-    if a.pretrained: load_pretrained(net, a.pretrained)
-    cfg = ImitationConfig(lr=a.lr, batch_size=a.batch_size, eval_every=a.eval_every, eval_episodes=a.eval_episodes, patience=a.patience,
-                          seed=a.seed, out_dir=a.out, device=a.device, snapshots=a.snapshots)
-    lr = VLAImitationLearner(net, eds, cfg, resume=a.resume and (Path(a.out)/'checkpoint.safetensors').exists())
+    eds = EpisodeDataset(a.data)
+    torch.manual_seed(a.seed)
+    ep0 = eds.load_episode(0)
+    S, W = int(ep0[IMAGE].shape[1]), int(ep0[WRIST_IMAGE].shape[1]) if WRIST_IMAGE in ep0 else 0
+    net = VLANet(
+        ModelConfig(
+            image_size=S,
+            vocab_size=eds.tokenizer.vocab_size,
+            max_tokens=eds.tokenizer.max_len,
+            head=a.head,
+            chunk_size=a.chunk_size,
+            keypoint_level=a.keypoint_level,
+            wrist_size=W,
+        )
+    )
+    if a.pretrained:
+        load_pretrained(net, a.pretrained)
+    cfg = ImitationConfig(
+        lr=a.lr,
+        batch_size=a.batch_size,
+        eval_every=a.eval_every,
+        eval_episodes=a.eval_episodes,
+        patience=a.patience,
+        seed=a.seed,
+        out_dir=a.out,
+        device=a.device,
+        snapshots=a.snapshots,
+    )
+    lr = VLAImitationLearner(net, eds, cfg, resume=a.resume and (Path(a.out) / 'checkpoint.safetensors').exists())
     lr.train_imitation(a.epochs, a.max_steps)
-    if lr.is_main: print(json.dumps(dict(epochs=lr.epoch, steps=lr.step, best_val=lr.best_val, best_success=lr.best_success, best_policy=str(lr.best_path))))
-    if lr._own_group: dist.destroy_process_group()
+    if lr.is_main:
+        print(
+            json.dumps(
+                dict(
+                    epochs=lr.epoch,
+                    steps=lr.step,
+                    best_val=lr.best_val,
+                    best_success=lr.best_success,
+                    best_policy=str(lr.best_path),
+                )
+            )
+        )
+    if lr._own_group:
+        dist.destroy_process_group()
     return lr
+
 
 def imitate_main(argv=None) -> int:
     "Entry point of `vla-imitate` (an exit status; `run_imitation` returns the learner)."
-    run_imitation(argv); return 0
+    run_imitation(argv)
+    return 0

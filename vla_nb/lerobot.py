@@ -12,8 +12,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from .core import atomic_write, check_choice, check_range
-from .data import (EpisodeWriter, EpisodeDataset, CommandTokenizer, IMAGE, WRIST_IMAGE, PROPRIO, ACTION, SUCCESS,
-                         TIMESTAMP)
+from vla_nb.data import (
+    EpisodeWriter,
+    EpisodeDataset,
+    CommandTokenizer,
+    IMAGE,
+    WRIST_IMAGE,
+    PROPRIO,
+    ACTION,
+    SUCCESS,
+    TIMESTAMP,
+)
 
 # %% auto #0
 __all__ = ['CODEBASE_VERSION', 'DEFAULT_CHUNK_SIZE', 'DEFAULT_DATA_FILE_SIZE_IN_MB', 'DEFAULT_VIDEO_FILE_SIZE_IN_MB', 'INFO_PATH',
@@ -25,258 +34,406 @@ __all__ = ['CODEBASE_VERSION', 'DEFAULT_CHUNK_SIZE', 'DEFAULT_DATA_FILE_SIZE_IN_
            'read_lerobot_info', 'import_lerobot']
 
 # %% ../nbs/02a_lerobot.ipynb #c005
-CODEBASE_VERSION = 'v3.0'                       # lerobot_dataset.py
-DEFAULT_CHUNK_SIZE = 1000                       # utils.py: max files per chunk-XXX directory
-DEFAULT_DATA_FILE_SIZE_IN_MB = 100              # utils.py: a data file is closed once it reaches this size
+CODEBASE_VERSION = 'v3.0'  # lerobot_dataset.py
+DEFAULT_CHUNK_SIZE = 1000  # utils.py: max files per chunk-XXX directory
+DEFAULT_DATA_FILE_SIZE_IN_MB = 100  # utils.py: a data file is closed once it reaches this size
 DEFAULT_VIDEO_FILE_SIZE_IN_MB = 500
 INFO_PATH, STATS_PATH, TASKS_PATH = 'meta/info.json', 'meta/stats.json', 'meta/tasks.parquet'
 CHUNK_FILE_PATTERN = 'chunk-{chunk_index:03d}/file-{file_index:03d}'
-DATA_PATH = 'data/' + CHUNK_FILE_PATTERN + '.parquet'              # utils.py DEFAULT_DATA_PATH
-EPISODES_PATH = 'meta/episodes/' + CHUNK_FILE_PATTERN + '.parquet' # utils.py DEFAULT_EPISODES_PATH
-VIDEO_PATH = 'videos/{video_key}/' + CHUNK_FILE_PATTERN + '.mp4'   # utils.py DEFAULT_VIDEO_PATH
-DEFAULT_FEATURES = {                            # utils.py DEFAULT_FEATURES: every frame has these five columns
-    'timestamp':     dict(dtype='float32', shape=[1], names=None),
-    'frame_index':   dict(dtype='int64', shape=[1], names=None),
+DATA_PATH = 'data/' + CHUNK_FILE_PATTERN + '.parquet'  # utils.py DEFAULT_DATA_PATH
+EPISODES_PATH = 'meta/episodes/' + CHUNK_FILE_PATTERN + '.parquet'  # utils.py DEFAULT_EPISODES_PATH
+VIDEO_PATH = 'videos/{video_key}/' + CHUNK_FILE_PATTERN + '.mp4'  # utils.py DEFAULT_VIDEO_PATH
+DEFAULT_FEATURES = {  # utils.py DEFAULT_FEATURES: every frame has these five columns
+    'timestamp': dict(dtype='float32', shape=[1], names=None),
+    'frame_index': dict(dtype='int64', shape=[1], names=None),
     'episode_index': dict(dtype='int64', shape=[1], names=None),
-    'index':         dict(dtype='int64', shape=[1], names=None),
-    'task_index':    dict(dtype='int64', shape=[1], names=None),
+    'index': dict(dtype='int64', shape=[1], names=None),
+    'task_index': dict(dtype='int64', shape=[1], names=None),
 }
-INFO_KEYS = ('codebase_version', 'robot_type', 'total_episodes', 'total_frames', 'total_tasks', 'chunks_size',
-             'data_files_size_in_mb', 'video_files_size_in_mb', 'fps', 'splits', 'data_path', 'video_path', 'features')
-SIDECAR_PATH = 'meta/vla_nb.json'               # ours: what LeRobot has no place for (task dicts, episode metadata, tokenizer)
+INFO_KEYS = (
+    'codebase_version',
+    'robot_type',
+    'total_episodes',
+    'total_frames',
+    'total_tasks',
+    'chunks_size',
+    'data_files_size_in_mb',
+    'video_files_size_in_mb',
+    'fps',
+    'splits',
+    'data_path',
+    'video_path',
+    'features',
+)
+SIDECAR_PATH = 'meta/vla_nb.json'  # ours: what LeRobot has no place for (task dicts, episode metadata, tokenizer)
 
 # %% ../nbs/02a_lerobot.ipynb #c007
-def next_chunk_file(chunk_index:int, file_index:int, chunks_size:int=DEFAULT_CHUNK_SIZE) -> tuple:
+def next_chunk_file(chunk_index: int, file_index: int, chunks_size: int = DEFAULT_CHUNK_SIZE) -> tuple:
     "The (chunk, file) pair after this one: files fill a chunk directory, then the next chunk starts at file 0."
     return (chunk_index + 1, 0) if file_index == chunks_size - 1 else (chunk_index, file_index + 1)
 
 # %% ../nbs/02a_lerobot.ipynb #c010
-FEATURE_NAMES = {IMAGE: 'observation.image', WRIST_IMAGE: 'observation.images.wrist', PROPRIO: 'observation.state',
-                 ACTION: 'action', SUCCESS: 'next.success'}
-STATE_NAMES = ['tcp_x', 'tcp_y', 'tcp_z', 'tcp_qx', 'tcp_qy', 'tcp_qz', 'tcp_qw', 'gripper_opening'] + [f'joint_{i}' for i in range(1, 8)]
+FEATURE_NAMES = {
+    IMAGE: 'observation.image',
+    WRIST_IMAGE: 'observation.images.wrist',
+    PROPRIO: 'observation.state',
+    ACTION: 'action',
+    SUCCESS: 'next.success',
+}
+STATE_NAMES = ['tcp_x', 'tcp_y', 'tcp_z', 'tcp_qx', 'tcp_qy', 'tcp_qz', 'tcp_qw', 'gripper_opening'] + [
+    f'joint_{i}' for i in range(1, 8)
+]
 ACTION_NAMES = ['dx', 'dy', 'dz', 'droll', 'dpitch', 'dyaw', 'gripper']
-IMAGE_NAMES = ['height', 'width', 'channels']   # hw_to_dataset_features in utils.py
+IMAGE_NAMES = ['height', 'width', 'channels']  # hw_to_dataset_features in utils.py
 
-def _dim_names(name, d, ref): return list(ref) if len(ref) == d else [f"{name.split('.')[-1]}_{i}" for i in range(d)]
 
-def lerobot_features(features:dict) -> dict:
+def _dim_names(name, d, ref):
+    return list(ref) if len(ref) == d else [f"{name.split('.')[-1]}_{i}" for i in range(d)]
+
+
+def lerobot_features(features: dict) -> dict:
     "info.json `features` for a dataset whose per-frame features are `features` (our key -> {dtype, shape})."
     out = {}
     for key, name in FEATURE_NAMES.items():
-        if key not in features: continue
+        if key not in features:
+            continue
         shape = [int(s) for s in features[key]['shape']]
-        if key in (IMAGE, WRIST_IMAGE): out[name] = dict(dtype='image', shape=shape, names=list(IMAGE_NAMES))
-        elif key == SUCCESS: out[name] = dict(dtype='bool', shape=[1], names=None)
-        else: out[name] = dict(dtype='float32', shape=shape, names=_dim_names(name, shape[0], STATE_NAMES if key == PROPRIO else ACTION_NAMES))
+        if key in (IMAGE, WRIST_IMAGE):
+            out[name] = dict(dtype='image', shape=shape, names=list(IMAGE_NAMES))
+        elif key == SUCCESS:
+            out[name] = dict(dtype='bool', shape=[1], names=None)
+        else:
+            out[name] = dict(
+                dtype='float32',
+                shape=shape,
+                names=_dim_names(name, shape[0], STATE_NAMES if key == PROPRIO else ACTION_NAMES),
+            )
     out['next.done'] = dict(dtype='bool', shape=[1], names=None)
     return {**out, **copy.deepcopy(DEFAULT_FEATURES)}
 
 # %% ../nbs/02a_lerobot.ipynb #c014
-IMAGE_STRUCT = pa.struct([('bytes', pa.binary()), ('path', pa.string())])   # datasets.Image().pa_type
+IMAGE_STRUCT = pa.struct([('bytes', pa.binary()), ('path', pa.string())])  # datasets.Image().pa_type
 
-def _value_type(dtype:str):
-    if dtype == 'string': return pa.string()
-    try: return pa.from_numpy_dtype(np.dtype(dtype))
-    except TypeError: raise ValueError(f"unknown feature dtype {dtype!r}") from None
 
-def arrow_type(ft:dict):
+def _value_type(dtype: str):
+    if dtype == 'string':
+        return pa.string()
+    try:
+        return pa.from_numpy_dtype(np.dtype(dtype))
+    except TypeError:
+        raise ValueError(f"unknown feature dtype {dtype!r}") from None
+
+
+def arrow_type(ft: dict):
     "The arrow type of feature `ft`'s parquet column (None for video: its frames live in mp4 files)."
     dt, shape = ft['dtype'], list(ft['shape'])
-    if dt == 'video': return None
-    if dt == 'image': return IMAGE_STRUCT
-    if shape == [1]: return _value_type(dt)
-    if len(shape) == 1: return pa.list_(_value_type(dt), shape[0])
-    raise ValueError(f"features of {len(shape)} dimensions (datasets.Array{len(shape)}D) are not supported here, shape {shape}")
+    if dt == 'video':
+        return None
+    if dt == 'image':
+        return IMAGE_STRUCT
+    if shape == [1]:
+        return _value_type(dt)
+    if len(shape) == 1:
+        return pa.list_(_value_type(dt), shape[0])
+    raise ValueError(
+        f"features of {len(shape)} dimensions (datasets.Array{len(shape)}D) are not supported here, shape {shape}"
+    )
+
 
 def _hf_feature(ft):
-    if ft['dtype'] == 'image': return {'_type': 'Image'}
+    if ft['dtype'] == 'image':
+        return {'_type': 'Image'}
     v = {'dtype': ft['dtype'], '_type': 'Value'}
     return v if list(ft['shape']) == [1] else {'feature': v, 'length': ft['shape'][0], '_type': 'Sequence'}
 
-def frame_schema(features:dict) -> pa.Schema:
+
+def frame_schema(features: dict) -> pa.Schema:
     "Schema of a data file: one column per stored feature, with the `datasets` feature description as metadata."
     stored = {k: ft for k, ft in features.items() if ft['dtype'] != 'video'}
     hf = json.dumps({'info': {'features': {k: _hf_feature(ft) for k, ft in stored.items()}}})
     return pa.schema([(k, arrow_type(ft)) for k, ft in stored.items()], metadata={'huggingface': hf})
 
 # %% ../nbs/02a_lerobot.ipynb #c017
-def encode_image(img:np.ndarray, fmt:str='png', quality:int=95) -> bytes:
+def encode_image(img: np.ndarray, fmt: str = 'png', quality: int = 95) -> bytes:
     "Encode an RGB uint8 (H, W, 3) image as PNG or JPEG bytes."
     check_choice('image_format', fmt, ('png', 'jpeg'))
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3: raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if fmt == 'jpeg' else [cv2.IMWRITE_PNG_COMPRESSION, 3]
     ok, buf = cv2.imencode('.png' if fmt == 'png' else '.jpg', np.ascontiguousarray(img[..., ::-1]), params)
-    if not ok: raise ValueError(f"OpenCV could not encode a {img.shape} image as {fmt}")
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {img.shape} image as {fmt}")
     return buf.tobytes()
 
-def decode_image(data:bytes) -> np.ndarray:
+
+def decode_image(data: bytes) -> np.ndarray:
     "Decode PNG/JPEG bytes to an RGB uint8 (H, W, 3) array (grey images are expanded, alpha dropped)."
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if img is None: raise ValueError("image bytes are not a PNG or JPEG file that OpenCV can decode")
+    if img is None:
+        raise ValueError("image bytes are not a PNG or JPEG file that OpenCV can decode")
     return np.ascontiguousarray(img[..., ::-1])
 
 # %% ../nbs/02a_lerobot.ipynb #c020
-QUANTILES = {'q01': 0.01, 'q10': 0.10, 'q50': 0.50, 'q90': 0.90, 'q99': 0.99}   # compute_stats.py DEFAULT_QUANTILES
+QUANTILES = {'q01': 0.01, 'q10': 0.10, 'q50': 0.50, 'q90': 0.90, 'q99': 0.99}  # compute_stats.py DEFAULT_QUANTILES
+
 
 def _order_stat(cum, k):
     "Value index of the k-th smallest sample (0-based) given cumulative histogram counts."
     return np.searchsorted(cum, k, side='right')
 
-def _image_stats(x:np.ndarray) -> dict:
+
+def _image_stats(x: np.ndarray) -> dict:
     "Exact per-channel stats of uint8 images (T, H, W, C) in [0, 1], from one 256-bin histogram per channel (fast)."
-    C = x.shape[-1]; h = np.bincount((x.reshape(-1, C) + np.arange(C, dtype=np.int64) * 256).ravel(), minlength=256 * C).reshape(C, 256)
-    v = np.arange(256) / 255; n = h.sum(1, keepdims=True); cum = np.cumsum(h, 1)
-    mean = (h * v).sum(1) / n[:, 0]; std = np.sqrt((h * (v - mean[:, None]) ** 2).sum(1) / n[:, 0])
+    C = x.shape[-1]
+    h = np.bincount((x.reshape(-1, C) + np.arange(C, dtype=np.int64) * 256).ravel(), minlength=256 * C).reshape(C, 256)
+    v = np.arange(256) / 255
+    n = h.sum(1, keepdims=True)
+    cum = np.cumsum(h, 1)
+    mean = (h * v).sum(1) / n[:, 0]
+    std = np.sqrt((h * (v - mean[:, None]) ** 2).sum(1) / n[:, 0])
     s = dict(min=v[(h > 0).argmax(1)], max=v[255 - (h[:, ::-1] > 0).argmax(1)], mean=mean, std=std)
-    for name, q in QUANTILES.items():                 # numpy's default 'linear' quantile, from the histogram
-        pos = q * (n[:, 0] - 1); lo = np.floor(pos).astype(np.int64); hi = np.minimum(lo + 1, n[:, 0] - 1)
-        a = v[[_order_stat(cum[c], lo[c]) for c in range(C)]]; b = v[[_order_stat(cum[c], hi[c]) for c in range(C)]]
+    for name, q in QUANTILES.items():  # numpy's default 'linear' quantile, from the histogram
+        pos = q * (n[:, 0] - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n[:, 0] - 1)
+        a = v[[_order_stat(cum[c], lo[c]) for c in range(C)]]
+        b = v[[_order_stat(cum[c], hi[c]) for c in range(C)]]
         s[name] = a + (pos - lo) * (b - a)
     return {k: a.reshape(C, 1, 1) for k, a in s.items()}
 
-def feature_stats(x:np.ndarray, is_image:bool=False) -> dict:
+
+def feature_stats(x: np.ndarray, is_image: bool = False) -> dict:
     "min/max/mean/std/count and quantiles of one episode's values of a feature (first axis = frames), as `compute_episode_stats`."
     n = np.array([len(x)])
-    if is_image: return {**_image_stats(x), 'count': n}        # per channel, shape (3, 1, 1) in [0, 1]
-    v = x.reshape(len(x), -1); vf = v.astype(np.float64)
+    if is_image:
+        return {**_image_stats(x), 'count': n}  # per channel, shape (3, 1, 1) in [0, 1]
+    v = x.reshape(len(x), -1)
+    vf = v.astype(np.float64)
     s = dict(min=v.min(0), max=v.max(0), mean=vf.mean(0), std=vf.std(0))
     s.update(zip(QUANTILES, np.quantile(vf, list(QUANTILES.values()), axis=0)))
     return {**s, 'count': n}
 
-def aggregate_stats(stats_list:list) -> dict:
+
+def aggregate_stats(stats_list: list) -> dict:
     "Combine per-episode stats (feature -> stat -> array) into dataset stats, as upstream's `aggregate_stats`."
     out = {}
     for key in dict.fromkeys(k for s in stats_list for k in s):
         ss = [s[key] for s in stats_list if key in s]
         means, counts = np.stack([s['mean'] for s in ss]), np.stack([s['count'] for s in ss]).astype(np.float64)
-        total = counts.sum(0); w = counts.reshape(counts.shape + (1,) * (means.ndim - counts.ndim))
+        total = counts.sum(0)
+        w = counts.reshape(counts.shape + (1,) * (means.ndim - counts.ndim))
         mean = (means * w).sum(0) / total
         var = ((np.stack([s['std'] for s in ss]) ** 2 + (means - mean) ** 2) * w).sum(0) / total
-        out[key] = dict(min=np.min(np.stack([s['min'] for s in ss]), 0), max=np.max(np.stack([s['max'] for s in ss]), 0),
-                        mean=mean, std=np.sqrt(var), count=total.astype(np.int64))
-        for q in QUANTILES:                                   # upstream: count-weighted mean of the episodes' quantiles
-            if all(q in s for s in ss): out[key][q] = (np.stack([s[q] for s in ss]) * w).sum(0) / total
+        out[key] = dict(
+            min=np.min(np.stack([s['min'] for s in ss]), 0),
+            max=np.max(np.stack([s['max'] for s in ss]), 0),
+            mean=mean,
+            std=np.sqrt(var),
+            count=total.astype(np.int64),
+        )
+        for q in QUANTILES:  # upstream: count-weighted mean of the episodes' quantiles
+            if all(q in s for s in ss):
+                out[key][q] = (np.stack([s[q] for s in ss]) * w).sum(0) / total
     return out
 
 # %% ../nbs/02a_lerobot.ipynb #c023
 def _vector(x, n):
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, np.float32).reshape(-1)), n)
 
-def episode_table(ep:dict, features:dict, episode_index:int, start:int, task_index:int, fps:int, image_format:str='png') -> pa.Table:
+
+def episode_table(
+    ep: dict, features: dict, episode_index: int, start: int, task_index: int, fps: int, image_format: str = 'png'
+) -> pa.Table:
     "The rows of one episode (`ep`: our key -> array) as a table with schema `frame_schema(features)`."
-    T = len(ep[ACTION]); cols = {}
+    T = len(ep[ACTION])
+    cols = {}
     for key, name in FEATURE_NAMES.items():
-        if name not in features: continue
+        if name not in features:
+            continue
         if features[name]['dtype'] == 'image':
             ext = 'png' if image_format == 'png' else 'jpg'
-            cols[name] = pa.array([{'bytes': encode_image(im, image_format), 'path': f'frame-{t:06d}.{ext}'} for t, im in enumerate(ep[key])], IMAGE_STRUCT)
-        elif name == 'next.success': cols[name] = pa.array(np.asarray(ep[key], bool).reshape(T))
-        else: cols[name] = _vector(ep[key], features[name]['shape'][0])
+            cols[name] = pa.array(
+                [
+                    {'bytes': encode_image(im, image_format), 'path': f'frame-{t:06d}.{ext}'}
+                    for t, im in enumerate(ep[key])
+                ],
+                IMAGE_STRUCT,
+            )
+        elif name == 'next.success':
+            cols[name] = pa.array(np.asarray(ep[key], bool).reshape(T))
+        else:
+            cols[name] = _vector(ep[key], features[name]['shape'][0])
     cols['next.done'] = pa.array(np.arange(T) == T - 1)
     ts = ep[TIMESTAMP] if TIMESTAMP in ep else np.arange(T) / fps
-    cols.update(timestamp=pa.array(np.asarray(ts, np.float32)), frame_index=pa.array(np.arange(T, dtype=np.int64)),
-                episode_index=pa.array(np.full(T, episode_index, np.int64)), index=pa.array(np.arange(start, start + T, dtype=np.int64)),
-                task_index=pa.array(np.full(T, task_index, np.int64)))
+    cols.update(
+        timestamp=pa.array(np.asarray(ts, np.float32)),
+        frame_index=pa.array(np.arange(T, dtype=np.int64)),
+        episode_index=pa.array(np.full(T, episode_index, np.int64)),
+        index=pa.array(np.arange(start, start + T, dtype=np.int64)),
+        task_index=pa.array(np.full(T, task_index, np.int64)),
+    )
     schema = frame_schema(features)
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 # %% ../nbs/02a_lerobot.ipynb #c027
 INDEX_COL = '__index_level_0__'
 
-def tasks_table(tasks:list) -> pa.Table:
+
+def tasks_table(tasks: list) -> pa.Table:
     "tasks.parquet contents: task strings as the (pandas) index, `task_index` 0..n-1 as the column."
-    pandas_meta = {'index_columns': [INDEX_COL], 'column_indexes': [{'name': None, 'field_name': None, 'pandas_type': 'unicode',
-                   'numpy_type': 'object', 'metadata': {'encoding': 'UTF-8'}}],
-                   'columns': [{'name': 'task_index', 'field_name': 'task_index', 'pandas_type': 'int64', 'numpy_type': 'int64', 'metadata': None},
-                               {'name': None, 'field_name': INDEX_COL, 'pandas_type': 'unicode', 'numpy_type': 'object', 'metadata': None}],
-                   'creator': {'library': 'pyarrow', 'version': pa.__version__}, 'pandas_version': '2.2.3'}
+    pandas_meta = {
+        'index_columns': [INDEX_COL],
+        'column_indexes': [
+            {
+                'name': None,
+                'field_name': None,
+                'pandas_type': 'unicode',
+                'numpy_type': 'object',
+                'metadata': {'encoding': 'UTF-8'},
+            }
+        ],
+        'columns': [
+            {
+                'name': 'task_index',
+                'field_name': 'task_index',
+                'pandas_type': 'int64',
+                'numpy_type': 'int64',
+                'metadata': None,
+            },
+            {'name': None, 'field_name': INDEX_COL, 'pandas_type': 'unicode', 'numpy_type': 'object', 'metadata': None},
+        ],
+        'creator': {'library': 'pyarrow', 'version': pa.__version__},
+        'pandas_version': '2.2.3',
+    }
     t = pa.table({'task_index': pa.array(range(len(tasks)), pa.int64()), INDEX_COL: pa.array(list(tasks), pa.string())})
     return t.replace_schema_metadata({'pandas': json.dumps(pandas_meta)})
+
 
 def read_tasks(path) -> list:
     "Task strings in task_index order from a tasks.parquet (index column, or a `task` column as some writers use)."
     t = pq.read_table(path)
     col = next((c for c in (INDEX_COL, 'task') if c in t.column_names), None)
     meta = json.loads((t.schema.metadata or {}).get(b'pandas', b'{}'))
-    if col is None and meta.get('index_columns'): col = meta['index_columns'][0] if isinstance(meta['index_columns'][0], str) else None
-    if col is None or 'task_index' not in t.column_names: raise ValueError(f"{path}: expected a task_index column and the task strings, found {t.column_names}")
+    if col is None and meta.get('index_columns'):
+        col = meta['index_columns'][0] if isinstance(meta['index_columns'][0], str) else None
+    if col is None or 'task_index' not in t.column_names:
+        raise ValueError(f"{path}: expected a task_index column and the task strings, found {t.column_names}")
     idx, names = t['task_index'].to_pylist(), t[col].to_pylist()
-    if sorted(idx) != list(range(len(idx))): raise ValueError(f"{path}: task_index values {sorted(idx)} are not 0..{len(idx) - 1}")
+    if sorted(idx) != list(range(len(idx))):
+        raise ValueError(f"{path}: task_index values {sorted(idx)} are not 0..{len(idx) - 1}")
     return [n for _, n in sorted(zip(idx, names))]
 
 # %% ../nbs/02a_lerobot.ipynb #c030
-def _stats_columns(ep_stats:dict) -> dict:
+def _stats_columns(ep_stats: dict) -> dict:
     return {f'stats/{k}/{s}': v.tolist() for k, d in ep_stats.items() for s, v in d.items()}
 
-def _episode_stats(ep:dict, table:pa.Table, features:dict) -> dict:
+
+def _episode_stats(ep: dict, table: pa.Table, features: dict) -> dict:
     "Stats of every feature of one episode: image/vector features from the arrays, the rest from the table's columns."
     out = {}
     for name, ft in features.items():
         key = next((k for k, n in FEATURE_NAMES.items() if n == name), None)
         if key is not None and key in ep and name != 'next.success':
-            out[name] = feature_stats(np.asarray(ep[key]) if ft['dtype'] == 'image' else np.asarray(ep[key], np.float32), ft['dtype'] == 'image')
-        else: out[name] = feature_stats(table[name].to_numpy())
+            out[name] = feature_stats(
+                np.asarray(ep[key]) if ft['dtype'] == 'image' else np.asarray(ep[key], np.float32),
+                ft['dtype'] == 'image',
+            )
+        else:
+            out[name] = feature_stats(table[name].to_numpy())
     return out
 
 # %% ../nbs/02a_lerobot.ipynb #c031
 class _DataFiles:
     "Writes frame tables into data/chunk-XXX/file-YYY.parquet, starting a new file past `max_mb` (episodes never split)."
+
     def __init__(self, root, schema, max_mb, chunks_size=DEFAULT_CHUNK_SIZE):
         self.root, self.schema, self.max_bytes, self.chunks_size = Path(root), schema, max_mb * 1024**2, chunks_size
-        self.chunk = self.file = 0; self.writer = None; self.nbytes = 0
+        self.chunk = self.file = 0
+        self.writer = None
+        self.nbytes = 0
+
     def write(self, table) -> tuple:
         if self.writer is not None and self.nbytes + table.nbytes > self.max_bytes:
-            self.close(); self.chunk, self.file = next_chunk_file(self.chunk, self.file, self.chunks_size)
+            self.close()
+            self.chunk, self.file = next_chunk_file(self.chunk, self.file, self.chunks_size)
         if self.writer is None:
-            p = self.root / DATA_PATH.format(chunk_index=self.chunk, file_index=self.file); p.parent.mkdir(parents=True, exist_ok=True)
+            p = self.root / DATA_PATH.format(chunk_index=self.chunk, file_index=self.file)
+            p.parent.mkdir(parents=True, exist_ok=True)
             self.writer, self.nbytes = pq.ParquetWriter(p, self.schema, compression='snappy'), 0
-        self.writer.write_table(table, row_group_size=max(len(table), 1)); self.nbytes += table.nbytes
+        self.writer.write_table(table, row_group_size=max(len(table), 1))
+        self.nbytes += table.nbytes
         return self.chunk, self.file
+
     def close(self):
-        if self.writer is not None: self.writer.close(); self.writer = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 # %% ../nbs/02a_lerobot.ipynb #c032
-def _write_meta(tmp:Path, info:dict, tasks:list, rows:list, ep_stats:list, sidecar:dict):
+def _write_meta(tmp: Path, info: dict, tasks: list, rows: list, ep_stats: list, sidecar: dict):
     "Write every metadata file of an export into `tmp`."
-    (tmp/'meta').mkdir(parents=True, exist_ok=True)
+    (tmp / 'meta').mkdir(parents=True, exist_ok=True)
     cols = {k: [r[k] for r in rows] for k in rows[0]}
-    p = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0); p.parent.mkdir(parents=True, exist_ok=True)
+    p = tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)
+    p.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pydict(cols), p, compression='snappy')
     pq.write_table(tasks_table(tasks), tmp / TASKS_PATH)
     stats = aggregate_stats(ep_stats)
-    atomic_write(tmp / STATS_PATH, json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}, indent=4))
+    atomic_write(
+        tmp / STATS_PATH, json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()}, indent=4)
+    )
     atomic_write(tmp / INFO_PATH, json.dumps(info, indent=4))
     atomic_write(tmp / SIDECAR_PATH, json.dumps(sidecar, indent=1))
 
 # %% ../nbs/02a_lerobot.ipynb #c033
 def _new_info(features, fps, robot_type, data_mb):
-    return dict(codebase_version=CODEBASE_VERSION, robot_type=robot_type, total_episodes=0, total_frames=0, total_tasks=0,
-                chunks_size=DEFAULT_CHUNK_SIZE, data_files_size_in_mb=data_mb, video_files_size_in_mb=DEFAULT_VIDEO_FILE_SIZE_IN_MB,
-                fps=int(fps), splits={}, data_path=DATA_PATH, video_path=None, features=features)
+    return dict(
+        codebase_version=CODEBASE_VERSION,
+        robot_type=robot_type,
+        total_episodes=0,
+        total_frames=0,
+        total_tasks=0,
+        chunks_size=DEFAULT_CHUNK_SIZE,
+        data_files_size_in_mb=data_mb,
+        video_files_size_in_mb=DEFAULT_VIDEO_FILE_SIZE_IN_MB,
+        fps=int(fps),
+        splits={},
+        data_path=DATA_PATH,
+        video_path=None,
+        features=features,
+    )
 
-def _publish(tmp:Path, out_dir:Path, overwrite:bool):
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool):
     "Move the finished `tmp` directory to `out_dir` (replacing it when `overwrite`)."
     old = None
     if out_dir.exists():
-        if not overwrite: raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'{out_dir.name}.old-')); os.replace(out_dir, old)
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'{out_dir.name}.old-'))
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    if old is not None: shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 # %% ../nbs/02a_lerobot.ipynb #c034
-def export_lerobot(dataset, # an `EpisodeDataset`, or the root directory of one
-                   out_dir, # directory to create (must not exist unless `overwrite`)
-                   robot_type:str='panda_lite', # `robot_type` recorded in info.json
-                   image_format:str='png', # 'png' (lossless) or 'jpeg' (smaller, lossy)
-                   overwrite:bool=False, # replace an existing `out_dir`
-                   data_files_size_in_mb:float=DEFAULT_DATA_FILE_SIZE_IN_MB, # start a new data file past this size
-                  ) -> Path:
+def export_lerobot(
+    dataset,  # an `EpisodeDataset`, or the root directory of one
+    out_dir,  # directory to create (must not exist unless `overwrite`)
+    robot_type: str = 'panda_lite',  # `robot_type` recorded in info.json
+    image_format: str = 'png',  # 'png' (lossless) or 'jpeg' (smaller, lossy)
+    overwrite: bool = False,  # replace an existing `out_dir`
+    data_files_size_in_mb: float = DEFAULT_DATA_FILE_SIZE_IN_MB,  # start a new data file past this size
+) -> Path:
     "Write `dataset` as a LeRobotDataset v3.0 at `out_dir`, atomically; return `out_dir`."
     ds = dataset if isinstance(dataset, EpisodeDataset) else EpisodeDataset(dataset)
-    check_choice('image_format', image_format, ('png', 'jpeg')); check_range('data_files_size_in_mb', data_files_size_in_mb, 1e-6)
-    if not len(ds): raise ValueError(f"{ds.root} has no episodes to export")
+    check_choice('image_format', image_format, ('png', 'jpeg'))
+    check_range('data_files_size_in_mb', data_files_size_in_mb, 1e-6)
+    if not len(ds):
+        raise ValueError(f"{ds.root} has no episodes to export")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite: raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     features = lerobot_features(ds.info['features'])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'{out_dir.name}.tmp-'))
@@ -284,7 +441,8 @@ def export_lerobot(dataset, # an `EpisodeDataset`, or the root directory of one
         _export_into(ds, tmp, features, robot_type, image_format, data_files_size_in_mb)
         _publish(tmp, out_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
 
 # %% ../nbs/02a_lerobot.ipynb #c035
@@ -294,50 +452,95 @@ def _export_into(ds, tmp, features, robot_type, image_format, data_mb):
     files = _DataFiles(tmp, frame_schema(features), data_mb)
     try:
         for new, e in enumerate(ds.episodes):
-            ep = ds.load_episode(new); T = len(ep[ACTION])
+            ep = ds.load_episode(new)
+            T = len(ep[ACTION])
             ti = tasks.setdefault(e['command'], len(tasks))
             table = episode_table(ep, features, new, start, ti, ds.fps, image_format)
             chunk, file = files.write(table)
-            st = _episode_stats(ep, table, features); ep_stats.append(st)
-            rows.append({'episode_index': new, 'tasks': [e['command']], 'length': T, 'data/chunk_index': chunk, 'data/file_index': file,
-                         'dataset_from_index': start, 'dataset_to_index': start + T, **_stats_columns(st),
-                         'meta/episodes/chunk_index': 0, 'meta/episodes/file_index': 0})
-            side_eps.append(dict(episode_index=new, source_episode_index=e['episode_index'], task=e.get('task'), meta=e.get('meta', {})))
+            st = _episode_stats(ep, table, features)
+            ep_stats.append(st)
+            rows.append(
+                {
+                    'episode_index': new,
+                    'tasks': [e['command']],
+                    'length': T,
+                    'data/chunk_index': chunk,
+                    'data/file_index': file,
+                    'dataset_from_index': start,
+                    'dataset_to_index': start + T,
+                    **_stats_columns(st),
+                    'meta/episodes/chunk_index': 0,
+                    'meta/episodes/file_index': 0,
+                }
+            )
+            side_eps.append(
+                dict(
+                    episode_index=new,
+                    source_episode_index=e['episode_index'],
+                    task=e.get('task'),
+                    meta=e.get('meta', {}),
+                )
+            )
             start += T
-    finally: files.close()
-    info.update(total_episodes=len(rows), total_frames=start, total_tasks=len(tasks), splits={'train': f'0:{len(rows)}'})
-    sidecar = dict(format='vla_nb.lerobot_export', source=str(ds.root), schema_version=ds.info.get('schema_version'),
-                   config=ds.info.get('config', {}), episodes=side_eps,
-                   tokenizer=ds.tokenizer.to_json() if getattr(ds, 'tokenizer', None) is not None else None)
+    finally:
+        files.close()
+    info.update(
+        total_episodes=len(rows), total_frames=start, total_tasks=len(tasks), splits={'train': f'0:{len(rows)}'}
+    )
+    sidecar = dict(
+        format='vla_nb.lerobot_export',
+        source=str(ds.root),
+        schema_version=ds.info.get('schema_version'),
+        config=ds.info.get('config', {}),
+        episodes=side_eps,
+        tokenizer=ds.tokenizer.to_json() if getattr(ds, 'tokenizer', None) is not None else None,
+    )
     _write_meta(tmp, info, list(tasks), rows, ep_stats, sidecar)
 
 # %% ../nbs/02a_lerobot.ipynb #c042
-def _check_info(info:dict) -> list:
+def _check_info(info: dict) -> list:
     probs = [f"info.json lacks key {k!r}" for k in INFO_KEYS if k not in info]
-    if info.get('codebase_version') != CODEBASE_VERSION: probs.append(f"codebase_version is {info.get('codebase_version')!r}, expected {CODEBASE_VERSION!r}")
+    if info.get('codebase_version') != CODEBASE_VERSION:
+        probs.append(f"codebase_version is {info.get('codebase_version')!r}, expected {CODEBASE_VERSION!r}")
     for k in ('total_episodes', 'total_frames', 'total_tasks', 'chunks_size'):
-        if k in info and (not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] < 0): probs.append(f"info.json {k} must be a non-negative int, got {info[k]!r}")
-    if not isinstance(info.get('fps'), (int, float)) or isinstance(info.get('fps'), bool) or info.get('fps', 0) <= 0: probs.append(f"info.json fps must be a positive number, got {info.get('fps')!r}")
-    if isinstance(info.get('total_episodes'), int) and info.get('splits', {}).get('train') != f"0:{info['total_episodes']}":
+        if k in info and (not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] < 0):
+            probs.append(f"info.json {k} must be a non-negative int, got {info[k]!r}")
+    if not isinstance(info.get('fps'), (int, float)) or isinstance(info.get('fps'), bool) or info.get('fps', 0) <= 0:
+        probs.append(f"info.json fps must be a positive number, got {info.get('fps')!r}")
+    if (
+        isinstance(info.get('total_episodes'), int)
+        and info.get('splits', {}).get('train') != f"0:{info['total_episodes']}"
+    ):
         probs.append(f"splits {info.get('splits')!r} should be {{'train': '0:{info['total_episodes']}'}}")
-    if not ('{chunk_index' in str(info.get('data_path')) and '{file_index' in str(info.get('data_path'))): probs.append(f"data_path {info.get('data_path')!r} lacks {{chunk_index}}/{{file_index}}")
+    if not ('{chunk_index' in str(info.get('data_path')) and '{file_index' in str(info.get('data_path'))):
+        probs.append(f"data_path {info.get('data_path')!r} lacks {{chunk_index}}/{{file_index}}")
     has_video = any(ft.get('dtype') == 'video' for ft in (info.get('features') or {}).values() if isinstance(ft, dict))
-    if has_video and '{video_key}' not in str(info.get('video_path')): probs.append(f"video features need a video_path with {{video_key}}, got {info.get('video_path')!r}")
-    if not has_video and info.get('video_path') is not None: probs.append(f"video_path must be null without video features, got {info.get('video_path')!r}")
+    if has_video and '{video_key}' not in str(info.get('video_path')):
+        probs.append(f"video features need a video_path with {{video_key}}, got {info.get('video_path')!r}")
+    if not has_video and info.get('video_path') is not None:
+        probs.append(f"video_path must be null without video features, got {info.get('video_path')!r}")
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c043
-def _check_features(features:dict) -> list:
+def _check_features(features: dict) -> list:
     probs = []
-    if not isinstance(features, dict) or not features: return ["info.json features must be a non-empty dict"]
+    if not isinstance(features, dict) or not features:
+        return ["info.json features must be a non-empty dict"]
     for name, ft in features.items():
-        if '/' in name: probs.append(f"feature name {name!r} contains '/'")
-        if not isinstance(ft, dict) or not {'dtype', 'shape', 'names'} <= set(ft): probs.append(f"feature {name!r} needs dtype, shape and names, got {ft!r}"); continue
-        if not isinstance(ft['shape'], (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in ft['shape']): probs.append(f"feature {name!r} shape {ft['shape']!r} is not a list of positive ints")
-        elif ft['dtype'] in ('image', 'video') and len(ft['shape']) != 3: probs.append(f"{ft['dtype']} feature {name!r} must have a 3-D shape, got {ft['shape']}")
+        if '/' in name:
+            probs.append(f"feature name {name!r} contains '/'")
+        if not isinstance(ft, dict) or not {'dtype', 'shape', 'names'} <= set(ft):
+            probs.append(f"feature {name!r} needs dtype, shape and names, got {ft!r}")
+            continue
+        if not isinstance(ft['shape'], (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in ft['shape']):
+            probs.append(f"feature {name!r} shape {ft['shape']!r} is not a list of positive ints")
+        elif ft['dtype'] in ('image', 'video') and len(ft['shape']) != 3:
+            probs.append(f"{ft['dtype']} feature {name!r} must have a 3-D shape, got {ft['shape']}")
         elif ft['dtype'] not in ('image', 'video'):
-            try: _value_type(ft['dtype'])
-            except ValueError as e: probs.append(f"feature {name!r}: {e}")
+            try:
+                _value_type(ft['dtype'])
+            except ValueError as e:
+                probs.append(f"feature {name!r}: {e}")
     for name, ft in DEFAULT_FEATURES.items():
         got = features.get(name)
         if not isinstance(got, dict) or got.get('dtype') != ft['dtype'] or list(got.get('shape', [])) != ft['shape']:
@@ -345,145 +548,236 @@ def _check_features(features:dict) -> list:
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c045
-def _column_problem(name:str, ft:dict, typ:pa.DataType) -> str|None:
-    try: want = arrow_type(ft)
-    except ValueError: return None                              # N-D arrays: present is all we check
-    if typ == want: return None
-    if pa.types.is_fixed_size_list(want) and pa.types.is_list(typ) and typ.value_type == want.value_type: return None
+def _column_problem(name: str, ft: dict, typ: pa.DataType) -> str | None:
+    try:
+        want = arrow_type(ft)
+    except ValueError:
+        return None  # N-D arrays: present is all we check
+    if typ == want:
+        return None
+    if pa.types.is_fixed_size_list(want) and pa.types.is_list(typ) and typ.value_type == want.value_type:
+        return None
     return f"column {name!r} is {typ}, but its declaration ({ft['dtype']} {list(ft['shape'])}) needs {want}"
 
-def _check_schema(path:str, schema:pa.Schema, features:dict) -> list:
+
+def _check_schema(path: str, schema: pa.Schema, features: dict) -> list:
     stored = {k: ft for k, ft in features.items() if isinstance(ft, dict) and ft.get('dtype') != 'video'}
     probs = [f"{path}: declared feature {k!r} has no column" for k in stored if k not in schema.names]
     probs += [f"{path}: column {c!r} is not declared in info.json features" for c in schema.names if c not in features]
-    probs += [f"{path}: video feature {k!r} must not have a column (its frames belong in mp4 files)" for k, ft in features.items()
-              if isinstance(ft, dict) and ft.get('dtype') == 'video' and k in schema.names]
+    probs += [
+        f"{path}: video feature {k!r} must not have a column (its frames belong in mp4 files)"
+        for k, ft in features.items()
+        if isinstance(ft, dict) and ft.get('dtype') == 'video' and k in schema.names
+    ]
     for k, ft in stored.items():
-        if k in schema.names and (p := _column_problem(k, ft, schema.field(k).type)): probs.append(f"{path}: {p}")
+        if k in schema.names and (p := _column_problem(k, ft, schema.field(k).type)):
+            probs.append(f"{path}: {p}")
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c046
-def _check_stats(stats:dict, features:dict) -> list:
+def _check_stats(stats: dict, features: dict) -> list:
     probs = []
     for name, ft in features.items():
-        if not isinstance(ft, dict) or name not in stats: probs.append(f"stats.json has no entry for feature {name!r}"); continue
+        if not isinstance(ft, dict) or name not in stats:
+            probs.append(f"stats.json has no entry for feature {name!r}")
+            continue
         want = (3, 1, 1) if ft.get('dtype') in ('image', 'video') else None
         for s in ('min', 'max', 'mean', 'std', 'count', *[q for q in QUANTILES if q in stats[name]]):
-            if s not in stats[name]: probs.append(f"stats.json {name!r} lacks {s!r}"); continue
+            if s not in stats[name]:
+                probs.append(f"stats.json {name!r} lacks {s!r}")
+                continue
             shape = np.shape(stats[name][s])
-            if s == 'count' and shape != (1,): probs.append(f"stats.json {name}/count must have shape (1,), got {shape}")
-            elif s != 'count' and want and shape != want: probs.append(f"stats.json {name}/{s} must have shape {want} (per channel), got {shape}")
+            if s == 'count' and shape != (1,):
+                probs.append(f"stats.json {name}/count must have shape (1,), got {shape}")
+            elif s != 'count' and want and shape != want:
+                probs.append(f"stats.json {name}/{s} must have shape {want} (per channel), got {shape}")
             elif s != 'count' and not want and ft.get('shape') and len(ft['shape']) == 1 and shape != (ft['shape'][0],):
                 probs.append(f"stats.json {name}/{s} has shape {shape}, the feature has {tuple(ft['shape'])}")
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c048
-EPISODE_COLUMNS = ('episode_index', 'tasks', 'length', 'data/chunk_index', 'data/file_index', 'dataset_from_index', 'dataset_to_index')
+EPISODE_COLUMNS = (
+    'episode_index',
+    'tasks',
+    'length',
+    'data/chunk_index',
+    'data/file_index',
+    'dataset_from_index',
+    'dataset_to_index',
+)
 
-def _read_episodes(root:Path) -> tuple:
+
+def _read_episodes(root: Path) -> tuple:
     "All episode rows (sorted by episode_index) and the problems found reading meta/episodes/."
-    files = sorted((root/'meta/episodes').glob('*/*.parquet')); probs, rows = [], []
-    if not files: return [], [f"no episode metadata: {root/'meta/episodes'}/chunk-XXX/file-XXX.parquet is missing"]
+    files = sorted((root / 'meta/episodes').glob('*/*.parquet'))
+    probs, rows = [], []
+    if not files:
+        return [], [f"no episode metadata: {root / 'meta/episodes'}/chunk-XXX/file-XXX.parquet is missing"]
     for f in files:
         m = re.fullmatch(r'chunk-(\d{3,})/file-(\d{3,})\.parquet', f'{f.parent.name}/{f.name}')
-        if not m: probs.append(f"{f.relative_to(root)}: name does not follow {EPISODES_PATH}"); continue
+        if not m:
+            probs.append(f"{f.relative_to(root)}: name does not follow {EPISODES_PATH}")
+            continue
         t = pq.read_table(f)
         miss = [c for c in EPISODE_COLUMNS if c not in t.column_names]
-        if miss: probs.append(f"{f.relative_to(root)}: missing episode column(s) {miss}"); continue
+        if miss:
+            probs.append(f"{f.relative_to(root)}: missing episode column(s) {miss}")
+            continue
         for r in t.drop_columns([c for c in t.column_names if c.startswith('stats/')]).to_pylist():
-            if (r.get('meta/episodes/chunk_index'), r.get('meta/episodes/file_index')) not in ((None, None), (int(m[1]), int(m[2]))):
-                probs.append(f"episode {r['episode_index']}: meta/episodes/chunk_index, file_index do not name the file it is in ({f.name})")
+            if (r.get('meta/episodes/chunk_index'), r.get('meta/episodes/file_index')) not in (
+                (None, None),
+                (int(m[1]), int(m[2])),
+            ):
+                probs.append(
+                    f"episode {r['episode_index']}: meta/episodes/chunk_index, file_index do not name the file it is in ({f.name})"
+                )
             rows.append(r)
     return sorted(rows, key=lambda r: r['episode_index']), probs
 
 # %% ../nbs/02a_lerobot.ipynb #c049
-def _check_episode_rows(rows:list, info:dict, tasks:list) -> list:
+def _check_episode_rows(rows: list, info: dict, tasks: list) -> list:
     probs, idx = [], [r['episode_index'] for r in rows]
-    if idx != list(range(len(rows))): probs.append(f"episode_index values are not 0..{len(rows) - 1} without gaps or repeats (got {idx[:10]}...)")
-    if len(rows) != info.get('total_episodes'): probs.append(f"{len(rows)} episodes in meta/episodes, info.json says total_episodes={info.get('total_episodes')}")
+    if idx != list(range(len(rows))):
+        probs.append(f"episode_index values are not 0..{len(rows) - 1} without gaps or repeats (got {idx[:10]}...)")
+    if len(rows) != info.get('total_episodes'):
+        probs.append(
+            f"{len(rows)} episodes in meta/episodes, info.json says total_episodes={info.get('total_episodes')}"
+        )
     end = 0
     for r in rows:
         e = r['episode_index']
-        if r['dataset_from_index'] != end: probs.append(f"episode {e}: dataset_from_index {r['dataset_from_index']} should be {end} (episodes must be back to back)")
-        if r['dataset_to_index'] - r['dataset_from_index'] != r['length']: probs.append(f"episode {e}: dataset_to_index - dataset_from_index != length {r['length']}")
+        if r['dataset_from_index'] != end:
+            probs.append(
+                f"episode {e}: dataset_from_index {r['dataset_from_index']} should be {end} (episodes must be back to back)"
+            )
+        if r['dataset_to_index'] - r['dataset_from_index'] != r['length']:
+            probs.append(f"episode {e}: dataset_to_index - dataset_from_index != length {r['length']}")
         unknown = [t for t in (r['tasks'] or []) if t not in tasks]
-        if unknown or not r['tasks']: probs.append(f"episode {e}: tasks {r['tasks']!r} are not all in tasks.parquet")
+        if unknown or not r['tasks']:
+            probs.append(f"episode {e}: tasks {r['tasks']!r} are not all in tasks.parquet")
         end = r['dataset_to_index']
-    if end != info.get('total_frames'): probs.append(f"episodes cover {end} frames, info.json says total_frames={info.get('total_frames')}")
+    if end != info.get('total_frames'):
+        probs.append(f"episodes cover {end} frames, info.json says total_frames={info.get('total_frames')}")
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c050
-def _check_frames(root:Path, info:dict, rows:list, tasks:list) -> list:
+def _check_frames(root: Path, info: dict, rows: list, tasks: list) -> list:
     "Data files: names, schema, and each episode's rows against its metadata."
     probs, fps, feats = [], info.get('fps') or 1, info['features']
     by_file = {}
-    for r in rows: by_file.setdefault((r['data/chunk_index'], r['data/file_index']), []).append(r)
-    files = {(int(m[1]), int(m[2])): f for f in sorted((root/'data').glob('*/*.parquet'))
-             if (m := re.fullmatch(r'chunk-(\d{3,})/file-(\d{3,})\.parquet', f'{f.parent.name}/{f.name}'))}
-    probs += [f"data file {f.relative_to(root)} is not referenced by any episode" for k, f in files.items() if k not in by_file]
+    for r in rows:
+        by_file.setdefault((r['data/chunk_index'], r['data/file_index']), []).append(r)
+    files = {
+        (int(m[1]), int(m[2])): f
+        for f in sorted((root / 'data').glob('*/*.parquet'))
+        if (m := re.fullmatch(r'chunk-(\d{3,})/file-(\d{3,})\.parquet', f'{f.parent.name}/{f.name}'))
+    }
+    probs += [
+        f"data file {f.relative_to(root)} is not referenced by any episode"
+        for k, f in files.items()
+        if k not in by_file
+    ]
     for (c, fi), eps in sorted(by_file.items()):
-        rel = str(info.get('data_path', DATA_PATH)).format(chunk_index=c, file_index=fi); path = root / rel
-        if not path.exists(): probs.append(f"missing data file {rel} (episodes {[r['episode_index'] for r in eps]})"); continue
-        schema = pq.read_schema(path); probs += _check_schema(rel, schema, feats)
+        rel = str(info.get('data_path', DATA_PATH)).format(chunk_index=c, file_index=fi)
+        path = root / rel
+        if not path.exists():
+            probs.append(f"missing data file {rel} (episodes {[r['episode_index'] for r in eps]})")
+            continue
+        schema = pq.read_schema(path)
+        probs += _check_schema(rel, schema, feats)
         cols = [k for k in DEFAULT_FEATURES if k in schema.names]
-        if len(cols) < len(DEFAULT_FEATURES): continue
-        t = pq.read_table(path, columns=cols); probs += _check_file_rows(rel, t, eps, fps, len(tasks))
+        if len(cols) < len(DEFAULT_FEATURES):
+            continue
+        t = pq.read_table(path, columns=cols)
+        probs += _check_file_rows(rel, t, eps, fps, len(tasks))
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c051
-def _check_file_rows(path, t:pa.Table, eps:list, fps, n_tasks:int) -> list:
+def _check_file_rows(path, t: pa.Table, eps: list, fps, n_tasks: int) -> list:
     probs, d = [], {k: t[k].to_numpy() for k in t.column_names}
-    if len(t) != sum(r['length'] for r in eps): probs.append(f"{path}: {len(t)} rows, its episodes' lengths add up to {sum(r['length'] for r in eps)}")
+    if len(t) != sum(r['length'] for r in eps):
+        probs.append(f"{path}: {len(t)} rows, its episodes' lengths add up to {sum(r['length'] for r in eps)}")
     start = eps[0]['dataset_from_index']
-    if not np.array_equal(d['index'], np.arange(start, start + len(t))): probs.append(f"{path}: `index` is not contiguous from {start} (frames missing, repeated or out of order)")
+    if not np.array_equal(d['index'], np.arange(start, start + len(t))):
+        probs.append(f"{path}: `index` is not contiguous from {start} (frames missing, repeated or out of order)")
     off = 0
     for r in eps:
-        e, n = r['episode_index'], r['length']; sl = slice(off, off + n); off += n
-        if len(d['index'][sl]) != n: probs.append(f"{path}: episode {e} has {len(d['index'][sl])} of its {n} rows"); continue
-        if not np.all(d['episode_index'][sl] == e): probs.append(f"{path}: rows of episode {e} carry other episode_index values (episode boundaries disagree)"); continue
-        if not np.array_equal(d['frame_index'][sl], np.arange(n)): probs.append(f"{path}: episode {e} frame_index is not 0..{n - 1}")
+        e, n = r['episode_index'], r['length']
+        sl = slice(off, off + n)
+        off += n
+        if len(d['index'][sl]) != n:
+            probs.append(f"{path}: episode {e} has {len(d['index'][sl])} of its {n} rows")
+            continue
+        if not np.all(d['episode_index'][sl] == e):
+            probs.append(f"{path}: rows of episode {e} carry other episode_index values (episode boundaries disagree)")
+            continue
+        if not np.array_equal(d['frame_index'][sl], np.arange(n)):
+            probs.append(f"{path}: episode {e} frame_index is not 0..{n - 1}")
         ts = d['timestamp'][sl].astype(np.float64)
-        if len(ts) and not np.allclose(ts - ts[0], np.arange(n) / fps, atol=1e-4): probs.append(f"{path}: episode {e} timestamps are not 1/fps apart")
+        if len(ts) and not np.allclose(ts - ts[0], np.arange(n) / fps, atol=1e-4):
+            probs.append(f"{path}: episode {e} timestamps are not 1/fps apart")
         ti = d['task_index'][sl]
-        if len(ti) and (ti.min() < 0 or ti.max() >= n_tasks): probs.append(f"{path}: episode {e} has task_index outside 0..{n_tasks - 1}")
+        if len(ti) and (ti.min() < 0 or ti.max() >= n_tasks):
+            probs.append(f"{path}: episode {e} has task_index outside 0..{n_tasks - 1}")
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c052
 def check_lerobot_layout(root) -> list:
     "Problems found in the LeRobotDataset v3.0 at `root` (an empty list when it follows the format)."
     root = Path(root)
-    try: info = json.loads((root/INFO_PATH).read_text())
-    except FileNotFoundError: return [f"{root/INFO_PATH} is missing: not a LeRobot dataset"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: return [f"{root/INFO_PATH} is not valid JSON: {e}"]
-    if not isinstance(info, dict): return [f"{root/INFO_PATH} must hold a JSON object"]
-    probs = _check_info(info); fprobs = _check_features(info.get('features'))
-    if fprobs: return probs + fprobs
-    try: tasks = read_tasks(root/TASKS_PATH)
-    except (FileNotFoundError, ValueError, pa.ArrowInvalid) as e: probs.append(f"tasks: {e}"); tasks = []
-    if len(tasks) != info.get('total_tasks'): probs.append(f"{len(tasks)} tasks in tasks.parquet, info.json says total_tasks={info.get('total_tasks')}")
-    try: probs += _check_stats(json.loads((root/STATS_PATH).read_text()), info['features'])
-    except (FileNotFoundError, json.JSONDecodeError) as e: probs.append(f"stats: {e}")
-    rows, p = _read_episodes(root); probs += p
-    if rows: probs += _check_episode_rows(rows, info, tasks)
-    if rows and not p: probs += _check_frames(root, info, rows, tasks)
+    try:
+        info = json.loads((root / INFO_PATH).read_text())
+    except FileNotFoundError:
+        return [f"{root / INFO_PATH} is missing: not a LeRobot dataset"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [f"{root / INFO_PATH} is not valid JSON: {e}"]
+    if not isinstance(info, dict):
+        return [f"{root / INFO_PATH} must hold a JSON object"]
+    probs = _check_info(info)
+    fprobs = _check_features(info.get('features'))
+    if fprobs:
+        return probs + fprobs
+    try:
+        tasks = read_tasks(root / TASKS_PATH)
+    except (FileNotFoundError, ValueError, pa.ArrowInvalid) as e:
+        probs.append(f"tasks: {e}")
+        tasks = []
+    if len(tasks) != info.get('total_tasks'):
+        probs.append(f"{len(tasks)} tasks in tasks.parquet, info.json says total_tasks={info.get('total_tasks')}")
+    try:
+        probs += _check_stats(json.loads((root / STATS_PATH).read_text()), info['features'])
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        probs.append(f"stats: {e}")
+    rows, p = _read_episodes(root)
+    probs += p
+    if rows:
+        probs += _check_episode_rows(rows, info, tasks)
+    if rows and not p:
+        probs += _check_frames(root, info, rows, tasks)
     return probs
 
 # %% ../nbs/02a_lerobot.ipynb #c058
 def read_lerobot_info(root) -> dict:
     "info.json of the LeRobot dataset at `root`, with clear errors for a missing, corrupt or wrong-version file."
-    p = Path(root)/INFO_PATH
-    if not p.exists(): raise FileNotFoundError(f"{root} is not a LeRobot dataset: {p} is missing")
-    try: info = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{p} is corrupt (not valid JSON): {e}") from None
-    if not isinstance(info, dict) or not isinstance(info.get('features'), dict): raise ValueError(f"{p} is corrupt: expected an object with a 'features' dict")
+    p = Path(root) / INFO_PATH
+    if not p.exists():
+        raise FileNotFoundError(f"{root} is not a LeRobot dataset: {p} is missing")
+    try:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is corrupt (not valid JSON): {e}") from None
+    if not isinstance(info, dict) or not isinstance(info.get('features'), dict):
+        raise ValueError(f"{p} is corrupt: expected an object with a 'features' dict")
     v = info.get('codebase_version')
     if v != CODEBASE_VERSION:
-        raise ValueError(f"{p}: codebase_version {v!r} is not supported; this reads {CODEBASE_VERSION!r} only. Convert older datasets "
-                         "with LeRobot's script: python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=...")
+        raise ValueError(
+            f"{p}: codebase_version {v!r} is not supported; this reads {CODEBASE_VERSION!r} only. Convert older datasets "
+            "with LeRobot's script: python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id=..."
+        )
     return info
 
 # %% ../nbs/02a_lerobot.ipynb #c059
-def _pick_cameras(features:dict, image_key=None, wrist_key=None) -> dict:
+def _pick_cameras(features: dict, image_key=None, wrist_key=None) -> dict:
     "Map our image keys to LeRobot camera features; refuse video and missing cameras with a clear message."
     cams = [k for k, ft in features.items() if ft.get('dtype') in ('image', 'video')]
     if image_key is None:
@@ -491,104 +785,155 @@ def _pick_cameras(features:dict, image_key=None, wrist_key=None) -> dict:
         image_key = 'observation.image' if 'observation.image' in cams else (main[0] if main else None)
     if image_key is None or image_key not in features:
         raise ValueError(f"missing required feature: no camera to use as {IMAGE!r} (camera features: {cams or 'none'})")
-    if wrist_key is None: wrist_key = next((k for k in cams if 'wrist' in k and k != image_key), None)
+    if wrist_key is None:
+        wrist_key = next((k for k in cams if 'wrist' in k and k != image_key), None)
     out = {IMAGE: image_key, **({WRIST_IMAGE: wrist_key} if wrist_key else {})}
     for ours, name in list(out.items()):
         if features[name]['dtype'] == 'video':
-            if ours == WRIST_IMAGE: warnings.warn(f"skipping wrist camera {name!r}: it is stored as video"); del out[ours]; continue
-            raise ValueError(f"feature {name!r} is stored as video (mp4 under videos/); video decoding is not supported here. "
-                             "Decode it to an image-feature dataset with the `lerobot` package first (it needs torchcodec or PyAV), "
-                             "or pick another camera stored as dtype 'image' with image_key=...")
+            if ours == WRIST_IMAGE:
+                warnings.warn(f"skipping wrist camera {name!r}: it is stored as video")
+                del out[ours]
+                continue
+            raise ValueError(
+                f"feature {name!r} is stored as video (mp4 under videos/); video decoding is not supported here. "
+                "Decode it to an image-feature dataset with the `lerobot` package first (it needs torchcodec or PyAV), "
+                "or pick another camera stored as dtype 'image' with image_key=..."
+            )
     return out
 
 # %% ../nbs/02a_lerobot.ipynb #c060
-def _column_array(col:pa.ChunkedArray, name:str, shape:list, dtype) -> np.ndarray:
+def _column_array(col: pa.ChunkedArray, name: str, shape: list, dtype) -> np.ndarray:
     "A (T, *shape) array from a scalar or list column, checking every row has the declared shape."
     col = col.combine_chunks()
     if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type):
-        n = shape[0]; lens = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False))
-        if len(lens) and not np.all(lens == n): raise ValueError(f"shape mismatch: {name!r} is declared {shape} but rows hold {sorted(set(lens.tolist()))[:5]} values")
+        n = shape[0]
+        lens = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False))
+        if len(lens) and not np.all(lens == n):
+            raise ValueError(
+                f"shape mismatch: {name!r} is declared {shape} but rows hold {sorted(set(lens.tolist()))[:5]} values"
+            )
         return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype).reshape(len(col), n)
-    if shape != [1]: raise ValueError(f"shape mismatch: {name!r} is declared {shape} but stored as scalars ({col.type})")
+    if shape != [1]:
+        raise ValueError(f"shape mismatch: {name!r} is declared {shape} but stored as scalars ({col.type})")
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype)
 
-def _images(col:pa.ChunkedArray, name:str, shape:list, root:Path) -> np.ndarray:
+
+def _images(col: pa.ChunkedArray, name: str, shape: list, root: Path) -> np.ndarray:
     out = []
     for v in col.to_pylist():
         data = v.get('bytes') if isinstance(v, dict) else None
-        if not data and isinstance(v, dict) and v.get('path') and (root/v['path']).is_file(): data = (root/v['path']).read_bytes()
-        if not data: raise ValueError(f"{name!r}: a frame has no embedded image bytes (path {v.get('path') if isinstance(v, dict) else v!r})")
+        if not data and isinstance(v, dict) and v.get('path') and (root / v['path']).is_file():
+            data = (root / v['path']).read_bytes()
+        if not data:
+            raise ValueError(
+                f"{name!r}: a frame has no embedded image bytes (path {v.get('path') if isinstance(v, dict) else v!r})"
+            )
         im = decode_image(data)
-        if list(im.shape) != list(shape): raise ValueError(f"shape mismatch: {name!r} is declared {shape}, a frame decodes to {list(im.shape)}")
+        if list(im.shape) != list(shape):
+            raise ValueError(f"shape mismatch: {name!r} is declared {shape}, a frame decodes to {list(im.shape)}")
         out.append(im)
     return np.stack(out)
 
 # %% ../nbs/02a_lerobot.ipynb #c061
-def _episode_frames(t:pa.Table, info:dict, cams:dict, root:Path) -> dict:
+def _episode_frames(t: pa.Table, info: dict, cams: dict, root: Path) -> dict:
     "Our frames dict from one episode's rows."
-    feats, fps = info['features'], info['fps']; ep = {}
-    for ours, name in cams.items(): ep[ours] = _images(t[name], name, feats[name]['shape'], root)
+    feats, fps = info['features'], info['fps']
+    ep = {}
+    for ours, name in cams.items():
+        ep[ours] = _images(t[name], name, feats[name]['shape'], root)
     for ours, name in ((PROPRIO, 'observation.state'), (ACTION, 'action')):
         ep[ours] = _column_array(t[name], name, list(feats[name]['shape']), np.float32)
-    if 'next.success' in t.column_names: ep[SUCCESS] = _column_array(t['next.success'], 'next.success', [1], bool)
+    if 'next.success' in t.column_names:
+        ep[SUCCESS] = _column_array(t['next.success'], 'next.success', [1], bool)
     ts = t['timestamp'].to_numpy().astype(np.float64) if 'timestamp' in t.column_names else np.arange(len(t)) / fps
     grid = t['frame_index'].to_numpy() / fps if 'frame_index' in t.column_names else np.arange(len(t)) / fps
-    ep[TIMESTAMP] = grid if np.allclose(ts, grid, atol=1e-4) else ts   # float32 on disk: snap back to exact k/fps
+    ep[TIMESTAMP] = grid if np.allclose(ts, grid, atol=1e-4) else ts  # float32 on disk: snap back to exact k/fps
     return ep
 
 # %% ../nbs/02a_lerobot.ipynb #c062
-def _check_required(info:dict, expect:dict|None):
+def _check_required(info: dict, expect: dict | None):
     feats = info['features']
-    if isinstance(info.get('fps'), float) and info['fps'].is_integer(): info['fps'] = int(info['fps'])
+    if isinstance(info.get('fps'), float) and info['fps'].is_integer():
+        info['fps'] = int(info['fps'])
     for name in ('observation.state', 'action', *DEFAULT_FEATURES):
-        if name not in feats: raise ValueError(f"missing required feature {name!r}; the dataset has {list(feats)}")
-        if name not in DEFAULT_FEATURES and (feats[name]['dtype'] in ('image', 'video', 'string') or len(feats[name]['shape']) != 1):
+        if name not in feats:
+            raise ValueError(f"missing required feature {name!r}; the dataset has {list(feats)}")
+        if name not in DEFAULT_FEATURES and (
+            feats[name]['dtype'] in ('image', 'video', 'string') or len(feats[name]['shape']) != 1
+        ):
             raise ValueError(f"{name!r} must be a numeric vector, got {feats[name]['dtype']} {feats[name]['shape']}")
     for ours, want in (expect or {}).items():
-        name = FEATURE_NAMES.get(ours, ours); got = list(feats.get(name, {}).get('shape', []))
-        if got != list(want): raise ValueError(f"shape mismatch: {name!r} has shape {got}, expected {list(want)}")
-    if not isinstance(info.get('fps'), int) or info['fps'] < 1: raise ValueError(f"fps must be a positive integer, got {info.get('fps')!r}")
+        name = FEATURE_NAMES.get(ours, ours)
+        got = list(feats.get(name, {}).get('shape', []))
+        if got != list(want):
+            raise ValueError(f"shape mismatch: {name!r} has shape {got}, expected {list(want)}")
+    if not isinstance(info.get('fps'), int) or info['fps'] < 1:
+        raise ValueError(f"fps must be a positive integer, got {info.get('fps')!r}")
 
 # %% ../nbs/02a_lerobot.ipynb #c063
-def import_lerobot(lerobot_root, # a LeRobotDataset v3.0 directory
-                   out_root, # where to write our dataset (must not exist unless `overwrite`)
-                   image_key:str|None=None, # camera feature to use as `image` (default: observation.image or the first camera)
-                   wrist_key:str|None=None, # camera feature to use as `wrist_image` (default: a camera named *wrist*)
-                   expect:dict|None=None, # required shapes, e.g. {PROPRIO: [15], ACTION: [7]}
-                   overwrite:bool=False, # replace an existing `out_root`
-                  ) -> EpisodeDataset:
+def import_lerobot(
+    lerobot_root,  # a LeRobotDataset v3.0 directory
+    out_root,  # where to write our dataset (must not exist unless `overwrite`)
+    image_key: str | None = None,  # camera feature to use as `image` (default: observation.image or the first camera)
+    wrist_key: str | None = None,  # camera feature to use as `wrist_image` (default: a camera named *wrist*)
+    expect: dict | None = None,  # required shapes, e.g. {PROPRIO: [15], ACTION: [7]}
+    overwrite: bool = False,  # replace an existing `out_root`
+) -> EpisodeDataset:
     "Read a LeRobotDataset v3.0 with pyarrow and write it as our episode dataset, atomically; return it, finalized."
     root, out_root = Path(lerobot_root), Path(out_root)
-    info = read_lerobot_info(root); _check_required(info, expect)
+    info = read_lerobot_info(root)
+    _check_required(info, expect)
     cams = _pick_cameras(info['features'], image_key, wrist_key)
-    if out_root.exists() and not overwrite: raise FileExistsError(f"{out_root} already exists; pass overwrite=True to replace it")
+    if out_root.exists() and not overwrite:
+        raise FileExistsError(f"{out_root} already exists; pass overwrite=True to replace it")
     rows, probs = _read_episodes(root)
-    if probs or not rows: raise ValueError(f"{root}: unreadable episode metadata: {probs or ['no episodes']}")
-    side = json.loads((root/SIDECAR_PATH).read_text()) if (root/SIDECAR_PATH).exists() else {}
+    if probs or not rows:
+        raise ValueError(f"{root}: unreadable episode metadata: {probs or ['no episodes']}")
+    side = json.loads((root / SIDECAR_PATH).read_text()) if (root / SIDECAR_PATH).exists() else {}
     out_root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_root.parent, prefix=f'{out_root.name}.tmp-'))
     try:
-        _import_into(root, tmp/'ds', info, rows, cams, side); _publish(tmp/'ds', out_root, overwrite)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
+        _import_into(root, tmp / 'ds', info, rows, cams, side)
+        _publish(tmp / 'ds', out_root, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return EpisodeDataset(out_root)
 
 # %% ../nbs/02a_lerobot.ipynb #c064
 def _import_into(root, dst, info, rows, cams, side):
     sides = {e['episode_index']: e for e in side.get('episodes', [])}
-    w = EpisodeWriter(dst, fps=info['fps'], config=dict(imported_from=str(root), robot_type=info.get('robot_type'),
-                                                         codebase_version=info['codebase_version'], source_config=side.get('config')))
+    w = EpisodeWriter(
+        dst,
+        fps=info['fps'],
+        config=dict(
+            imported_from=str(root),
+            robot_type=info.get('robot_type'),
+            codebase_version=info['codebase_version'],
+            source_config=side.get('config'),
+        ),
+    )
     tables = {}
     for r in rows:
         key = (r['data/chunk_index'], r['data/file_index'])
         if key not in tables:
             path = root / info['data_path'].format(chunk_index=key[0], file_index=key[1])
-            if not path.exists(): raise FileNotFoundError(f"data file {path} of episode {r['episode_index']} is missing")
-            tables = {key: pq.read_table(path)}      # one file in memory at a time
+            if not path.exists():
+                raise FileNotFoundError(f"data file {path} of episode {r['episode_index']} is missing")
+            tables = {key: pq.read_table(path)}  # one file in memory at a time
         t = tables[key]
-        sel = t.filter(pc.and_(pc.greater_equal(t['index'], r['dataset_from_index']), pc.less(t['index'], r['dataset_to_index'])))
-        if len(sel) != r['length']: raise ValueError(f"episode {r['episode_index']}: {len(sel)} frames in {key}, metadata says {r['length']}")
+        sel = t.filter(
+            pc.and_(pc.greater_equal(t['index'], r['dataset_from_index']), pc.less(t['index'], r['dataset_to_index']))
+        )
+        if len(sel) != r['length']:
+            raise ValueError(f"episode {r['episode_index']}: {len(sel)} frames in {key}, metadata says {r['length']}")
         s = sides.get(r['episode_index'], {})
         meta = s.get('meta') or dict(lerobot=dict(episode_index=r['episode_index'], tasks=list(r['tasks'] or [])))
-        w.add_episode(s.get('source_episode_index', r['episode_index']), _episode_frames(sel, info, cams, root), (r['tasks'] or [''])[0], s.get('task'), meta)
+        w.add_episode(
+            s.get('source_episode_index', r['episode_index']),
+            _episode_frames(sel, info, cams, root),
+            (r['tasks'] or [''])[0],
+            s.get('task'),
+            meta,
+        )
     tok = CommandTokenizer.from_json(side['tokenizer']) if side.get('tokenizer') else None
     w.finalize(tok)

@@ -15,7 +15,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, save_checkpoint, load_checkpoint
-from .data import IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer, CommandTokenizer, command_corpus
+from vla_nb.data import (
+    IMAGE,
+    WRIST_IMAGE,
+    TOKENS,
+    PROPRIO,
+    ACTION,
+    ACTION_PAD,
+    Normalizer,
+    CommandTokenizer,
+    command_corpus,
+)
 from . import sim
 
 # %% auto #0
@@ -28,39 +38,47 @@ __all__ = ['ModelConfig', 'TextBlock', 'TextEncoder', 'FiLM', 'SpatialSoftmax', 
 @dataclass
 class ModelConfig(Config):
     "Sizes and choices of `VLANet`."
-    image_size:int=96             # side of the square RGB input, pixels
-    vocab_size:int=64             # token ids must be < vocab_size; id 0 is padding
-    max_tokens:int=16             # longest command, tokens
-    proprio_dim:int=15            # proprioceptive state size (sim.PROPRIO_DIM)
-    act_dim:int=7                 # action size (sim.ACT_DIM)
-    chunk_size:int=8              # H: future actions predicted per forward
-    d_model:int=128               # width of the text encoder and the fused features
-    vision_channels:tuple=(16, 32, 64, 64) # channels of the four stride-2 conv blocks
-    keypoints:int=32              # spatial-softmax keypoints of the vision encoder
-    keypoint_level:int=3          # conv block (0-3) whose map feeds the spatial softmax: 3 = last (S/16), 1 = finer and more local (S/4)
-    wrist_size:int=0              # side of the wrist-camera image, read by a second VisionEncoder; 0: scene camera only
-    text_layers:int=2             # transformer layers of the text encoder
-    heads:int=4                   # attention heads
-    head:str='continuous'         # action head: 'continuous' (regression) or 'discrete' (bins)
-    n_bins:int=256                # bins per action dimension (discrete head)
-    bin_range:float=3.0           # bins cover [-bin_range, bin_range] in *normalized* action units
-    dropout:float=0.1             # dropout in the text encoder and the fusion MLP
+
+    image_size: int = 96  # side of the square RGB input, pixels
+    vocab_size: int = 64  # token ids must be < vocab_size; id 0 is padding
+    max_tokens: int = 16  # longest command, tokens
+    proprio_dim: int = 15  # proprioceptive state size (sim.PROPRIO_DIM)
+    act_dim: int = 7  # action size (sim.ACT_DIM)
+    chunk_size: int = 8  # H: future actions predicted per forward
+    d_model: int = 128  # width of the text encoder and the fused features
+    vision_channels: tuple = (16, 32, 64, 64)  # channels of the four stride-2 conv blocks
+    keypoints: int = 32  # spatial-softmax keypoints of the vision encoder
+    keypoint_level: int = (
+        3  # conv block (0-3) whose map feeds the spatial softmax: 3 = last (S/16), 1 = finer and more local (S/4)
+    )
+    wrist_size: int = 0  # side of the wrist-camera image, read by a second VisionEncoder; 0: scene camera only
+    text_layers: int = 2  # transformer layers of the text encoder
+    heads: int = 4  # attention heads
+    head: str = 'continuous'  # action head: 'continuous' (regression) or 'discrete' (bins)
+    n_bins: int = 256  # bins per action dimension (discrete head)
+    bin_range: float = 3.0  # bins cover [-bin_range, bin_range] in *normalized* action units
+    dropout: float = 0.1  # dropout in the text encoder and the fusion MLP
 
     def __post_init__(self):
         check_range('image_size', self.image_size, 32, 512, integer=True)
         check_range('vocab_size', self.vocab_size, 2, 1_000_000, integer=True)
         check_range('max_tokens', self.max_tokens, 1, 512, integer=True)
-        for k in ('proprio_dim', 'act_dim', 'chunk_size'): check_range(k, getattr(self, k), 1, 1024, integer=True)
+        for k in ('proprio_dim', 'act_dim', 'chunk_size'):
+            check_range(k, getattr(self, k), 1, 1024, integer=True)
         check_range('d_model', self.d_model, 8, 4096, integer=True)
         self.vision_channels = tuple(self.vision_channels)
-        if len(self.vision_channels) != 4: raise ValueError(f"`vision_channels` must list 4 block widths, got {self.vision_channels!r}")
-        for c in self.vision_channels: check_range('vision_channels', c, 1, 1024, integer=True)
+        if len(self.vision_channels) != 4:
+            raise ValueError(f"`vision_channels` must list 4 block widths, got {self.vision_channels!r}")
+        for c in self.vision_channels:
+            check_range('vision_channels', c, 1, 1024, integer=True)
         check_range('keypoints', self.keypoints, 1, 1024, integer=True)
         check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
-        if self.wrist_size: check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
+        if self.wrist_size:
+            check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         check_range('text_layers', self.text_layers, 0, 24, integer=True)
         check_range('heads', self.heads, 1, 64, integer=True)
-        if self.d_model % self.heads: raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `heads` ({self.heads})")
+        if self.d_model % self.heads:
+            raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `heads` ({self.heads})")
         check_choice('head', self.head, ('continuous', 'discrete'))
         check_range('n_bins', self.n_bins, 2, 4096, integer=True)
         check_range('bin_range', self.bin_range, 0.1, 100)
@@ -69,404 +87,579 @@ class ModelConfig(Config):
 # %% ../nbs/03_model.ipynb #c009
 class TextBlock(nn.Module):
     "Pre-norm transformer layer: self-attention over tokens (padding masked out), then an MLP."
-    def __init__(self, d:int, heads:int, dropout:float=0.):
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
         super().__init__()
         self.h, self.scale, self.n1, self.n2 = heads, (d // heads) ** -0.5, nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj, self.drop = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Dropout(dropout)
         self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d), nn.Dropout(dropout))
 
-    def forward(self, x, pad):                                     # x (B, T, d), pad (B, T) True at padding
+    def forward(self, x, pad):  # x (B, T, d), pad (B, T) True at padding
         B, T, d = x.shape
-        q, k, v = self.qkv(self.n1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, T, d/h)
-        att = (q @ k.transpose(-1, -2)) * self.scale               # (B, h, T, T)
+        q, k, v = (
+            self.qkv(self.n1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        )  # each (B, h, T, d/h)
+        att = (q @ k.transpose(-1, -2)) * self.scale  # (B, h, T, T)
         att = att.masked_fill(pad[:, None, None, :], float('-inf')).softmax(-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, d)             # (B, T, d)
+        y = (att @ v).transpose(1, 2).reshape(B, T, d)  # (B, T, d)
         x = x + self.drop(self.proj(y))
         return x + self.mlp(self.n2(x))
 
 # %% ../nbs/03_model.ipynb #c010
 class TextEncoder(nn.Module):
     "Token ids (B, T) -> one command vector (B, d): embedding, transformer layers, masked mean."
-    def __init__(self, cfg:ModelConfig):
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(cfg.vocab_size, cfg.d_model), nn.Parameter(torch.zeros(cfg.max_tokens, cfg.d_model))
+        self.tok, self.pos = (
+            nn.Embedding(cfg.vocab_size, cfg.d_model),
+            nn.Parameter(torch.zeros(cfg.max_tokens, cfg.d_model)),
+        )
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(TextBlock(cfg.d_model, cfg.heads, cfg.dropout) for _ in range(cfg.text_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, ids):                                        # ids (B, T) int64, 0 = padding
+    def forward(self, ids):  # ids (B, T) int64, 0 = padding
         T = ids.shape[1]
         pad = (ids == 0) & (torch.arange(T, device=ids.device) > 0)  # (B, T); position 0 always attends
-        x = self.tok(ids) + self.pos[:T]                           # (B, T, d)
-        for b in self.blocks: x = b(x, pad)
-        keep = (~pad).unsqueeze(-1).to(x.dtype)                    # (B, T, 1)
-        return self.norm((x * keep).sum(1) / keep.sum(1))          # (B, d)
+        x = self.tok(ids) + self.pos[:T]  # (B, T, d)
+        for b in self.blocks:
+            x = b(x, pad)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return self.norm((x * keep).sum(1) / keep.sum(1))  # (B, d)
 
 # %% ../nbs/03_model.ipynb #c012
 class FiLM(nn.Module):
     "Feature-wise linear modulation: channels of a (B, C, h, w) map scaled and shifted by a conditioning vector (B, d)."
-    def __init__(self, d:int, channels:int):
+
+    def __init__(self, d: int, channels: int):
         super().__init__()
         self.gen = nn.Linear(d, 2 * channels)
-        nn.init.zeros_(self.gen.weight); nn.init.zeros_(self.gen.bias)   # identity at initialization
+        nn.init.zeros_(self.gen.weight)
+        nn.init.zeros_(self.gen.bias)  # identity at initialization
 
-    def forward(self, x, cond):                                    # x (B, C, h, w), cond (B, d)
+    def forward(self, x, cond):  # x (B, C, h, w), cond (B, d)
         gamma, beta = self.gen(cond)[:, :, None, None].chunk(2, dim=1)  # each (B, C, 1, 1)
         return x * (1 + gamma) + beta
 
 # %% ../nbs/03_model.ipynb #c014
 class SpatialSoftmax(nn.Module):
     "(B, C, h, w) -> (B, 2K): the expected x and y of each of K learned keypoint maps, in [-1, 1]."
-    def __init__(self, channels:int, k:int):
-        super().__init__(); self.key = nn.Conv2d(channels, k, 1)
+
+    def __init__(self, channels: int, k: int):
+        super().__init__()
+        self.key = nn.Conv2d(channels, k, 1)
 
     def forward(self, x):
         B, _, h, w = x.shape
-        p = self.key(x).flatten(2).softmax(-1)                     # (B, K, h*w)
+        p = self.key(x).flatten(2).softmax(-1)  # (B, K, h*w)
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-        gy, gx = torch.meshgrid(ys, xs, indexing='ij')             # (h, w) each
-        return torch.cat([p @ gx.reshape(-1, 1), p @ gy.reshape(-1, 1)], -1).flatten(1)   # (B, 2K)
+        gy, gx = torch.meshgrid(ys, xs, indexing='ij')  # (h, w) each
+        return torch.cat([p @ gx.reshape(-1, 1), p @ gy.reshape(-1, 1)], -1).flatten(1)  # (B, 2K)
 
 # %% ../nbs/03_model.ipynb #c015
 class VisionEncoder(nn.Module):
     "Image (B, 3, S, S) and command vector (B, d) -> visual features (B, d); FiLM after every conv block."
-    def __init__(self, cfg:ModelConfig):
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         chans = (3,) + cfg.vision_channels
-        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(min(8, b), b), nn.ReLU())
-                                   for a, b in zip(chans[:-1], chans[1:]))
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.GroupNorm(min(8, b), b), nn.ReLU())
+            for a, b in zip(chans[:-1], chans[1:])
+        )
         self.films = nn.ModuleList(FiLM(cfg.d_model, c) for c in cfg.vision_channels)
         self.level = cfg.keypoint_level
         self.keys = SpatialSoftmax(chans[self.level + 1], cfg.keypoints)
         self.out = nn.Linear(2 * cfg.keypoints + chans[-1], cfg.d_model)
 
-    def forward(self, image, cond, return_keys:bool=False):        # image (B, 3, S, S), cond (B, d)
+    def forward(self, image, cond, return_keys: bool = False):  # image (B, 3, S, S), cond (B, d)
         x = image
         for i, (conv, film) in enumerate(zip(self.convs, self.films)):
-            x = film(conv(x), cond)                                # (B, C_i, S/2^(i+1), S/2^(i+1))
-            if i == self.level: keys = self.keys(x)                # (B, 2K): x0, y0, x1, y1, ...
-        v = self.out(torch.cat([keys, x.mean((2, 3))], -1))        # (B, d)
+            x = film(conv(x), cond)  # (B, C_i, S/2^(i+1), S/2^(i+1))
+            if i == self.level:
+                keys = self.keys(x)  # (B, 2K): x0, y0, x1, y1, ...
+        v = self.out(torch.cat([keys, x.mean((2, 3))], -1))  # (B, d)
         return (v, keys) if return_keys else v
 
 # %% ../nbs/03_model.ipynb #c018
 class VLANet(nn.Module):
     "Vision-Language-Action network: (image, token ids, proprio) -> (actions (B, H, A) normalized, confidence (B,))."
-    def __init__(self, cfg:ModelConfig|None=None):
+
+    def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg if cfg is not None else ModelConfig()
         d = cfg.d_model
         self.text, self.vision = TextEncoder(cfg), VisionEncoder(cfg)
-        self.wrist = VisionEncoder(cfg) if cfg.wrist_size else None   # own weights: a close-up view, not the scene
+        self.wrist = VisionEncoder(cfg) if cfg.wrist_size else None  # own weights: a close-up view, not the scene
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU())
-        self.fuse = nn.Sequential(nn.Linear((4 if cfg.wrist_size else 3) * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d), nn.LayerNorm(d))
+        self.fuse = nn.Sequential(
+            nn.Linear((4 if cfg.wrist_size else 3) * d, 2 * d),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(2 * d, d),
+            nn.LayerNorm(d),
+        )
         self.head = ContinuousHead(cfg) if cfg.head == 'continuous' else DiscreteHead(cfg)
 
-    def encode(self, image, token_ids, proprio, wrist_image=None, return_keys:bool=False):   # (B, 3, S, S), (B, T) int64, (B, P), (B, 3, W, W)
-        t = self.text(token_ids)                                   # (B, d)
-        v, keys = self.vision(image, t, return_keys=True)          # (B, d), (B, 2K)
+    def encode(
+        self, image, token_ids, proprio, wrist_image=None, return_keys: bool = False
+    ):  # (B, 3, S, S), (B, T) int64, (B, P), (B, 3, W, W)
+        t = self.text(token_ids)  # (B, d)
+        v, keys = self.vision(image, t, return_keys=True)  # (B, d), (B, 2K)
         parts = [v, t, self.proprio(proprio)]
         if self.wrist is not None:
-            if wrist_image is None: raise ValueError(f"this model reads a wrist camera (wrist_size={self.cfg.wrist_size}): pass wrist_image")
-            parts.append(self.wrist(wrist_image, t))               # (B, d)
-        f = self.fuse(torch.cat(parts, -1))                        # (B, d)
+            if wrist_image is None:
+                raise ValueError(
+                    f"this model reads a wrist camera (wrist_size={self.cfg.wrist_size}): pass wrist_image"
+                )
+            parts.append(self.wrist(wrist_image, t))  # (B, d)
+        f = self.fuse(torch.cat(parts, -1))  # (B, d)
         return (f, keys) if return_keys else f
 
     def forward(self, image, token_ids, proprio, wrist_image=None):
         out = self.head(self.encode(image, token_ids, proprio, wrist_image))
-        return out['actions'], out['confidence']                   # (B, H, A), (B,)
+        return out['actions'], out['confidence']  # (B, H, A), (B,)
 
 # %% ../nbs/03_model.ipynb #c020
 class ContinuousHead(nn.Module):
     "Features (B, d) -> chunk (B, H, A) by regression, plus a confidence probe predicting exp(-mean |error|)."
-    def __init__(self, cfg:ModelConfig):
-        super().__init__(); self.H, self.A = cfg.chunk_size, cfg.act_dim
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, self.H * self.A))
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.A = cfg.chunk_size, cfg.act_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, self.H * self.A)
+        )
         self.conf = nn.Linear(cfg.d_model, 1)
 
-    def forward(self, f):                                          # f (B, d)
-        actions = self.mlp(f).view(-1, self.H, self.A)            # (B, H, A)
-        confidence = torch.sigmoid(self.conf(f.detach())).squeeze(-1)   # (B,) probe: no gradient into the encoder
+    def forward(self, f):  # f (B, d)
+        actions = self.mlp(f).view(-1, self.H, self.A)  # (B, H, A)
+        confidence = torch.sigmoid(self.conf(f.detach())).squeeze(-1)  # (B,) probe: no gradient into the encoder
         return dict(actions=actions, confidence=confidence)
 
 # %% ../nbs/03_model.ipynb #c021
-def bin_centers(n_bins:int=256, bin_range:float=3.0) -> torch.Tensor:
+def bin_centers(n_bins: int = 256, bin_range: float = 3.0) -> torch.Tensor:
     "Centres (n_bins,) of uniform bins over [-bin_range, bin_range]."
     w = 2 * bin_range / n_bins
     return -bin_range + w / 2 + w * torch.arange(n_bins)
 
-def bin_actions(a:torch.Tensor, n_bins:int=256, bin_range:float=3.0) -> torch.Tensor:
+
+def bin_actions(a: torch.Tensor, n_bins: int = 256, bin_range: float = 3.0) -> torch.Tensor:
     "Normalized actions (...) -> bin indices (...) int64; values beyond +-bin_range fall into the end bins."
     idx = torch.floor((a.clamp(-bin_range, bin_range) + bin_range) / (2 * bin_range) * n_bins)
     return idx.long().clamp(0, n_bins - 1)
 
-def unbin_actions(idx:torch.Tensor, n_bins:int=256, bin_range:float=3.0) -> torch.Tensor:
+
+def unbin_actions(idx: torch.Tensor, n_bins: int = 256, bin_range: float = 3.0) -> torch.Tensor:
     "Bin indices (...) -> the bins' centres (...) in normalized units."
     return bin_centers(n_bins, bin_range).to(idx.device)[idx]
 
 # %% ../nbs/03_model.ipynb #c024
 class DiscreteHead(nn.Module):
     "Features (B, d) -> logits (B, H, A, n_bins); actions are the most probable bins' centres, confidence their mean probability."
-    def __init__(self, cfg:ModelConfig):
-        super().__init__(); self.H, self.A, self.n = cfg.chunk_size, cfg.act_dim, cfg.n_bins
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, self.H * self.A * self.n))
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.A, self.n = cfg.chunk_size, cfg.act_dim, cfg.n_bins
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, self.H * self.A * self.n)
+        )
         self.register_buffer('centers', bin_centers(cfg.n_bins, cfg.bin_range), persistent=False)
 
-    def forward(self, f):                                          # f (B, d)
-        logits = self.mlp(f).view(-1, self.H, self.A, self.n)     # (B, H, A, n_bins)
-        pmax, idx = logits.softmax(-1).max(-1)                     # (B, H, A) each
+    def forward(self, f):  # f (B, d)
+        logits = self.mlp(f).view(-1, self.H, self.A, self.n)  # (B, H, A, n_bins)
+        pmax, idx = logits.softmax(-1).max(-1)  # (B, H, A) each
         return dict(actions=self.centers[idx], confidence=pmax.mean((1, 2)), logits=logits)
 
 # %% ../nbs/03_model.ipynb #c032
 def action_error(pred, target, pad_mask):
     "Per-sample mean absolute error (B,) over the non-padded steps of (B, H, A) chunks."
-    keep = (~pad_mask).unsqueeze(-1).to(pred.dtype)                # (B, H, 1)
+    keep = (~pad_mask).unsqueeze(-1).to(pred.dtype)  # (B, H, 1)
     return ((pred - target).abs() * keep).sum((1, 2)) / (keep.sum((1, 2)) * pred.shape[-1]).clamp(min=1)
+
 
 def action_loss(pred, target, pad_mask):
     "Masked L1 between predicted and target chunks (B, H, A), averaged over real steps and dimensions."
     keep = (~pad_mask).unsqueeze(-1).to(pred.dtype)
     return ((pred - target).abs() * keep).sum() / (keep.sum() * pred.shape[-1]).clamp(min=1)
 
+
 def confidence_target(pred, target, pad_mask):
     "What the continuous confidence predicts: exp(-per-sample mean |error|), in (0, 1]; no gradient."
     return torch.exp(-action_error(pred.detach(), target, pad_mask))
 
 # %% ../nbs/03_model.ipynb #c033
-def discrete_action_loss(logits, target, pad_mask, bin_range:float=3.0):
+def discrete_action_loss(logits, target, pad_mask, bin_range: float = 3.0):
     "Cross-entropy of bin logits (B, H, A, n_bins) against the bins of normalized targets (B, H, A), padded steps masked."
-    idx = bin_actions(target, logits.shape[-1], bin_range)        # (B, H, A)
+    idx = bin_actions(target, logits.shape[-1], bin_range)  # (B, H, A)
     ce = F.cross_entropy(logits.flatten(0, 2), idx.flatten(), reduction='none').view_as(target)
     keep = (~pad_mask).unsqueeze(-1).to(ce.dtype)
     return (ce * keep).sum() / (keep.sum() * target.shape[-1]).clamp(min=1)
 
-def vla_loss(net:VLANet, batch:dict) -> tuple:
+
+def vla_loss(net: VLANet, batch: dict) -> tuple:
     "Training loss of `net` on a `ChunkDataset` batch: (loss, metrics dict of floats)."
     out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE)))
     tgt, pad = batch[ACTION], batch[ACTION_PAD]
-    if net.cfg.head == 'discrete': act_l = discrete_action_loss(out['logits'], tgt, pad, net.cfg.bin_range)
-    else: act_l = action_loss(out['actions'], tgt, pad)
-    conf_l = F.binary_cross_entropy(out['confidence'], confidence_target(out['actions'], tgt, pad)) if net.cfg.head == 'continuous' else 0 * act_l
+    if net.cfg.head == 'discrete':
+        act_l = discrete_action_loss(out['logits'], tgt, pad, net.cfg.bin_range)
+    else:
+        act_l = action_loss(out['actions'], tgt, pad)
+    conf_l = (
+        F.binary_cross_entropy(out['confidence'], confidence_target(out['actions'], tgt, pad))
+        if net.cfg.head == 'continuous'
+        else 0 * act_l
+    )
     l1 = action_loss(out['actions'].detach(), tgt, pad)
-    return act_l + conf_l, dict(action_loss=act_l.detach().item(), confidence_loss=conf_l.detach().item(), l1=l1.item(),
-                                confidence=out['confidence'].detach().mean().item())
+    return act_l + conf_l, dict(
+        action_loss=act_l.detach().item(),
+        confidence_loss=conf_l.detach().item(),
+        l1=l1.item(),
+        confidence=out['confidence'].detach().mean().item(),
+    )
 
 # %% ../nbs/03_model.ipynb #c041
-def model_report(net:VLANet, batch_size:int=32, reps:int=5) -> dict:
+def model_report(net: VLANet, batch_size: int = 32, reps: int = 5) -> dict:
     "Parameter count, FLOPs per single-sample forward, and ms per forward+backward of `batch_size` samples."
-    cfg = net.cfg; params = sum(p.numel() for p in net.parameters())
+    cfg = net.cfg
+    params = sum(p.numel() for p in net.parameters())
+
     def inputs(B):
         ids = torch.ones(B, cfg.max_tokens, dtype=torch.long)
         x = torch.zeros(B, 3, cfg.image_size, cfg.image_size), ids, torch.zeros(B, cfg.proprio_dim)
         return x + ((torch.zeros(B, 3, cfg.wrist_size, cfg.wrist_size),) if cfg.wrist_size else ())
-    with FlopCounterMode(display=False) as fc, torch.no_grad(): net.eval()(*inputs(1))
-    net.train(); x = inputs(batch_size); times = []
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net.eval()(*inputs(1))
+    net.train()
+    x = inputs(batch_size)
+    times = []
     for _ in range(reps + 1):
-        t = time.perf_counter(); a, c = net(*x); (a.square().mean() + c.mean()).backward(); times.append(time.perf_counter() - t)
-    net.zero_grad(set_to_none=True); net.eval()
-    return dict(head=cfg.head, params=params, mflops_per_sample=round(fc.get_total_flops() / 1e6, 1),
-                train_step_ms_b32=round(1000 * float(np.median(times[1:])), 1))
+        t = time.perf_counter()
+        a, c = net(*x)
+        (a.square().mean() + c.mean()).backward()
+        times.append(time.perf_counter() - t)
+    net.zero_grad(set_to_none=True)
+    net.eval()
+    return dict(
+        head=cfg.head,
+        params=params,
+        mflops_per_sample=round(fc.get_total_flops() / 1e6, 1),
+        train_step_ms_b32=round(1000 * float(np.median(times[1:])), 1),
+    )
 
 # %% ../nbs/03_model.ipynb #c045
-def _check_image(image, S:int, name:str='image'):
+def _check_image(image, S: int, name: str = 'image'):
     "Dtype, shape and range of a normalized image batch (B, 3, S, S)."
-    if not isinstance(image, torch.Tensor): raise ValueError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
-    if image.dtype == torch.uint8: raise ValueError(f"{name} must be a normalized float tensor (B, 3, H, W), got uint8 pixels")
-    if not image.is_floating_point(): raise ValueError(f"{name} must be a float tensor, got {image.dtype}")
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
+    if image.dtype == torch.uint8:
+        raise ValueError(f"{name} must be a normalized float tensor (B, 3, H, W), got uint8 pixels")
+    if not image.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor, got {image.dtype}")
     if image.ndim != 4 or tuple(image.shape[1:]) != (3, S, S):
         hint = ' (channels last? permute to (B, 3, H, W))' if image.ndim == 4 and image.shape[-1] == 3 else ''
         raise ValueError(f"{name} must have shape (B, 3, {S}, {S}), got {tuple(image.shape)}{hint}")
-    if not torch.isfinite(image).all(): raise ValueError(f"{name} contains NaN or inf")
-    m = float(image.abs().max()) if image.numel() else 0.
-    if m > 50: raise ValueError(f"{name} values out of range (max |x| = {m:.1f}): expected normalized pixels; were 0-255 values not divided by 255?")
+    if not torch.isfinite(image).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    m = float(image.abs().max()) if image.numel() else 0.0
+    if m > 50:
+        raise ValueError(
+            f"{name} values out of range (max |x| = {m:.1f}): expected normalized pixels; were 0-255 values not divided by 255?"
+        )
 
-def check_inputs(image, token_ids, proprio, cfg:ModelConfig, wrist_image=None):
+
+def check_inputs(image, token_ids, proprio, cfg: ModelConfig, wrist_image=None):
     "Raise ValueError naming the problem unless the tensors are what `VLANet.forward` expects under `cfg`."
     for name, x in (('token_ids', token_ids), ('proprio', proprio)):
-        if not isinstance(x, torch.Tensor): raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     _check_image(image, cfg.image_size)
-    if token_ids.dtype != torch.long: raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
+    if token_ids.dtype != torch.long:
+        raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
     if token_ids.ndim != 2 or not 1 <= token_ids.shape[1] <= cfg.max_tokens:
-        raise ValueError(f"token_ids must have shape (B, T) with 1 <= T <= {cfg.max_tokens}, got {tuple(token_ids.shape)}")
+        raise ValueError(
+            f"token_ids must have shape (B, T) with 1 <= T <= {cfg.max_tokens}, got {tuple(token_ids.shape)}"
+        )
     lo, hi = (int(token_ids.min()), int(token_ids.max())) if token_ids.numel() else (0, 0)
-    if lo < 0 or hi >= cfg.vocab_size: raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): found {lo}..{hi}")
-    if (token_ids == 0).all(1).any(): raise ValueError("a command has no tokens (its token_ids are all padding)")
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): found {lo}..{hi}")
+    if (token_ids == 0).all(1).any():
+        raise ValueError("a command has no tokens (its token_ids are all padding)")
     if not proprio.is_floating_point() or proprio.ndim != 2 or proprio.shape[1] != cfg.proprio_dim:
-        raise ValueError(f"proprio must be a float tensor (B, {cfg.proprio_dim}), got {proprio.dtype} {tuple(proprio.shape)}")
-    if torch.isnan(proprio).any(): raise ValueError("proprio contains NaN")
-    if not torch.isfinite(proprio).all(): raise ValueError("proprio contains inf")
+        raise ValueError(
+            f"proprio must be a float tensor (B, {cfg.proprio_dim}), got {proprio.dtype} {tuple(proprio.shape)}"
+        )
+    if torch.isnan(proprio).any():
+        raise ValueError("proprio contains NaN")
+    if not torch.isfinite(proprio).all():
+        raise ValueError("proprio contains inf")
     if not image.shape[0] == token_ids.shape[0] == proprio.shape[0]:
-        raise ValueError(f"batch sizes differ: image {image.shape[0]}, token_ids {token_ids.shape[0]}, proprio {proprio.shape[0]}")
+        raise ValueError(
+            f"batch sizes differ: image {image.shape[0]}, token_ids {token_ids.shape[0]}, proprio {proprio.shape[0]}"
+        )
     if cfg.wrist_size:
-        if wrist_image is None: raise ValueError(f"this model reads a wrist camera (wrist_size={cfg.wrist_size}): wrist_image is missing")
+        if wrist_image is None:
+            raise ValueError(f"this model reads a wrist camera (wrist_size={cfg.wrist_size}): wrist_image is missing")
         _check_image(wrist_image, cfg.wrist_size, 'wrist_image')
-        if wrist_image.shape[0] != image.shape[0]: raise ValueError(f"batch sizes differ: image {image.shape[0]}, wrist_image {wrist_image.shape[0]}")
-    elif wrist_image is not None: raise ValueError("wrist_image given, but this model has no wrist camera (wrist_size=0)")
+        if wrist_image.shape[0] != image.shape[0]:
+            raise ValueError(f"batch sizes differ: image {image.shape[0]}, wrist_image {wrist_image.shape[0]}")
+    elif wrist_image is not None:
+        raise ValueError("wrist_image given, but this model has no wrist camera (wrist_size=0)")
 
 # %% ../nbs/03_model.ipynb #c049
 class TemporalEnsembler:
     "ACT temporal ensembling: step t's action averages every chunk's prediction for t, weight exp(-coeff * i), i = 0 the oldest."
-    def __init__(self, coeff:float, chunk_size:int):
-        self.coeff, self.H = check_range('temporal_ensemble_coeff', coeff, -10, 10), chunk_size; self.reset()
-    def reset(self): self.chunks, self.t = deque(), 0              # (start step, chunk (H, A)) pairs, oldest first
 
-    def update(self, chunk:np.ndarray) -> np.ndarray:
+    def __init__(self, coeff: float, chunk_size: int):
+        self.coeff, self.H = check_range('temporal_ensemble_coeff', coeff, -10, 10), chunk_size
+        self.reset()
+
+    def reset(self):
+        self.chunks, self.t = deque(), 0  # (start step, chunk (H, A)) pairs, oldest first
+
+    def update(self, chunk: np.ndarray) -> np.ndarray:
         "Add the chunk predicted at the current step; return the ensembled action (A,) for this step."
         self.chunks.append((self.t, np.asarray(chunk)))
-        while self.t - self.chunks[0][0] >= self.H: self.chunks.popleft()   # chunks that no longer cover step t
+        while self.t - self.chunks[0][0] >= self.H:
+            self.chunks.popleft()  # chunks that no longer cover step t
         preds = np.stack([c[self.t - s] for s, c in self.chunks])  # (n, A), oldest first
         w = np.exp(-self.coeff * np.arange(len(preds)))[:, None]  # (n, 1)
         self.t += 1
         return (w * preds).sum(0) / w.sum()
 
 # %% ../nbs/03_model.ipynb #c054
-def bounds_stats(image_mean:float=0.5, image_std:float=0.25, action_std:float=0.5) -> dict:
+def bounds_stats(image_mean: float = 0.5, image_std: float = 0.25, action_std: float = 0.5) -> dict:
     "Normalization statistics from the simulator's bounds, for an untrained policy (trained ones use their dataset's `stats`)."
     lo, hi = sim.PROPRIO_LOW.astype(np.float64), sim.PROPRIO_HIGH.astype(np.float64)
-    return {IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3), WRIST_IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3), PROPRIO: dict(mean=(lo + hi) / 2, std=(hi - lo) / 4),
-            ACTION: dict(mean=np.zeros(sim.ACT_DIM), std=np.full(sim.ACT_DIM, action_std))}
+    return {
+        IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3),
+        WRIST_IMAGE: dict(mean=[image_mean] * 3, std=[image_std] * 3),
+        PROPRIO: dict(mean=(lo + hi) / 2, std=(hi - lo) / 4),
+        ACTION: dict(mean=np.zeros(sim.ACT_DIM), std=np.full(sim.ACT_DIM, action_std)),
+    }
 
-def _stats_json(norm:Normalizer) -> dict:
+
+def _stats_json(norm: Normalizer) -> dict:
     return {k: dict(mean=norm.mean[k].tolist(), std=norm.std[k].tolist()) for k in norm.mean}
 
 # %% ../nbs/03_model.ipynb #c055
 class VLAPolicy:
     "A `VLANet` with its normalization statistics and tokenizer: `reset`, `predict_action_chunk`, `select_action`, `save`/`load`."
-    def __init__(self, net:VLANet, normalizer:Normalizer, tokenizer:CommandTokenizer, n_action_steps:int|None=None,
-                 temporal_ensemble_coeff:float|None=None):
+
+    def __init__(
+        self,
+        net: VLANet,
+        normalizer: Normalizer,
+        tokenizer: CommandTokenizer,
+        n_action_steps: int | None = None,
+        temporal_ensemble_coeff: float | None = None,
+    ):
         cfg = net.cfg
-        if tokenizer.vocab_size > cfg.vocab_size: raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
-        if tokenizer.max_len > cfg.max_tokens: raise ValueError(f"tokenizer pads to {tokenizer.max_len} tokens but the model's max_tokens is {cfg.max_tokens}")
-        if cfg.wrist_size and WRIST_IMAGE not in normalizer.mean: raise ValueError("the model reads a wrist camera but the normalizer has no 'wrist_image' statistics")
-        n = cfg.chunk_size if n_action_steps is None else check_range('n_action_steps', n_action_steps, 1, cfg.chunk_size, integer=True)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
+            )
+        if tokenizer.max_len > cfg.max_tokens:
+            raise ValueError(
+                f"tokenizer pads to {tokenizer.max_len} tokens but the model's max_tokens is {cfg.max_tokens}"
+            )
+        if cfg.wrist_size and WRIST_IMAGE not in normalizer.mean:
+            raise ValueError("the model reads a wrist camera but the normalizer has no 'wrist_image' statistics")
+        n = (
+            cfg.chunk_size
+            if n_action_steps is None
+            else check_range('n_action_steps', n_action_steps, 1, cfg.chunk_size, integer=True)
+        )
         if temporal_ensemble_coeff is not None and n_action_steps not in (None, 1):
             raise ValueError("temporal ensembling predicts a chunk every step: leave n_action_steps at None (or 1)")
         self.net, self.norm, self.tokenizer, self.cfg = net.eval(), normalizer, tokenizer, cfg
         self.n_action_steps, self.temporal_ensemble_coeff = n, temporal_ensemble_coeff
-        self.ensembler = None if temporal_ensemble_coeff is None else TemporalEnsembler(temporal_ensemble_coeff, cfg.chunk_size)
+        self.ensembler = (
+            None if temporal_ensemble_coeff is None else TemporalEnsembler(temporal_ensemble_coeff, cfg.chunk_size)
+        )
         self.reset()
 
     def reset(self):
         "Forget queued actions and ensembling history: call at the start of every episode."
         self._queue, self.last_confidence = deque(), None
-        if self.ensembler is not None: self.ensembler.reset()
+        if self.ensembler is not None:
+            self.ensembler.reset()
 
-    def __repr__(self): return f"VLAPolicy(head={self.cfg.head!r}, chunk_size={self.cfg.chunk_size}, n_action_steps={self.n_action_steps}, temporal_ensemble_coeff={self.temporal_ensemble_coeff})"
+    def __repr__(self):
+        return f"VLAPolicy(head={self.cfg.head!r}, chunk_size={self.cfg.chunk_size}, n_action_steps={self.n_action_steps}, temporal_ensemble_coeff={self.temporal_ensemble_coeff})"
 
 # %% ../nbs/03_model.ipynb #c056
-def _pixels(obs:dict, key:str, S:int, norm:Normalizer, stat:str) -> torch.Tensor:
+def _pixels(obs: dict, key: str, S: int, norm: Normalizer, stat: str) -> torch.Tensor:
     "obs[key], uint8 (S, S, 3) or (N, S, S, 3) -> normalized float (N, 3, S, S), with the error naming what is wrong."
     x = np.asarray(obs[key])
-    if x.dtype != np.uint8: raise ValueError(f"obs[{key!r}] must be uint8 pixels (H, W, 3), got {x.dtype}")
-    if x.shape[-3:] != (S, S, 3) or x.ndim not in (3, 4): raise ValueError(f"obs[{key!r}] must have shape ({S}, {S}, 3) or (N, {S}, {S}, 3), got {x.shape}")
+    if x.dtype != np.uint8:
+        raise ValueError(f"obs[{key!r}] must be uint8 pixels (H, W, 3), got {x.dtype}")
+    if x.shape[-3:] != (S, S, 3) or x.ndim not in (3, 4):
+        raise ValueError(f"obs[{key!r}] must have shape ({S}, {S}, 3) or (N, {S}, {S}, 3), got {x.shape}")
     return norm.normalize(stat, torch.from_numpy(x.reshape(-1, S, S, 3)).permute(0, 3, 1, 2).float() / 255)
 
+
 @patch
-def _tensors(self:VLAPolicy, obs:dict):
+def _tensors(self: VLAPolicy, obs: dict):
     "Observation dict (single or batched) -> normalized, checked (image, token_ids, proprio) and whether it was single."
-    if not isinstance(obs, dict): raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
+    if not isinstance(obs, dict):
+        raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
     missing = [k for k in ('image', 'proprio', 'command') if k not in obs]
-    if missing: raise ValueError(f"obs lacks {missing}")
+    if missing:
+        raise ValueError(f"obs lacks {missing}")
     single = np.ndim(obs['image']) == 3
-    image = _pixels(obs, 'image', self.cfg.image_size, self.norm, IMAGE)                # (N, 3, S, S)
+    image = _pixels(obs, 'image', self.cfg.image_size, self.norm, IMAGE)  # (N, 3, S, S)
     cmds = [obs['command']] if isinstance(obs['command'], str) else list(obs['command'])
-    ids = torch.from_numpy(np.stack([self.tokenizer.encode(c)[0] for c in cmds]))           # (N, T)
-    proprio = torch.as_tensor(np.asarray(obs['proprio'], dtype=np.float32)).reshape(len(image), -1)   # (N, P)
+    ids = torch.from_numpy(np.stack([self.tokenizer.encode(c)[0] for c in cmds]))  # (N, T)
+    proprio = torch.as_tensor(np.asarray(obs['proprio'], dtype=np.float32)).reshape(len(image), -1)  # (N, P)
     proprio = self.norm.normalize(PROPRIO, proprio)
     wrist, W = None, self.cfg.wrist_size
     if W:
-        if 'wrist_image' not in obs: raise ValueError(f"obs lacks 'wrist_image': this policy reads a wrist camera (make the env with wrist_camera=True, wrist_size={W})")
-        wrist = _pixels(obs, 'wrist_image', W, self.norm, WRIST_IMAGE)                   # (N, 3, W, W)
+        if 'wrist_image' not in obs:
+            raise ValueError(
+                f"obs lacks 'wrist_image': this policy reads a wrist camera (make the env with wrist_camera=True, wrist_size={W})"
+            )
+        wrist = _pixels(obs, 'wrist_image', W, self.norm, WRIST_IMAGE)  # (N, 3, W, W)
     check_inputs(image, ids, proprio, self.cfg, wrist)
     return image, ids, proprio, wrist, single
 
+
 @patch
-def predict_action_chunk(self:VLAPolicy, obs:dict) -> np.ndarray:
+def predict_action_chunk(self: VLAPolicy, obs: dict) -> np.ndarray:
     "Raw actions (H, A) for one observation, (N, H, A) for a batch, clipped to [-1, 1]; sets `last_confidence`."
     image, ids, proprio, wrist, single = self._tensors(obs)
     dev = next(self.net.parameters()).device
-    with torch.inference_mode(): act, conf = self.net(image.to(dev), ids.to(dev), proprio.to(dev), None if wrist is None else wrist.to(dev))   # (N, H, A), (N,)
+    with torch.inference_mode():
+        act, conf = self.net(
+            image.to(dev), ids.to(dev), proprio.to(dev), None if wrist is None else wrist.to(dev)
+        )  # (N, H, A), (N,)
     act = self.norm.unnormalize(ACTION, act.cpu()).clamp(-1, 1).numpy()
     self.last_confidence = conf.cpu().numpy()
     return act[0] if single else act
 
+
 @patch
-def select_action(self:VLAPolicy, obs:dict) -> np.ndarray:
+def select_action(self: VLAPolicy, obs: dict) -> np.ndarray:
     "The next action (A,) for one observation: from the queue (refilled with a new chunk when empty) or temporally ensembled."
-    if isinstance(obs, dict) and np.ndim(obs.get('image')) != 3: raise ValueError("select_action takes one observation (image (H, W, 3)); use predict_action_chunk for batches")
-    if self.ensembler is not None: return self.ensembler.update(self.predict_action_chunk(obs)).astype(np.float32)
-    if not self._queue: self._queue.extend(self.predict_action_chunk(obs)[:self.n_action_steps])
+    if isinstance(obs, dict) and np.ndim(obs.get('image')) != 3:
+        raise ValueError("select_action takes one observation (image (H, W, 3)); use predict_action_chunk for batches")
+    if self.ensembler is not None:
+        return self.ensembler.update(self.predict_action_chunk(obs)).astype(np.float32)
+    if not self._queue:
+        self._queue.extend(self.predict_action_chunk(obs)[: self.n_action_steps])
     return self._queue.popleft().astype(np.float32)
 
 # %% ../nbs/03_model.ipynb #c063
-def load_weights(net:nn.Module, tensors:dict):
+def load_weights(net: nn.Module, tensors: dict):
     "Load `tensors` into `net` exactly: every name present, no extras, every shape equal; otherwise a ValueError listing the differences."
     own = net.state_dict()
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    shapes = {k: (tuple(tensors[k].shape), tuple(own[k].shape)) for k in set(own) & set(tensors) if tensors[k].shape != own[k].shape}
+    shapes = {
+        k: (tuple(tensors[k].shape), tuple(own[k].shape))
+        for k in set(own) & set(tensors)
+        if tensors[k].shape != own[k].shape
+    }
     if missing or extra or shapes:
-        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {extra[:5]}"] if extra else []) + \
-                [f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in sorted(shapes.items())[:5]]
+        parts = (
+            ([f"missing {missing[:5]}"] if missing else [])
+            + ([f"unexpected {extra[:5]}"] if extra else [])
+            + [f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in sorted(shapes.items())[:5]]
+        )
         raise ValueError("checkpoint does not match the model config: " + '; '.join(parts))
     net.load_state_dict(tensors)
     return net
 
 # %% ../nbs/03_model.ipynb #c064
 @patch
-def save(self:VLAPolicy, path):
+def save(self: VLAPolicy, path):
     "Write weights (safetensors) and config, statistics, tokenizer and settings (sidecar JSON) to `path` (.safetensors)."
-    meta = dict(kind='vla_nb.VLAPolicy', config=self.cfg.to_dict(), stats=_stats_json(self.norm), tokenizer=self.tokenizer.to_json(),
-                n_action_steps=self.n_action_steps, temporal_ensemble_coeff=self.temporal_ensemble_coeff)
+    meta = dict(
+        kind='vla_nb.VLAPolicy',
+        config=self.cfg.to_dict(),
+        stats=_stats_json(self.norm),
+        tokenizer=self.tokenizer.to_json(),
+        n_action_steps=self.n_action_steps,
+        temporal_ensemble_coeff=self.temporal_ensemble_coeff,
+    )
     return save_checkpoint(path, self.net.state_dict(), meta)
 
+
 @patch(cls_method=True)
-def load(cls:VLAPolicy, path, config:ModelConfig|None=None, **kw):
+def load(cls: VLAPolicy, path, config: ModelConfig | None = None, **kw):
     "Restore a saved policy; `config`, if given, must equal the saved one. `kw` override n_action_steps/temporal_ensemble_coeff."
     tensors, meta = load_checkpoint(path)
-    if meta.get('kind') != 'vla_nb.VLAPolicy': raise ValueError(f"{path} is not a VLAPolicy checkpoint (kind={meta.get('kind')!r})")
+    if meta.get('kind') != 'vla_nb.VLAPolicy':
+        raise ValueError(f"{path} is not a VLAPolicy checkpoint (kind={meta.get('kind')!r})")
     cfg = ModelConfig.from_dict(meta['config'])
     if config is not None and config != cfg:
         diff = {k: (v, getattr(config, k)) for k, v in cfg.to_dict().items() if config.to_dict()[k] != v}
         raise ValueError(f"checkpoint config does not match the given config: {diff} (saved, given)")
     net = load_weights(VLANet(cfg), tensors)
-    settings = dict(n_action_steps=meta['n_action_steps'] if meta['temporal_ensemble_coeff'] is None else None,
-                    temporal_ensemble_coeff=meta['temporal_ensemble_coeff'])
+    settings = dict(
+        n_action_steps=meta['n_action_steps'] if meta['temporal_ensemble_coeff'] is None else None,
+        temporal_ensemble_coeff=meta['temporal_ensemble_coeff'],
+    )
     return cls(net, Normalizer(meta['stats']), CommandTokenizer.from_json(meta['tokenizer']), **{**settings, **kw})
 
 # %% ../nbs/03_model.ipynb #c068
 class VLAFeaturesExtractor(BaseFeaturesExtractor):
     "SB3 features extractor over {'image', 'proprio', 'command'} observations: `VLANet.encode` -> (B, d_model)."
-    def __init__(self, observation_space, config:ModelConfig|None=None, stats:dict|None=None):
+
+    def __init__(self, observation_space, config: ModelConfig | None = None, stats: dict | None = None):
         sp = observation_space.spaces
-        shape = sp['image'].shape; S = shape[1] if shape[0] == 3 else shape[0]
+        shape = sp['image'].shape
+        S = shape[1] if shape[0] == 3 else shape[0]
         base = config if config is not None else ModelConfig()
-        cfg = base.replace(image_size=S, vocab_size=max(base.vocab_size, int(np.max(sp['command'].high)) + 1),
-                           max_tokens=max(base.max_tokens, sp['command'].shape[0]), proprio_dim=sp['proprio'].shape[0],
-                           wrist_size=sp['wrist_image'].shape[1] if 'wrist_image' in sp else 0)   # (3, W, W) or (W, W, 3): side at [1]
+        cfg = base.replace(
+            image_size=S,
+            vocab_size=max(base.vocab_size, int(np.max(sp['command'].high)) + 1),
+            max_tokens=max(base.max_tokens, sp['command'].shape[0]),
+            proprio_dim=sp['proprio'].shape[0],
+            wrist_size=sp['wrist_image'].shape[1] if 'wrist_image' in sp else 0,
+        )  # (3, W, W) or (W, W, 3): side at [1]
         super().__init__(observation_space, features_dim=cfg.d_model)
         self.net, stats = VLANet(cfg), stats if stats is not None else bounds_stats()
-        if cfg.wrist_size and WRIST_IMAGE not in stats: raise ValueError("the observation space has 'wrist_image' but `stats` has no 'wrist_image' statistics")
+        if cfg.wrist_size and WRIST_IMAGE not in stats:
+            raise ValueError("the observation space has 'wrist_image' but `stats` has no 'wrist_image' statistics")
         for k, key in (('img', IMAGE), ('pro', PROPRIO)) + ((('wri', WRIST_IMAGE),) if cfg.wrist_size else ()):
             for s in ('mean', 'std'):
                 v = torch.as_tensor(np.asarray(stats[key][s]), dtype=torch.float32)
                 self.register_buffer(f'{k}_{s}', v.view(-1, 1, 1) if k != 'pro' else v)
 
-    def forward(self, obs:dict) -> torch.Tensor:
-        chw = lambda x: x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)   # (B, 3, S, S) in [0, 1]; channels last if SB3 did not transpose
+    def forward(self, obs: dict) -> torch.Tensor:
+        chw = lambda x: (
+            x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
+        )  # (B, 3, S, S) in [0, 1]; channels last if SB3 did not transpose
         img = (chw(obs['image']) - self.img_mean) / self.img_std.clamp(min=1e-3)
-        ids = obs['command'].round().long()                        # (B, T) token ids (SB3 casts Box observations to float)
+        ids = obs['command'].round().long()  # (B, T) token ids (SB3 casts Box observations to float)
         pro = (obs['proprio'] - self.pro_mean) / self.pro_std.clamp(min=1e-3)
-        wri = (chw(obs['wrist_image']) - self.wri_mean) / self.wri_std.clamp(min=1e-3) if self.net.wrist is not None else None
-        return self.net.encode(img, ids, pro, wri)                 # (B, d)
+        wri = (
+            (chw(obs['wrist_image']) - self.wri_mean) / self.wri_std.clamp(min=1e-3)
+            if self.net.wrist is not None
+            else None
+        )
+        return self.net.encode(img, ids, pro, wri)  # (B, d)
 
 # %% ../nbs/03_model.ipynb #c070
 class FirstActionMean(nn.Module):
     "Features (B, d) -> raw first action of the continuous head's chunk (B, A): a Gaussian policy's mean, sharing the head's weights."
-    def __init__(self, head:ContinuousHead, action_mean=None, action_std=None):
-        super().__init__()
-        if not isinstance(head, ContinuousHead): raise ValueError(f"FirstActionMean needs a ContinuousHead, got {type(head).__name__}")
-        self.head = head
-        self.register_buffer('mean', torch.as_tensor(np.zeros(head.A) if action_mean is None else np.asarray(action_mean), dtype=torch.float32))
-        self.register_buffer('std', torch.as_tensor(np.ones(head.A) if action_std is None else np.asarray(action_std), dtype=torch.float32))
 
-    def forward(self, f): return self.head(f)['actions'][:, 0] * self.std + self.mean   # (B, A)
+    def __init__(self, head: ContinuousHead, action_mean=None, action_std=None):
+        super().__init__()
+        if not isinstance(head, ContinuousHead):
+            raise ValueError(f"FirstActionMean needs a ContinuousHead, got {type(head).__name__}")
+        self.head = head
+        self.register_buffer(
+            'mean',
+            torch.as_tensor(np.zeros(head.A) if action_mean is None else np.asarray(action_mean), dtype=torch.float32),
+        )
+        self.register_buffer(
+            'std',
+            torch.as_tensor(np.ones(head.A) if action_std is None else np.asarray(action_std), dtype=torch.float32),
+        )
+
+    def forward(self, f):
+        return self.head(f)['actions'][:, 0] * self.std + self.mean  # (B, A)

@@ -16,7 +16,17 @@ from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device
-from .data import IMAGE, WRIST_IMAGE, TOKENS, TOKEN_MASK, PROPRIO, ACTION, ACTION_PAD, EpisodeDataset, ChunkDataset
+from vla_nb.data import (
+    IMAGE,
+    WRIST_IMAGE,
+    TOKENS,
+    TOKEN_MASK,
+    PROPRIO,
+    ACTION,
+    ACTION_PAD,
+    EpisodeDataset,
+    ChunkDataset,
+)
 from .model import ModelConfig, VLANet, action_loss, discrete_action_loss, confidence_target, load_weights
 from . import sim
 
@@ -31,74 +41,105 @@ __all__ = ['OBJECT_NAMES', 'OBJ_CLASSES', 'LOC_CLASSES', 'XY_CENTER', 'XY_SCALE'
 @dataclass
 class PretrainConfig(Config):
     "Settings of `VLAPretrainer`."
-    lr:float=1e-3                 # peak learning rate (AdamW)
-    weight_decay:float=0.01       # AdamW decoupled weight decay, on weight matrices only
-    warmup_steps:int=50           # linear warmup from 0 to `lr`
-    min_lr_ratio:float=0.05       # the cosine ends at lr * min_lr_ratio
-    max_steps:int=1000            # schedule horizon when `pretrain_step` is called directly (`pretrain` sets its own)
-    batch_size:int=32             # samples per process per step
-    grad_clip:float=1.0           # max global gradient norm
-    vision_weight:float=1.0       # weights of the four loss terms
-    language_weight:float=1.0
-    action_weight:float=1.0
-    alignment_weight:float=1.0
-    log_every:int=10              # steps between log lines (metrics.jsonl, TensorBoard)
-    ckpt_every:int=200            # steps between checkpoints (and one at the end)
-    out_dir:str='runs/pretrain'   # checkpoints and logs (written by rank 0 only)
-    seed:int=0                    # data order, dropout, initialization of the heads
-    tensorboard:bool=True         # write TensorBoard event files when the `tensorboard` package is installed
-    device:str='auto'             # 'auto', 'cpu', 'cuda'
+
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay, on weight matrices only
+    warmup_steps: int = 50  # linear warmup from 0 to `lr`
+    min_lr_ratio: float = 0.05  # the cosine ends at lr * min_lr_ratio
+    max_steps: int = 1000  # schedule horizon when `pretrain_step` is called directly (`pretrain` sets its own)
+    batch_size: int = 32  # samples per process per step
+    grad_clip: float = 1.0  # max global gradient norm
+    vision_weight: float = 1.0  # weights of the four loss terms
+    language_weight: float = 1.0
+    action_weight: float = 1.0
+    alignment_weight: float = 1.0
+    log_every: int = 10  # steps between log lines (metrics.jsonl, TensorBoard)
+    ckpt_every: int = 200  # steps between checkpoints (and one at the end)
+    out_dir: str = 'runs/pretrain'  # checkpoints and logs (written by rank 0 only)
+    seed: int = 0  # data order, dropout, initialization of the heads
+    tensorboard: bool = True  # write TensorBoard event files when the `tensorboard` package is installed
+    device: str = 'auto'  # 'auto', 'cpu', 'cuda'
 
     def __post_init__(self):
-        check_range('lr', self.lr, 0, 10); check_range('weight_decay', self.weight_decay, 0, 10)
+        check_range('lr', self.lr, 0, 10)
+        check_range('weight_decay', self.weight_decay, 0, 10)
         for k in ('warmup_steps', 'max_steps', 'batch_size', 'log_every', 'ckpt_every'):
             check_range(k, getattr(self, k), 0 if k == 'warmup_steps' else 1, 10**9, integer=True)
-        check_range('min_lr_ratio', self.min_lr_ratio, 0, 1); check_range('grad_clip', self.grad_clip, 1e-6, 1e6)
-        for k in ('vision', 'language', 'action', 'alignment'): check_range(f'{k}_weight', getattr(self, f'{k}_weight'), 0, 1000)
+        check_range('min_lr_ratio', self.min_lr_ratio, 0, 1)
+        check_range('grad_clip', self.grad_clip, 1e-6, 1e6)
+        for k in ('vision', 'language', 'action', 'alignment'):
+            check_range(f'{k}_weight', getattr(self, f'{k}_weight'), 0, 1000)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
 
 # %% ../nbs/04_pretraining.ipynb #c008
 OBJECT_NAMES = tuple(sim.OBJECTS) + tuple(sim.DISTRACTORS)
 OBJ_CLASSES, LOC_CLASSES = (None,) + tuple(sim.OBJECTS), (None,) + tuple(sim.LOCATIONS)
-XY_CENTER, XY_SCALE = (0.55, 0.0), 0.15          # table coordinates -> roughly unit-scale regression targets
+XY_CENTER, XY_SCALE = (0.55, 0.0), 0.15  # table coordinates -> roughly unit-scale regression targets
 OBJ_XY, OBJ_MASK, FAMILY, OBJ, LOC, TASK_ID = 'obj_xy', 'obj_mask', 'family', 'obj', 'loc', 'task_id'
 
-def task_labels(task:dict) -> tuple:
+
+def task_labels(task: dict) -> tuple:
     "(family, obj, loc, task_id) class indices of a task dict."
-    f, o, l = sim.TASK_FAMILIES.index(task['family']), OBJ_CLASSES.index(task.get('obj')), LOC_CLASSES.index(task.get('loc'))
+    f, o, l = (
+        sim.TASK_FAMILIES.index(task['family']),
+        OBJ_CLASSES.index(task.get('obj')),
+        LOC_CLASSES.index(task.get('loc')),
+    )
     return f, o, l, (f * len(OBJ_CLASSES) + o) * len(LOC_CLASSES) + l
 
 # %% ../nbs/04_pretraining.ipynb #c009
 class PretrainDataset(ChunkDataset):
     "A `ChunkDataset` whose samples add perception and language targets from the recorded scene."
-    def __init__(self, ds:EpisodeDataset, episodes=None, chunk_size:int=8, augment:bool=False):
+
+    def __init__(self, ds: EpisodeDataset, episodes=None, chunk_size: int = 8, augment: bool = False):
         super().__init__(ds, episodes, chunk_size, augment)
         eps = list(range(len(ds))) if episodes is None else list(episodes)
         xy, mask, labels = [], [], []
         for k in eps:
-            e = ds.episodes[k]; scene, L = e.get('meta', {}).get('scene'), e['length']
-            if scene is None or e.get('task') is None: raise ValueError(f"episode {k} of {ds.root} has no recorded scene/task to pretrain on")
+            e = ds.episodes[k]
+            scene, L = e.get('meta', {}).get('scene'), e['length']
+            if scene is None or e.get('task') is None:
+                raise ValueError(f"episode {k} of {ds.root} has no recorded scene/task to pretrain on")
             p, m = np.zeros((len(OBJECT_NAMES), 2), np.float32), np.zeros(len(OBJECT_NAMES), bool)
             for o in scene['objects']:
-                j = OBJECT_NAMES.index(o['name']); m[j] = True
+                j = OBJECT_NAMES.index(o['name'])
+                m[j] = True
                 p[j] = (np.asarray(o['xy'][:2]) - XY_CENTER) / XY_SCALE
             mm = np.repeat(m[None], L, 0)
-            if e['task'].get('obj'): mm[1:, OBJECT_NAMES.index(e['task']['obj'])] = False   # it moves after frame 0
-            xy.append(np.repeat(p[None], L, 0)); mask.append(mm); labels.append(np.repeat([task_labels(e['task'])], L, 0))
+            if e['task'].get('obj'):
+                mm[1:, OBJECT_NAMES.index(e['task']['obj'])] = False  # it moves after frame 0
+            xy.append(np.repeat(p[None], L, 0))
+            mask.append(mm)
+            labels.append(np.repeat([task_labels(e['task'])], L, 0))
         self.obj_xy, self.obj_mask = torch.from_numpy(np.concatenate(xy)), torch.from_numpy(np.concatenate(mask))
-        self.labels = torch.from_numpy(np.concatenate(labels)).long()   # (N, 4): family, obj, loc, task_id
+        self.labels = torch.from_numpy(np.concatenate(labels)).long()  # (N, 4): family, obj, loc, task_id
 
-    def __getitem__(self, i:int) -> dict:
+    def __getitem__(self, i: int) -> dict:
         d, (f, o, l, t) = super().__getitem__(i), self.labels[int(i)]
-        return {**d, OBJ_XY: self.obj_xy[int(i)], OBJ_MASK: self.obj_mask[int(i)], FAMILY: f, OBJ: o, LOC: l, TASK_ID: t}
+        return {
+            **d,
+            OBJ_XY: self.obj_xy[int(i)],
+            OBJ_MASK: self.obj_mask[int(i)],
+            FAMILY: f,
+            OBJ: o,
+            LOC: l,
+            TASK_ID: t,
+        }
 
 # %% ../nbs/04_pretraining.ipynb #c014
 class PretrainHeads(nn.Module):
     "Auxiliary heads on `VLANet` features (B, d): object positions, task classes, image/text projections, contrastive temperature."
-    def __init__(self, d:int, proj:int=64):
+
+    def __init__(self, d: int, proj: int = 64):
         super().__init__()
-        self.vision = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2 * len(OBJECT_NAMES) + 3))   # object xy, gripper xyz
-        self.family, self.obj, self.loc = nn.Linear(d, len(sim.TASK_FAMILIES)), nn.Linear(d, len(OBJ_CLASSES)), nn.Linear(d, len(LOC_CLASSES))
+        self.vision = nn.Sequential(
+            nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2 * len(OBJECT_NAMES) + 3)
+        )  # object xy, gripper xyz
+        self.family, self.obj, self.loc = (
+            nn.Linear(d, len(sim.TASK_FAMILIES)),
+            nn.Linear(d, len(OBJ_CLASSES)),
+            nn.Linear(d, len(LOC_CLASSES)),
+        )
         self.img_proj, self.txt_proj = nn.Linear(d, proj), nn.Linear(d, proj)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -109,7 +150,8 @@ def vision_loss(pred, xy, mask, pred_tcp=None, tcp=None):
     obj = ((pred - xy).square() * keep).sum() / (2 * keep.sum()).clamp(min=1)
     return obj if tcp is None else obj + F.mse_loss(pred_tcp, tcp)
 
-def language_loss(logits:dict, batch:dict):
+
+def language_loss(logits: dict, batch: dict):
     "Mean cross-entropy of the family, object and location classifiers (logits keyed like the batch labels)."
     return sum(F.cross_entropy(logits[k], batch[k]) for k in (FAMILY, OBJ, LOC)) / 3
 
@@ -117,11 +159,13 @@ def language_loss(logits:dict, batch:dict):
 def alignment_loss(img, txt, labels=None, logit_scale=None):
     "Symmetric InfoNCE between image (B, D) and text (B, D) embeddings; samples with equal `labels` count as positives."
     img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    scale = (logit_scale.clamp(max=math.log(100)).exp() if logit_scale is not None else torch.tensor(1 / 0.07))
-    logits = scale * img @ txt.T                                   # (B, B)
-    if labels is None: target = torch.eye(len(img), device=img.device)
-    else: target = (labels[:, None] == labels[None, :]).to(img.dtype)
-    target = target / target.sum(1, keepdim=True)                  # symmetric, so the same for columns
+    scale = logit_scale.clamp(max=math.log(100)).exp() if logit_scale is not None else torch.tensor(1 / 0.07)
+    logits = scale * img @ txt.T  # (B, B)
+    if labels is None:
+        target = torch.eye(len(img), device=img.device)
+    else:
+        target = (labels[:, None] == labels[None, :]).to(img.dtype)
+    target = target / target.sum(1, keepdim=True)  # symmetric, so the same for columns
     i2t = -(target * logits.log_softmax(1)).sum(1).mean()
     t2i = -(target * logits.log_softmax(0)).sum(0).mean()
     return (i2t + t2i) / 2
@@ -129,138 +173,210 @@ def alignment_loss(img, txt, labels=None, logit_scale=None):
 # %% ../nbs/04_pretraining.ipynb #c023
 class PretrainModel(nn.Module):
     "`VLANet` + `PretrainHeads`; `forward(batch)` returns the loss terms as tensors."
-    def __init__(self, net:VLANet, heads:PretrainHeads|None=None):
+
+    def __init__(self, net: VLANet, heads: PretrainHeads | None = None):
         super().__init__()
         self.net, self.heads = net, heads if heads is not None else PretrainHeads(net.cfg.d_model)
 
-    def image_features(self, image):                               # the image alone: FiLM with a zero command
-        return self.net.vision(image, image.new_zeros(len(image), self.net.cfg.d_model))   # (B, d)
+    def image_features(self, image):  # the image alone: FiLM with a zero command
+        return self.net.vision(image, image.new_zeros(len(image), self.net.cfg.d_model))  # (B, d)
 
-    def forward(self, batch:dict) -> dict:
+    def forward(self, batch: dict) -> dict:
         net, h = self.net, self.heads
-        t, v = net.text(batch[TOKENS]), self.image_features(batch[IMAGE])              # (B, d) each
+        t, v = net.text(batch[TOKENS]), self.image_features(batch[IMAGE])  # (B, d) each
         out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE)))
         tgt, pad = batch[ACTION], batch[ACTION_PAD]
-        if net.cfg.head == 'discrete': act = discrete_action_loss(out['logits'], tgt, pad, net.cfg.bin_range)
-        else: act = action_loss(out['actions'], tgt, pad)
-        c, ct = out['confidence'].clamp(1e-6, 1 - 1e-6), confidence_target(out['actions'], tgt, pad)   # hand-written BCE: NaN propagates, no raise
+        if net.cfg.head == 'discrete':
+            act = discrete_action_loss(out['logits'], tgt, pad, net.cfg.bin_range)
+        else:
+            act = action_loss(out['actions'], tgt, pad)
+        c, ct = (
+            out['confidence'].clamp(1e-6, 1 - 1e-6),
+            confidence_target(out['actions'], tgt, pad),
+        )  # hand-written BCE: NaN propagates, no raise
         conf = -(ct * c.log() + (1 - ct) * (1 - c).log()).mean() if net.cfg.head == 'continuous' else 0 * act
         pv, K = h.vision(v), len(OBJECT_NAMES)
-        return dict(vision_loss=vision_loss(pv[:, :2 * K].view(-1, K, 2), batch[OBJ_XY], batch[OBJ_MASK], pv[:, 2 * K:], batch[PROPRIO][:, :3]),
-                    language_loss=language_loss({FAMILY: h.family(t), OBJ: h.obj(t), LOC: h.loc(t)}, batch),
-                    action_loss=act, confidence_loss=conf,
-                    alignment_loss=alignment_loss(h.img_proj(v), h.txt_proj(t), batch[TASK_ID], h.logit_scale))
+        return dict(
+            vision_loss=vision_loss(
+                pv[:, : 2 * K].view(-1, K, 2), batch[OBJ_XY], batch[OBJ_MASK], pv[:, 2 * K :], batch[PROPRIO][:, :3]
+            ),
+            language_loss=language_loss({FAMILY: h.family(t), OBJ: h.obj(t), LOC: h.loc(t)}, batch),
+            action_loss=act,
+            confidence_loss=conf,
+            alignment_loss=alignment_loss(h.img_proj(v), h.txt_proj(t), batch[TASK_ID], h.logit_scale),
+        )
 
 # %% ../nbs/04_pretraining.ipynb #c025
-def warmup_cosine(step:int, total:int, warmup:int, min_ratio:float=0.0) -> float:
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
     "LR multiplier at `step` (0-based): linear warmup over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`."
-    if step < warmup: return (step + 1) / warmup
+    if step < warmup:
+        return (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 # %% ../nbs/04_pretraining.ipynb #c029
-def epoch_indices(n:int, epoch:int, seed:int, rank:int=0, world:int=1) -> list:
+def epoch_indices(n: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list:
     "This process's sample indices for `epoch`: a (seed, epoch)-keyed permutation, padded to a multiple of `world`, every world-th from `rank`."
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    perm += perm[:(-n) % world]
+    perm += perm[: (-n) % world]
     return perm[rank::world]
 
 # %% ../nbs/04_pretraining.ipynb #c032
 def dist_info() -> tuple:
     "(rank, world_size, local_rank) from the torchrun environment; (0, 1, 0) when run alone."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
 
-def init_distributed(device:torch.device) -> bool:
+
+def init_distributed(device: torch.device) -> bool:
     "Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA); True if this call created it."
     rank, world, _ = dist_info()
-    if world == 1 or dist.is_initialized(): return False
+    if world == 1 or dist.is_initialized():
+        return False
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return True
 
 # %% ../nbs/04_pretraining.ipynb #c034
 LOSS_TERMS = ('vision_loss', 'language_loss', 'action_loss', 'alignment_loss')
 
+
 class VLAPretrainer:
     "Pretrains a `VLANet` on a `PretrainDataset` with four losses; resumable, data-parallel under torchrun."
-    def __init__(self, model:VLANet, dataset:PretrainDataset|None, config:PretrainConfig|None=None, resume=None):
+
+    def __init__(
+        self, model: VLANet, dataset: PretrainDataset | None, config: PretrainConfig | None = None, resume=None
+    ):
         self.config = cfg = config if config is not None else PretrainConfig()
         self.rank, self.world, local = dist_info()
         dev = get_device(cfg.device)
         self.device = torch.device(f'cuda:{local}') if dev.type == 'cuda' and self.world > 1 else dev
         self._own_group = init_distributed(self.device)
-        torch.manual_seed(cfg.seed)                                 # the heads start the same on every rank
+        torch.manual_seed(cfg.seed)  # the heads start the same on every rank
         self.model, self.dataset = model, dataset
         self.module = PretrainModel(model, PretrainHeads(model.cfg.d_model)).to(self.device)
-        self.ddp = nn.parallel.DistributedDataParallel(self.module, device_ids=[local] if self.device.type == 'cuda' else None) if self.world > 1 else self.module
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(self.module, device_ids=[local] if self.device.type == 'cuda' else None)
+            if self.world > 1
+            else self.module
+        )
         decay = [p for p in self.module.parameters() if p.ndim >= 2]
         rest = [p for p in self.module.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(
+            [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=rest, weight_decay=0.0)], lr=cfg.lr
+        )
         self.step, self.epoch, self.pos, self.total_steps = 0, 0, 0, cfg.max_steps
-        self.metrics = {k: [] for k in LOSS_TERMS + ('total_loss', 'learning_rate', 'confidence_loss', 'grad_norm', 'step')}
+        self.metrics = {
+            k: [] for k in LOSS_TERMS + ('total_loss', 'learning_rate', 'confidence_loss', 'grad_norm', 'step')
+        }
         self.out_dir, self.written, self.last_indices, self._tb = Path(cfg.out_dir), [], [], None
-        if resume: self.load_state(self.ckpt_path if resume is True else resume)
+        if resume:
+            self.load_state(self.ckpt_path if resume is True else resume)
 
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
-    def ckpt_path(self) -> Path: return self.out_dir/'checkpoint.safetensors'
+    def ckpt_path(self) -> Path:
+        return self.out_dir / 'checkpoint.safetensors'
 
 # %% ../nbs/04_pretraining.ipynb #c036
-def _batch_to(batch:dict, device) -> dict: return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
 
 @patch
-def pretrain_step(self:VLAPretrainer, batch:dict) -> dict:
+def pretrain_step(self: VLAPretrainer, batch: dict) -> dict:
     "One optimization step on `batch`; returns the (process-averaged) loss terms and total as floats."
-    cfg = self.config; self.ddp.train()
+    cfg = self.config
+    self.ddp.train()
     torch.manual_seed((cfg.seed * 1_000_003 + self.step) * 1024 + self.rank)
     lr = cfg.lr * warmup_cosine(self.step, self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    for g in self.optimizer.param_groups: g['lr'] = lr
+    for g in self.optimizer.param_groups:
+        g['lr'] = lr
     terms = self.ddp(_batch_to(batch, self.device))
     total = sum(getattr(cfg, k.replace('_loss', '_weight')) * terms[k] for k in LOSS_TERMS) + terms['confidence_loss']
     names = LOSS_TERMS + ('confidence_loss', 'total_loss')
     vals = torch.stack([terms[k].detach() for k in names[:-1]] + [total.detach()])
-    if self.world > 1: dist.all_reduce(vals); vals = vals / self.world
+    if self.world > 1:
+        dist.all_reduce(vals)
+        vals = vals / self.world
     bad = [f"{k}={v:.4g}" for k, v in zip(names, vals.tolist()) if not math.isfinite(v)]
-    if bad: raise FloatingPointError(f"non-finite loss at step {self.step} (epoch {self.epoch}): {', '.join(bad)}; lower `lr` or check the batch for NaN/inf")
-    self.optimizer.zero_grad(set_to_none=True); total.backward()
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at step {self.step} (epoch {self.epoch}): {', '.join(bad)}; lower `lr` or check the batch for NaN/inf"
+        )
+    self.optimizer.zero_grad(set_to_none=True)
+    total.backward()
     gn = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
-    if not math.isfinite(gn): raise FloatingPointError(f"non-finite gradient norm ({gn}) at step {self.step} (epoch {self.epoch}); lower `lr`")
-    self.optimizer.step(); self.step += 1
+    if not math.isfinite(gn):
+        raise FloatingPointError(
+            f"non-finite gradient norm ({gn}) at step {self.step} (epoch {self.epoch}); lower `lr`"
+        )
+    self.optimizer.step()
+    self.step += 1
     out = dict(zip(names, vals.tolist()))
-    for k, v in {**out, 'learning_rate': lr, 'grad_norm': gn, 'step': self.step}.items(): self.metrics[k].append(v)
+    for k, v in {**out, 'learning_rate': lr, 'grad_norm': gn, 'step': self.step}.items():
+        self.metrics[k].append(v)
     return out
 
 # %% ../nbs/04_pretraining.ipynb #c038
 def _optim_tensors(opt) -> tuple:
     sd = opt.state_dict()
-    tensors = {f'optim.{i}.{k}': (v if torch.is_tensor(v) else torch.tensor(v)) for i, st in sd['state'].items() for k, v in st.items()}
+    tensors = {
+        f'optim.{i}.{k}': (v if torch.is_tensor(v) else torch.tensor(v))
+        for i, st in sd['state'].items()
+        for k, v in st.items()
+    }
     return tensors, json.loads(json.dumps(sd['param_groups'], default=list))
 
-def _restore_optim(opt, tensors:dict, param_groups:list):
+
+def _restore_optim(opt, tensors: dict, param_groups: list):
     "Load the optimizer state that `_optim_tensors` flattened into checkpoint tensors (keys 'optim.{param}.{name}') and JSON groups."
     state = {}
     for k, v in tensors.items():
-        if k.startswith('optim.'): _, i, name = k.split('.', 2); state.setdefault(int(i), {})[name] = v
+        if k.startswith('optim.'):
+            _, i, name = k.split('.', 2)
+            state.setdefault(int(i), {})[name] = v
     opt.load_state_dict(dict(state=state, param_groups=[{**g, 'betas': tuple(g['betas'])} for g in param_groups]))
 
-@patch
-def save_state(self:VLAPretrainer, path=None) -> Path|None:
-    "Rank 0: write the full training state to `path` (default `out_dir/checkpoint.safetensors`); other ranks do nothing."
-    if not self.is_main: return None
-    path = Path(path) if path is not None else self.ckpt_path
-    opt_t, groups = _optim_tensors(self.optimizer)
-    tensors = {**{f'net.{k}': v for k, v in self.model.state_dict().items()}, **{f'heads.{k}': v for k, v in self.module.heads.state_dict().items()}, **opt_t}
-    meta = dict(kind='vla_nb.VLAPretrainer', step=self.step, epoch=self.epoch, pos=self.pos, total_steps=self.total_steps, world=self.world,
-                param_groups=groups, model_config=self.model.cfg.to_dict(), config=self.config.to_dict(), metrics=self.metrics)
-    save_checkpoint(path, tensors, meta); self.written += [path, path.with_suffix('.json')]
-    return path
 
 @patch
-def load_state(self:VLAPretrainer, path):
+def save_state(self: VLAPretrainer, path=None) -> Path | None:
+    "Rank 0: write the full training state to `path` (default `out_dir/checkpoint.safetensors`); other ranks do nothing."
+    if not self.is_main:
+        return None
+    path = Path(path) if path is not None else self.ckpt_path
+    opt_t, groups = _optim_tensors(self.optimizer)
+    tensors = {
+        **{f'net.{k}': v for k, v in self.model.state_dict().items()},
+        **{f'heads.{k}': v for k, v in self.module.heads.state_dict().items()},
+        **opt_t,
+    }
+    meta = dict(
+        kind='vla_nb.VLAPretrainer',
+        step=self.step,
+        epoch=self.epoch,
+        pos=self.pos,
+        total_steps=self.total_steps,
+        world=self.world,
+        param_groups=groups,
+        model_config=self.model.cfg.to_dict(),
+        config=self.config.to_dict(),
+        metrics=self.metrics,
+    )
+    save_checkpoint(path, tensors, meta)
+    self.written += [path, path.with_suffix('.json')]
+    return path
+
+
+@patch
+def load_state(self: VLAPretrainer, path):
     "Restore weights, optimizer, schedule position, data position and history from a `save_state` checkpoint (on every rank)."
     tensors, meta = load_checkpoint(path, device=self.device)
-    if meta.get('kind') != 'vla_nb.VLAPretrainer': raise ValueError(f"{path} is not a VLAPretrainer checkpoint (kind={meta.get('kind')!r})")
+    if meta.get('kind') != 'vla_nb.VLAPretrainer':
+        raise ValueError(f"{path} is not a VLAPretrainer checkpoint (kind={meta.get('kind')!r})")
     load_weights(self.model, {k[4:]: v for k, v in tensors.items() if k.startswith('net.')})
     load_weights(self.module.heads, {k[6:]: v for k, v in tensors.items() if k.startswith('heads.')})
     _restore_optim(self.optimizer, tensors, meta['param_groups'])
@@ -270,81 +386,108 @@ def load_state(self:VLAPretrainer, path):
 
 # %% ../nbs/04_pretraining.ipynb #c040
 @patch
-def _log(self:VLAPretrainer, rec:dict):
-    if not self.is_main: return
-    p = ensure_dir(self.out_dir)/'metrics.jsonl'
-    with open(p, 'a') as f: f.write(json.dumps(rec) + '\n')
-    if p not in self.written: self.written.append(p)
+def _log(self: VLAPretrainer, rec: dict):
+    if not self.is_main:
+        return
+    p = ensure_dir(self.out_dir) / 'metrics.jsonl'
+    with open(p, 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+    if p not in self.written:
+        self.written.append(p)
     if self.config.tensorboard and self._tb is None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.out_dir/'tb')); self.written.append(self.out_dir/'tb')
+
+            self._tb = SummaryWriter(str(self.out_dir / 'tb'))
+            self.written.append(self.out_dir / 'tb')
         except ImportError:
-            self._tb = False; print("TensorBoard event files skipped: the `tensorboard` package is not installed (pip install tensorboard); metrics go to metrics.jsonl")
+            self._tb = False
+            print(
+                "TensorBoard event files skipped: the `tensorboard` package is not installed (pip install tensorboard); metrics go to metrics.jsonl"
+            )
     if self._tb:
         for k, v in rec.items():
-            if k not in ('step', 'epoch'): self._tb.add_scalar(k, v, rec['step'])
+            if k not in ('step', 'epoch'):
+                self._tb.add_scalar(k, v, rec['step'])
         self._tb.flush()
 
 # %% ../nbs/04_pretraining.ipynb #c042
 @patch
-def pretrain(self:VLAPretrainer, num_epochs:int, max_steps:int|None=None) -> dict:
+def pretrain(self: VLAPretrainer, num_epochs: int, max_steps: int | None = None) -> dict:
     "Train until `num_epochs` epochs (or `max_steps` total steps) are done, resuming from the stored position; returns the history."
     cfg, n, B = self.config, len(self.dataset), self.config.batch_size
     per_epoch = len(epoch_indices(n, 0, cfg.seed, self.rank, self.world)) // B
-    if per_epoch == 0: raise ValueError(f"dataset shard of {n // self.world} samples is smaller than batch_size={B}")
+    if per_epoch == 0:
+        raise ValueError(f"dataset shard of {n // self.world} samples is smaller than batch_size={B}")
     self.total_steps = num_epochs * per_epoch
     bar = progress(total=self.total_steps, initial=self.step, desc='pretrain', disable=None if self.is_main else True)
     while self.epoch < num_epochs and (max_steps is None or self.step < max_steps):
         self.last_indices = idx = epoch_indices(n, self.epoch, cfg.seed, self.rank, self.world)
         while self.pos < per_epoch and (max_steps is None or self.step < max_steps):
-            losses = self.pretrain_step(default_collate([self.dataset[i] for i in idx[self.pos * B:(self.pos + 1) * B]]))
-            self.pos += 1; bar.update(1)
+            losses = self.pretrain_step(
+                default_collate([self.dataset[i] for i in idx[self.pos * B : (self.pos + 1) * B]])
+            )
+            self.pos += 1
+            bar.update(1)
             if self.step % cfg.log_every == 0:
-                self._log(dict(step=self.step, epoch=self.epoch, learning_rate=self.metrics['learning_rate'][-1], **losses))
+                self._log(
+                    dict(step=self.step, epoch=self.epoch, learning_rate=self.metrics['learning_rate'][-1], **losses)
+                )
                 bar.set_postfix(total=f"{losses['total_loss']:.3f}")
-            if self.step % cfg.ckpt_every == 0: self.save_state()
-        if self.pos == per_epoch: self.epoch, self.pos = self.epoch + 1, 0
-    bar.close(); self.save_state()
-    if self._tb: self._tb.flush()
+            if self.step % cfg.ckpt_every == 0:
+                self.save_state()
+        if self.pos == per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+    bar.close()
+    self.save_state()
+    if self._tb:
+        self._tb.flush()
     return self.metrics
 
 # %% ../nbs/04_pretraining.ipynb #c049
 @torch.no_grad()
-def image_features(net:VLANet, ds:PretrainDataset, batch_size:int=256) -> torch.Tensor:
+def image_features(net: VLANet, ds: PretrainDataset, batch_size: int = 256) -> torch.Tensor:
     "Frozen image-only vision features (N, d) of every frame of `ds`."
-    m = PretrainModel(net).eval(); out = []
+    m = PretrainModel(net).eval()
+    out = []
     for i in range(0, len(ds), batch_size):
         out.append(m.image_features(default_collate([ds[j] for j in range(i, min(len(ds), i + batch_size))])[IMAGE]))
     return torch.cat(out)
 
-def ridge_fit(X, Y, lam:float=1e-2):
+
+def ridge_fit(X, Y, lam: float = 1e-2):
     "Ridge regression weights (with bias) of Y (N, k) on standardized X (N, d); returns a predict function."
-    mu, sd = X.mean(0), X.std(0) + 1e-6; Z = torch.cat([(X - mu) / sd, torch.ones(len(X), 1)], 1)
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z = torch.cat([(X - mu) / sd, torch.ones(len(X), 1)], 1)
     W = torch.linalg.solve(Z.T @ Z + lam * len(X) * torch.eye(Z.shape[1]), Z.T @ Y)
     return lambda Xn: torch.cat([(Xn - mu) / sd, torch.ones(len(Xn), 1)], 1) @ W
 
 # %% ../nbs/04_pretraining.ipynb #c050
-def _r2(pred, y): return 1 - float(((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+def _r2(pred, y):
+    return 1 - float(((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
-def linear_probe(net:VLANet, train:PretrainDataset, val:PretrainDataset, lam:float=1.0) -> dict:
+
+def linear_probe(net: VLANet, train: PretrainDataset, val: PretrainDataset, lam: float = 1.0) -> dict:
     "Held-out scores of ridge probes on frozen image features: R² of the gripper and object positions, accuracy of object presence."
     Xt, Xv = image_features(net, train), image_features(net, val)
     tcp = lambda ds: ds.norm.normalize(PROPRIO, ds.proprio.float())[:, :3]
     pos = ridge_fit(Xt, train.obj_xy.flatten(1), lam)(Xv).view(-1, len(OBJECT_NAMES), 2)
     pres = ridge_fit(Xt, train.obj_mask.float(), lam)(Xv) > 0.5
-    return dict(gripper_r2=round(_r2(ridge_fit(Xt, tcp(train), lam)(Xv), tcp(val)), 3),
-                object_xy_r2=round(_r2(pos[val.obj_mask], val.obj_xy[val.obj_mask]), 3),
-                presence_acc=round(float((pres == val.obj_mask).float().mean()), 3))
+    return dict(
+        gripper_r2=round(_r2(ridge_fit(Xt, tcp(train), lam)(Xv), tcp(val)), 3),
+        object_xy_r2=round(_r2(pos[val.obj_mask], val.obj_xy[val.obj_mask]), 3),
+        presence_acc=round(float((pres == val.obj_mask).float().mean()), 3),
+    )
 
 # %% ../nbs/04_pretraining.ipynb #c055
 @torch.no_grad()
-def similarity_matrix(net:VLANet, heads:PretrainHeads, ds:PretrainDataset) -> tuple:
+def similarity_matrix(net: VLANet, heads: PretrainHeads, ds: PretrainDataset) -> tuple:
     "Cosine similarities (K, K) between first-frame images and commands of one episode per distinct task in `ds`, and the commands."
     m = PretrainModel(net, heads).eval()
     starts = np.r_[0, np.flatnonzero(ds.episode_of[1:] != ds.episode_of[:-1]) + 1]
     pick = {}
-    for s in starts: pick.setdefault(int(ds.labels[s, 3]), int(s))
+    for s in starts:
+        pick.setdefault(int(ds.labels[s, 3]), int(s))
     b = default_collate([ds[i] for i in pick.values()])
     img = F.normalize(heads.img_proj(m.image_features(b[IMAGE])), dim=-1)
     txt = F.normalize(heads.txt_proj(net.text(b[TOKENS])), dim=-1)
@@ -353,61 +496,109 @@ def similarity_matrix(net:VLANet, heads:PretrainHeads, ds:PretrainDataset) -> tu
 # %% ../nbs/04_pretraining.ipynb #c059
 def run_pretrain(argv=None) -> VLAPretrainer:
     "Command line: pretrain a fresh `VLANet` (or resume) on a recorded dataset; works alone and under torchrun."
-    ap = argparse.ArgumentParser(prog='vla-pretrain', description='Pretrain a VLANet with vision, language, action and alignment losses.')
+    ap = argparse.ArgumentParser(
+        prog='vla-pretrain', description='Pretrain a VLANet with vision, language, action and alignment losses.'
+    )
     ap.add_argument('--data', required=True, help='dataset directory written by SyntheticDataGenerator')
     ap.add_argument('--out', default='runs/pretrain', help='checkpoint and log directory')
-    ap.add_argument('--epochs', type=int, default=10); ap.add_argument('--max-steps', type=int, default=None)
-    ap.add_argument('--batch-size', type=int, default=32); ap.add_argument('--lr', type=float, default=1e-3)
-    ap.add_argument('--seed', type=int, default=0); ap.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.safetensors')
-    ap.add_argument('--device', default='auto'); ap.add_argument('--log-every', type=int, default=10)
+    ap.add_argument('--epochs', type=int, default=10)
+    ap.add_argument('--max-steps', type=int, default=None)
+    ap.add_argument('--batch-size', type=int, default=32)
+    ap.add_argument('--lr', type=float, default=1e-3)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--resume', action='store_true', help='continue from OUT/checkpoint.safetensors')
+    ap.add_argument('--device', default='auto')
+    ap.add_argument('--log-every', type=int, default=10)
     a = ap.parse_args(argv)
-    eds = EpisodeDataset(a.data); ds = PretrainDataset(eds)
+    eds = EpisodeDataset(a.data)
+    ds = PretrainDataset(eds)
     S = int(ds.images.shape[1])
-    cfg = PretrainConfig(lr=a.lr, batch_size=a.batch_size, seed=a.seed, out_dir=a.out, device=a.device, log_every=a.log_every)
+    cfg = PretrainConfig(
+        lr=a.lr, batch_size=a.batch_size, seed=a.seed, out_dir=a.out, device=a.device, log_every=a.log_every
+    )
     torch.manual_seed(a.seed)
-    W = int(ds.wrist.shape[1]) if ds.wrist is not None else 0                      # a recorded wrist camera is read too
-    net = VLANet(ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, wrist_size=W))
-    tr = VLAPretrainer(net, ds, cfg, resume=a.resume and (Path(a.out)/'checkpoint.safetensors').exists())
+    W = int(ds.wrist.shape[1]) if ds.wrist is not None else 0  # a recorded wrist camera is read too
+    net = VLANet(
+        ModelConfig(image_size=S, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len, wrist_size=W)
+    )
+    tr = VLAPretrainer(net, ds, cfg, resume=a.resume and (Path(a.out) / 'checkpoint.safetensors').exists())
     tr.pretrain(a.epochs, a.max_steps)
-    if tr.is_main: print(json.dumps({k: round(v[-1], 4) for k, v in tr.metrics.items() if k.endswith('_loss')}))
-    if tr._own_group: dist.destroy_process_group()
+    if tr.is_main:
+        print(json.dumps({k: round(v[-1], 4) for k, v in tr.metrics.items() if k.endswith('_loss')}))
+    if tr._own_group:
+        dist.destroy_process_group()
     return tr
+
 
 def pretrain_main(argv=None) -> int:
     "Entry point of `vla-pretrain` (an exit status for the shell; `run_pretrain` returns the trainer)."
-    run_pretrain(argv); return 0
+    run_pretrain(argv)
+    return 0
 
 # %% ../nbs/04_pretraining.ipynb #c062
-def random_batch(cfg:ModelConfig, B:int=32, seed:int=0) -> dict:
+def random_batch(cfg: ModelConfig, B: int = 32, seed: int = 0) -> dict:
     "A batch with every key a `PretrainDataset` batch has, filled with random values of the right shapes."
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g); ids[:, 6:] = 0
-    return {IMAGE: torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g), TOKENS: ids, TOKEN_MASK: ids > 0,
-            PROPRIO: torch.randn(B, cfg.proprio_dim, generator=g), ACTION: torch.randn(B, cfg.chunk_size, cfg.act_dim, generator=g),
-            ACTION_PAD: torch.zeros(B, cfg.chunk_size, dtype=torch.bool), OBJ_XY: torch.randn(B, len(OBJECT_NAMES), 2, generator=g),
-            OBJ_MASK: torch.rand(B, len(OBJECT_NAMES), generator=g) < 0.5, FAMILY: torch.randint(0, len(sim.TASK_FAMILIES), (B,), generator=g),
-            OBJ: torch.randint(0, len(OBJ_CLASSES), (B,), generator=g), LOC: torch.randint(0, len(LOC_CLASSES), (B,), generator=g),
-            TASK_ID: torch.randint(0, 8, (B,), generator=g),
-            **({WRIST_IMAGE: torch.randn(B, 3, cfg.wrist_size, cfg.wrist_size, generator=g)} if cfg.wrist_size else {})}
+    ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g)
+    ids[:, 6:] = 0
+    return {
+        IMAGE: torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g),
+        TOKENS: ids,
+        TOKEN_MASK: ids > 0,
+        PROPRIO: torch.randn(B, cfg.proprio_dim, generator=g),
+        ACTION: torch.randn(B, cfg.chunk_size, cfg.act_dim, generator=g),
+        ACTION_PAD: torch.zeros(B, cfg.chunk_size, dtype=torch.bool),
+        OBJ_XY: torch.randn(B, len(OBJECT_NAMES), 2, generator=g),
+        OBJ_MASK: torch.rand(B, len(OBJECT_NAMES), generator=g) < 0.5,
+        FAMILY: torch.randint(0, len(sim.TASK_FAMILIES), (B,), generator=g),
+        OBJ: torch.randint(0, len(OBJ_CLASSES), (B,), generator=g),
+        LOC: torch.randint(0, len(LOC_CLASSES), (B,), generator=g),
+        TASK_ID: torch.randint(0, 8, (B,), generator=g),
+        **({WRIST_IMAGE: torch.randn(B, 3, cfg.wrist_size, cfg.wrist_size, generator=g)} if cfg.wrist_size else {}),
+    }
 
-def matmul_peak_gflops(n:int=1024, reps:int=10) -> float:
+
+def matmul_peak_gflops(n: int = 1024, reps: int = 10) -> float:
     "Measured fp32 `torch.mm` throughput (GFLOP/s) of an n x n product, best of `reps`."
-    a, b = torch.randn(n, n), torch.randn(n, n); a @ b; best = float('inf')
-    for _ in range(reps): t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float('inf')
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
 # %% ../nbs/04_pretraining.ipynb #c063
-def bench_train(batch_size:int|None=None, steps:int=10, model_config:ModelConfig|None=None, seed:int=0) -> dict:
+def bench_train(
+    batch_size: int | None = None, steps: int = 10, model_config: ModelConfig | None = None, seed: int = 0
+) -> dict:
     "Pretraining throughput (samples/s), FLOPs per sample (fwd+bwd), achieved and peak matmul GFLOP/s, measured in one process."
-    cfg = PretrainConfig(seed=seed, tensorboard=False, device='cpu')   # pretrain_step writes nothing
-    B = batch_size or cfg.batch_size; mcfg = model_config or ModelConfig()
-    tr = VLAPretrainer(VLANet(mcfg), None, cfg); batch = random_batch(mcfg, B, seed)
+    cfg = PretrainConfig(seed=seed, tensorboard=False, device='cpu')  # pretrain_step writes nothing
+    B = batch_size or cfg.batch_size
+    mcfg = model_config or ModelConfig()
+    tr = VLAPretrainer(VLANet(mcfg), None, cfg)
+    batch = random_batch(mcfg, B, seed)
     with FlopCounterMode(display=False) as fc:
-        terms = tr.module(batch); sum(terms.values()).backward()
+        terms = tr.module(batch)
+        sum(terms.values()).backward()
     tr.optimizer.zero_grad(set_to_none=True)
-    tr.pretrain_step(batch); times = []                             # warm-up
-    for _ in range(steps): t = time.perf_counter(); tr.pretrain_step(batch); times.append(time.perf_counter() - t)
-    sec = float(np.median(times)); gflops = fc.get_total_flops() / B / 1e9
-    return dict(batch_size=B, steps=steps, step_ms=round(1000 * sec, 1), train_samples_per_s=round(B / sec, 1),
-                gflops_per_sample=round(gflops, 4), achieved_gflops_per_s=round(gflops * B / sec, 2),
-                matmul_peak_gflops_per_s=round(matmul_peak_gflops(), 1), threads=torch.get_num_threads(), device='cpu')
+    tr.pretrain_step(batch)
+    times = []  # warm-up
+    for _ in range(steps):
+        t = time.perf_counter()
+        tr.pretrain_step(batch)
+        times.append(time.perf_counter() - t)
+    sec = float(np.median(times))
+    gflops = fc.get_total_flops() / B / 1e9
+    return dict(
+        batch_size=B,
+        steps=steps,
+        step_ms=round(1000 * sec, 1),
+        train_samples_per_s=round(B / sec, 1),
+        gflops_per_sample=round(gflops, 4),
+        achieved_gflops_per_s=round(gflops * B / sec, 2),
+        matmul_peak_gflops_per_s=round(matmul_peak_gflops(), 1),
+        threads=torch.get_num_threads(),
+        device='cpu',
+    )

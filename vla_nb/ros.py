@@ -24,75 +24,116 @@ __all__ = ['TYPESTORE', 'MSG_TYPES', 'DEFAULT_TOPICS', 'SUPPORTED_ENCODINGS', 'D
 
 # %% ../nbs/02b_ros.ipynb #c005
 TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
-MSG_TYPES = dict(image='sensor_msgs/msg/Image', joints='sensor_msgs/msg/JointState', command='std_msgs/msg/String',
-                 action=('std_msgs/msg/Float32MultiArray', 'std_msgs/msg/Float64MultiArray'))
+MSG_TYPES = dict(
+    image='sensor_msgs/msg/Image',
+    joints='sensor_msgs/msg/JointState',
+    command='std_msgs/msg/String',
+    action=('std_msgs/msg/Float32MultiArray', 'std_msgs/msg/Float64MultiArray'),
+)
 DEFAULT_TOPICS = dict(image='/camera/image_raw', joints='/joint_states', command='/command_log', action='/action')
 
 # %% ../nbs/02b_ros.ipynb #c007
-def _stamp(t_ns:int):
+def _stamp(t_ns: int):
     T = TYPESTORE.types
-    return T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=int(t_ns) // 10**9, nanosec=int(t_ns) % 10**9), frame_id='')
+    return T['std_msgs/msg/Header'](
+        stamp=T['builtin_interfaces/msg/Time'](sec=int(t_ns) // 10**9, nanosec=int(t_ns) % 10**9), frame_id=''
+    )
 
-def image_msg(img:np.ndarray, stamp_ns:int=0, encoding:str='rgb8'):
+
+def image_msg(img: np.ndarray, stamp_ns: int = 0, encoding: str = 'rgb8'):
     "A `sensor_msgs/Image` holding `img` ((H, W, 3) RGB, or (H, W) for mono8); bgr8 swaps the channels on the way in."
     img = np.asarray(img, np.uint8)
-    if encoding == 'bgr8': img = img[..., ::-1]
-    h, w = img.shape[:2]; ch = 1 if img.ndim == 2 else img.shape[2]
-    return TYPESTORE.types[MSG_TYPES['image']](header=_stamp(stamp_ns), height=h, width=w, encoding=encoding, is_bigendian=0,
-                                               step=w * ch, data=np.ascontiguousarray(img).ravel())
+    if encoding == 'bgr8':
+        img = img[..., ::-1]
+    h, w = img.shape[:2]
+    ch = 1 if img.ndim == 2 else img.shape[2]
+    return TYPESTORE.types[MSG_TYPES['image']](
+        header=_stamp(stamp_ns),
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=0,
+        step=w * ch,
+        data=np.ascontiguousarray(img).ravel(),
+    )
 
-def joint_state_msg(names, position, velocity=None, stamp_ns:int=0):
+
+def joint_state_msg(names, position, velocity=None, stamp_ns: int = 0):
     "A `sensor_msgs/JointState` (velocity optional, effort empty)."
     f = lambda v: np.asarray([] if v is None else v, np.float64)
-    return TYPESTORE.types[MSG_TYPES['joints']](header=_stamp(stamp_ns), name=list(names), position=f(position), velocity=f(velocity), effort=f(None))
+    return TYPESTORE.types[MSG_TYPES['joints']](
+        header=_stamp(stamp_ns), name=list(names), position=f(position), velocity=f(velocity), effort=f(None)
+    )
 
-def string_msg(text:str): return TYPESTORE.types[MSG_TYPES['command']](data=text)
+
+def string_msg(text: str):
+    return TYPESTORE.types[MSG_TYPES['command']](data=text)
+
 
 def float_array_msg(values):
     T = TYPESTORE.types
-    return T['std_msgs/msg/Float32MultiArray'](layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0), data=np.asarray(values, np.float32))
+    return T['std_msgs/msg/Float32MultiArray'](
+        layout=T['std_msgs/msg/MultiArrayLayout'](dim=[], data_offset=0), data=np.asarray(values, np.float32)
+    )
 
 # %% ../nbs/02b_ros.ipynb #c009
 SUPPORTED_ENCODINGS = {'rgb8': 3, 'bgr8': 3, 'mono8': 1}
 
-def ros_image_to_rgb(msg, size:int|None=None) -> np.ndarray:
+
+def ros_image_to_rgb(msg, size: int | None = None) -> np.ndarray:
     "An (H, W, 3) uint8 RGB array from a `sensor_msgs/Image`, resized to `size` x `size` (INTER_AREA) when given."
     enc = str(msg.encoding).lower()
     if enc not in SUPPORTED_ENCODINGS:
-        raise ValueError(f"unsupported image encoding {msg.encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}. Convert the "
-                         "stream first (e.g. image_proc debayer, or republish as rgb8/bgr8)")
+        raise ValueError(
+            f"unsupported image encoding {msg.encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}. Convert the "
+            "stream first (e.g. image_proc debayer, or republish as rgb8/bgr8)"
+        )
     h, w, step, ch = int(msg.height), int(msg.width), int(msg.step), SUPPORTED_ENCODINGS[enc]
     buf = np.frombuffer(msg.data, np.uint8)
     if h <= 0 or w <= 0 or step < w * ch or buf.size < h * step:
-        raise ValueError(f"malformed {enc} image: {h}x{w}, step {step}, {buf.size} data bytes (need step >= {w * ch} and {h * step} bytes)")
-    img = buf[:h * step].reshape(h, step)[:, :w * ch]
+        raise ValueError(
+            f"malformed {enc} image: {h}x{w}, step {step}, {buf.size} data bytes (need step >= {w * ch} and {h * step} bytes)"
+        )
+    img = buf[: h * step].reshape(h, step)[:, : w * ch]
     img = img.reshape(h, w, ch) if ch == 3 else img.reshape(h, w)
-    if size is not None and (h, w) != (size, size): img = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=cv2.INTER_AREA)
-    if enc == 'bgr8': img = img[..., ::-1]
-    elif enc == 'mono8': img = np.repeat(img[..., None], 3, axis=2)
+    if size is not None and (h, w) != (size, size):
+        img = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=cv2.INTER_AREA)
+    if enc == 'bgr8':
+        img = img[..., ::-1]
+    elif enc == 'mono8':
+        img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img)
 
 # %% ../nbs/02b_ros.ipynb #c014
 class JointStateMerger:
     "Latest position (and velocity) of every named joint, merged across `sensor_msgs/JointState` messages."
-    def __init__(self, names:list|None=None):
+
+    def __init__(self, names: list | None = None):
         self.names = list(names) if names else None
         self.pos = self.vel = None
 
     def update(self, msg):
         "Merge `msg`; returns (names, positions, velocities or None) once every joint has been seen, else None."
         names, pos, vel = list(msg.name), np.asarray(msg.position, np.float64), np.asarray(msg.velocity, np.float64)
-        if len(pos) != len(names): raise ValueError(f"JointState has {len(names)} names but {len(pos)} positions")
+        if len(pos) != len(names):
+            raise ValueError(f"JointState has {len(names)} names but {len(pos)} positions")
         if self.pos is None:
-            self.names = tuple(self.names or names); self.idx = {n: i for i, n in enumerate(self.names)}
-            self.pos, self.vel = np.full(len(self.names), np.nan), (np.full(len(self.names), np.nan) if len(vel) == len(names) else None)
+            self.names = tuple(self.names or names)
+            self.idx = {n: i for i, n in enumerate(self.names)}
+            self.pos, self.vel = (
+                np.full(len(self.names), np.nan),
+                (np.full(len(self.names), np.nan) if len(vel) == len(names) else None),
+            )
         has_vel = self.vel is not None and len(vel) == len(names)
         for i, n in enumerate(names):
             j = self.idx.get(n)
-            if j is None: continue
+            if j is None:
+                continue
             self.pos[j] = pos[i]
-            if has_vel: self.vel[j] = vel[i]
-        if np.isnan(self.pos).any() or (self.vel is not None and np.isnan(self.vel).any()): return None
+            if has_vel:
+                self.vel[j] = vel[i]
+        if np.isnan(self.pos).any() or (self.vel is not None and np.isnan(self.vel).any()):
+            return None
         return self.names, self.pos.copy(), None if self.vel is None else self.vel.copy()
 
     def missing(self) -> list:
@@ -100,114 +141,175 @@ class JointStateMerger:
         return [] if self.pos is None else [n for n, p in zip(self.names, self.pos) if np.isnan(p)]
 
 # %% ../nbs/02b_ros.ipynb #c017
-def command_text(data:str) -> str:
+def command_text(data: str) -> str:
     "The instruction in a command message: plain text or the seed's JSON `{\"command\": ...}`; '' means idle."
     s = str(data).strip()
-    if not s.startswith('{'): return s
-    try: d = json.loads(s)
-    except json.JSONDecodeError as e: raise ValueError(f"command message looks like JSON but is not valid ({e}): {s[:80]!r}") from None
-    if not isinstance(d, dict) or 'command' not in d: raise ValueError(f"JSON command message has no 'command' key: {s[:80]!r}")
+    if not s.startswith('{'):
+        return s
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"command message looks like JSON but is not valid ({e}): {s[:80]!r}") from None
+    if not isinstance(d, dict) or 'command' not in d:
+        raise ValueError(f"JSON command message has no 'command' key: {s[:80]!r}")
     return str(d['command'] or '').strip()
 
 # %% ../nbs/02b_ros.ipynb #c020
 class StreamSynchronizer:
     "Samples the latest message of each stream on a fixed-rate clock (previous-sample policy), in integer nanoseconds."
-    def __init__(self, fps:int, required=('image', 'joints'), optional=('command', 'action'), max_age_s:dict|None=None):
+
+    def __init__(
+        self, fps: int, required=('image', 'joints'), optional=('command', 'action'), max_age_s: dict | None = None
+    ):
         check_range('fps', fps, 1, 1000, integer=True)
         self.fps, self.required, self.optional = fps, tuple(required), tuple(optional)
         self.streams = self.required + self.optional
         unknown = set(max_age_s or {}) - set(self.streams)
-        if unknown: raise ValueError(f"max_age_s names unknown stream(s) {sorted(unknown)}; streams: {self.streams}")
+        if unknown:
+            raise ValueError(f"max_age_s names unknown stream(s) {sorted(unknown)}; streams: {self.streams}")
         age = {s: (None if s == 'command' else 2 / fps) for s in self.streams} | dict(max_age_s or {})
         self.max_age = {s: None if a is None else round(a * 1e9) for s, a in age.items()}
-        if not any(self.max_age[s] is not None for s in self.required): raise ValueError("at least one required stream needs a max age")
-        self.latest, self.t0, self.k = {}, None, 0          # stream -> (stamp, value); first tick (None: stopped); next tick number
+        if not any(self.max_age[s] is not None for s in self.required):
+            raise ValueError("at least one required stream needs a max age")
+        self.latest, self.t0, self.k = (
+            {},
+            None,
+            0,
+        )  # stream -> (stamp, value); first tick (None: stopped); next tick number
         self.counts = dict(ticks=0, not_ok=0, silences=0, late=Counter(), duplicate=Counter())
 
-    def tick_time(self, k:int) -> int: return self.t0 + k * 10**9 // self.fps
-    def _fresh(self, s, t) -> bool: return s in self.latest and (self.max_age[s] is None or t - self.latest[s][0] <= self.max_age[s])
+    def tick_time(self, k: int) -> int:
+        return self.t0 + k * 10**9 // self.fps
+
+    def _fresh(self, s, t) -> bool:
+        return s in self.latest and (self.max_age[s] is None or t - self.latest[s][0] <= self.max_age[s])
 
 # %% ../nbs/02b_ros.ipynb #c022
 @patch
-def sample(self:StreamSynchronizer, t:int) -> dict:
+def sample(self: StreamSynchronizer, t: int) -> dict:
     "The synchronized view at time `t` (ns): `data` and `age` of every stream whose latest message is recent enough."
     data, age, stale = {}, {}, []
     for s, (ts, v) in self.latest.items():
-        if ts > t: raise ValueError(f"sample({t}) is earlier than the latest {s!r} message ({ts}): push messages in time order")
-        if not self._fresh(s, t): stale.append(s); continue
+        if ts > t:
+            raise ValueError(
+                f"sample({t}) is earlier than the latest {s!r} message ({ts}): push messages in time order"
+            )
+        if not self._fresh(s, t):
+            stale.append(s)
+            continue
         data[s], age[s] = v, t - ts
     fresh = any(s in data for s in self.streams if self.max_age[s] is not None)
     return dict(t=t, ok=all(s in data for s in self.required), data=data, age=age, stale=stale, fresh=fresh)
 
 # %% ../nbs/02b_ros.ipynb #c024
 @patch
-def push(self:StreamSynchronizer, stream:str, t:int, value) -> list:
+def push(self: StreamSynchronizer, stream: str, t: int, value) -> list:
     "Add a message stamped `t` (ns); returns the ticks it completes. Late and duplicate stamps are dropped and counted."
-    if stream not in self.streams: raise ValueError(f"unknown stream {stream!r}; expected one of {self.streams}")
+    if stream not in self.streams:
+        raise ValueError(f"unknown stream {stream!r}; expected one of {self.streams}")
     ticks, last = self.advance(t), self.latest.get(stream)
     if last is not None and t <= last[0]:
         self.counts['late' if t < last[0] else 'duplicate'][stream] += 1
         return ticks
     self.latest[stream] = (t, value)
-    if self.t0 is None and all(self._fresh(s, t) for s in self.required): self.t0, self.k = t, 0   # (re)start the clock
+    if self.t0 is None and all(self._fresh(s, t) for s in self.required):
+        self.t0, self.k = t, 0  # (re)start the clock
     return ticks
 
+
 @patch
-def advance(self:StreamSynchronizer, t:int) -> list:
+def advance(self: StreamSynchronizer, t: int) -> list:
     "Emit every tick strictly before `t`."
     out = []
     while self.t0 is not None and (tk := self.tick_time(self.k)) < t:
         tick = self.sample(tk)
-        if not tick['fresh']:                      # silence: nothing can become fresh before the next message
-            self.t0 = None; self.counts['silences'] += 1; break
-        out.append(tick); self.k += 1; self.counts['ticks'] += 1; self.counts['not_ok'] += not tick['ok']
+        if not tick['fresh']:  # silence: nothing can become fresh before the next message
+            self.t0 = None
+            self.counts['silences'] += 1
+            break
+        out.append(tick)
+        self.k += 1
+        self.counts['ticks'] += 1
+        self.counts['not_ok'] += not tick['ok']
     return out
 
 # %% ../nbs/02b_ros.ipynb #c025
 @patch
-def flush(self:StreamSynchronizer) -> list:
+def flush(self: StreamSynchronizer) -> list:
     "End of data: emit the remaining ticks while something is still fresh (no message can change them any more)."
-    if not self.latest: return []
-    return self.advance(max(ts for ts, _ in self.latest.values()) + max(a for a in self.max_age.values() if a is not None) + 1)
+    if not self.latest:
+        return []
+    return self.advance(
+        max(ts for ts, _ in self.latest.values()) + max(a for a in self.max_age.values() if a is not None) + 1
+    )
 
 # %% ../nbs/02b_ros.ipynb #c033
 class EpisodeAssembler:
     "Cuts synchronized ticks into episodes and writes each one atomically through an `EpisodeWriter`."
-    def __init__(self, writer:EpisodeWriter, image_size:int=96, episode_gap_s:float=2.0, action_source:str='joints',
-                 max_joint_speed:float=2.5, action_joints:list|None=None, proprio_fn=None, action_fn=None,
-                 default_command:str|None=None, min_frames:int=3, demos_successful:bool=True, source:dict|None=None, skip=()):
+
+    def __init__(
+        self,
+        writer: EpisodeWriter,
+        image_size: int = 96,
+        episode_gap_s: float = 2.0,
+        action_source: str = 'joints',
+        max_joint_speed: float = 2.5,
+        action_joints: list | None = None,
+        proprio_fn=None,
+        action_fn=None,
+        default_command: str | None = None,
+        min_frames: int = 3,
+        demos_successful: bool = True,
+        source: dict | None = None,
+        skip=(),
+    ):
         check_choice('action_source', action_source, ('joints', 'topic'))
-        check_range('image_size', image_size, 8, 1024, integer=True); check_range('episode_gap_s', episode_gap_s, 0)
-        check_range('max_joint_speed', max_joint_speed, 1e-6); check_range('min_frames', min_frames, 1, integer=True)
+        check_range('image_size', image_size, 8, 1024, integer=True)
+        check_range('episode_gap_s', episode_gap_s, 0)
+        check_range('max_joint_speed', max_joint_speed, 1e-6)
+        check_range('min_frames', min_frames, 1, integer=True)
         self.w, self.fps, self.size, self.gap = writer, writer.info['fps'], image_size, round(episode_gap_s * 1e9)
         self.action_source, self.speed, self.action_joints = action_source, max_joint_speed, action_joints
         self.proprio_fn, self.action_fn, self.default_command = proprio_fn, action_fn, default_command
-        self.min_frames, self.demos_successful, self.source, self.skip = min_frames, demos_successful, dict(source or {}), set(skip)
+        self.min_frames, self.demos_successful, self.source, self.skip = (
+            min_frames,
+            demos_successful,
+            dict(source or {}),
+            set(skip),
+        )
         self.next_index = max(writer.done_episodes(), default=-1) + 1
         self.ep, self.pending, self.segments, self.written, self._img = None, None, 0, [], (None, None)
         self.counts = Counter()
 
 # %% ../nbs/02b_ros.ipynb #c035
 @patch
-def _joint_index(self:EpisodeAssembler, names):
+def _joint_index(self: EpisodeAssembler, names):
     if getattr(self, '_jidx', None) is None:
         want = list(self.action_joints or names[:7])
-        if len(want) != 7: raise ValueError(f"actions are 7-D, but {len(want)} action joints are available ({list(names)}); pass "
-                                            "action_joints=[7 names] or an action_fn")
+        if len(want) != 7:
+            raise ValueError(
+                f"actions are 7-D, but {len(want)} action joints are available ({list(names)}); pass "
+                "action_joints=[7 names] or an action_fn"
+            )
         bad = [n for n in want if n not in names]
-        if bad: raise ValueError(f"action_joints {bad} are not in the joint states ({list(names)})")
+        if bad:
+            raise ValueError(f"action_joints {bad} are not in the joint states ({list(names)})")
         self._jidx = np.array([list(names).index(n) for n in want])
     return self._jidx
 
+
 @patch
-def _action(self:EpisodeAssembler, now:dict, nxt:dict):
+def _action(self: EpisodeAssembler, now: dict, nxt: dict):
     "The 7-D action of the frame at tick `now`, from tick `nxt`; None when `nxt` lacks what it needs."
-    if self.action_fn is not None: return np.asarray(self.action_fn(now, nxt), np.float32)
+    if self.action_fn is not None:
+        return np.asarray(self.action_fn(now, nxt), np.float32)
     if self.action_source == 'topic':
         a = nxt['data'].get('action')
-        if a is not None and len(a) != 7: raise ValueError(f"commanded actions must have 7 values, got {len(a)}")
+        if a is not None and len(a) != 7:
+            raise ValueError(f"commanded actions must have 7 values, got {len(a)}")
         return None if a is None else np.asarray(a, np.float32)
-    if 'joints' not in nxt['data'] or nxt['data']['joints'] is now['data']['joints']: return None   # no new joint state
+    if 'joints' not in nxt['data'] or nxt['data']['joints'] is now['data']['joints']:
+        return None  # no new joint state
     (names, q0, _), (_, q1, _) = now['data']['joints'], nxt['data']['joints']
     j = self._joint_index(names)
     a = (q1[j] - q0[j]) * self.fps / self.speed
@@ -216,63 +318,99 @@ def _action(self:EpisodeAssembler, now:dict, nxt:dict):
 
 # %% ../nbs/02b_ros.ipynb #c037
 @patch
-def _frame(self:EpisodeAssembler, tick:dict, command:str) -> dict:
+def _frame(self: EpisodeAssembler, tick: dict, command: str) -> dict:
     msg = tick['data']['image']
-    if self._img[0] is not msg: self._img = (msg, ros_image_to_rgb(msg, self.size))   # a held image is converted once
+    if self._img[0] is not msg:
+        self._img = (msg, ros_image_to_rgb(msg, self.size))  # a held image is converted once
     names, pos, vel = tick['data']['joints']
-    prop = self.proprio_fn(names, pos, vel) if self.proprio_fn else np.concatenate([pos] + ([] if vel is None else [vel]))
+    prop = (
+        self.proprio_fn(names, pos, vel) if self.proprio_fn else np.concatenate([pos] + ([] if vel is None else [vel]))
+    )
     return dict(tick=tick, t=tick['t'], image=self._img[1], proprio=np.asarray(prop, np.float32), command=command)
 
+
 @patch
-def feed(self:EpisodeAssembler, tick:dict):
+def feed(self: EpisodeAssembler, tick: dict):
     "Consume one tick (in time order)."
     p, self.pending = self.pending, None
     if p is not None:
         a = self._action(p['tick'], tick) if tick['t'] - p['t'] <= 10**9 // self.fps + 1 else None
-        if a is None: self.counts['frames_without_action'] += 1
+        if a is None:
+            self.counts['frames_without_action'] += 1
         else:
-            if self.ep is None: self.ep = dict(command=p['command'], frames=[])
-            self.ep['frames'].append((p, a)); self.ep['t_last'] = p['t']
-    if not tick['ok']: return
+            if self.ep is None:
+                self.ep = dict(command=p['command'], frames=[])
+            self.ep['frames'].append((p, a))
+            self.ep['t_last'] = p['t']
+    if not tick['ok']:
+        return
     cmd = command_text(tick['data']['command']) if 'command' in tick['data'] else (self.default_command or '')
-    if not cmd: self.counts['idle_ticks'] += 1; self.close_episode(); return
-    if self.ep and (cmd != self.ep['command'] or tick['t'] - self.ep['t_last'] > self.gap): self.close_episode()
+    if not cmd:
+        self.counts['idle_ticks'] += 1
+        self.close_episode()
+        return
+    if self.ep and (cmd != self.ep['command'] or tick['t'] - self.ep['t_last'] > self.gap):
+        self.close_episode()
     self.pending = self._frame(tick, cmd)
 
 # %% ../nbs/02b_ros.ipynb #c039
 @patch
-def close_episode(self:EpisodeAssembler):
+def close_episode(self: EpisodeAssembler):
     "Write the current episode (if long enough) and start afresh."
     ep, self.ep = self.ep, None
-    if ep is None: return
+    if ep is None:
+        return
     fr = ep['frames']
-    if len(fr) < self.min_frames: self.counts['short_episodes'] += 1; self.counts['short_frames'] += len(fr); return
-    seg = self.segments; self.segments += 1
-    if seg in self.skip: self.counts['skipped_existing'] += 1; return
+    if len(fr) < self.min_frames:
+        self.counts['short_episodes'] += 1
+        self.counts['short_frames'] += len(fr)
+        return
+    seg = self.segments
+    self.segments += 1
+    if seg in self.skip:
+        self.counts['skipped_existing'] += 1
+        return
     t = np.array([p['t'] for p, _ in fr], np.int64)
-    success = np.zeros(len(fr), bool); success[-1] = self.demos_successful
-    frames = {IMAGE: np.stack([p['image'] for p, _ in fr]), PROPRIO: np.stack([p['proprio'] for p, _ in fr]),
-              ACTION: np.stack([a for _, a in fr]), SUCCESS: success, TIMESTAMP: (t - t[0]) / 1e9}
-    meta = dict(self.source, segment=seg, t_start_ns=int(t[0]), success_label='assumed' if self.demos_successful else 'unknown')
+    success = np.zeros(len(fr), bool)
+    success[-1] = self.demos_successful
+    frames = {
+        IMAGE: np.stack([p['image'] for p, _ in fr]),
+        PROPRIO: np.stack([p['proprio'] for p, _ in fr]),
+        ACTION: np.stack([a for _, a in fr]),
+        SUCCESS: success,
+        TIMESTAMP: (t - t[0]) / 1e9,
+    }
+    meta = dict(
+        self.source, segment=seg, t_start_ns=int(t[0]), success_label='assumed' if self.demos_successful else 'unknown'
+    )
     self.w.add_episode(self.next_index, frames, ep['command'], None, meta)
-    self.written.append(self.next_index); self.next_index += 1; self.counts['frames'] += len(fr)
+    self.written.append(self.next_index)
+    self.next_index += 1
+    self.counts['frames'] += len(fr)
+
 
 @patch
-def close(self:EpisodeAssembler):
+def close(self: EpisodeAssembler):
     "End of data: the pending frame has no next tick (dropped); the current episode is written."
-    if self.pending is not None: self.counts['frames_without_action'] += 1; self.pending = None
+    if self.pending is not None:
+        self.counts['frames_without_action'] += 1
+        self.pending = None
     self.close_episode()
 
 # %% ../nbs/02b_ros.ipynb #c041
 DEMO_JOINTS = tuple(f'panda_joint{i}' for i in range(1, 8)) + ('panda_finger_joint1', 'panda_finger_joint2')
 
-def write_bag(path, records, storage:str='mcap') -> Path:
+
+def write_bag(path, records, storage: str = 'mcap') -> Path:
     "Write `records`, an iterable of (topic, log_time_ns, message), to a new rosbag2 directory; returns its path."
     check_choice('storage', storage, ('mcap', 'sqlite3'))
     path, conns = Path(path), {}
-    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3) as w:
+    with Writer(
+        path, version=9, storage_plugin=StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
+    ) as w:
         for topic, t, msg in records:
-            if topic not in conns: conns[topic] = w.add_connection(topic, msg.__msgtype__, typestore=TYPESTORE)
+            if topic not in conns:
+                conns[topic] = w.add_connection(topic, msg.__msgtype__, typestore=TYPESTORE)
             w.write(conns[topic], int(t), TYPESTORE.serialize_cdr(msg, msg.__msgtype__))
     return path
 
@@ -283,32 +421,52 @@ def _rollout(env, seed):
     joints = lambda: np.r_[env.world.joint_positions(), [env.world.gripper_width() / 2] * 2]
     qs.append(joints())
     while not done:
-        obs, _, term, trunc, _ = env.step(expert.select_action(obs)); done = term or trunc
-        imgs.append(obs['image']); qs.append(joints())
+        obs, _, term, trunc, _ = env.step(expert.select_action(obs))
+        done = term or trunc
+        imgs.append(obs['image'])
+        qs.append(joints())
     return info['command'], np.stack(imgs), np.stack(qs)
 
 # %% ../nbs/02b_ros.ipynb #c043
-def demo_records(episodes:int=2, seed:int=0, camera_hz:int=30, joint_hz:int=50, image_size:int=128, encoding:str='rgb8',
-                 gap_s:float=3.0, topics:dict|None=None):
+def demo_records(
+    episodes: int = 2,
+    seed: int = 0,
+    camera_hz: int = 30,
+    joint_hz: int = 50,
+    image_size: int = 128,
+    encoding: str = 'rgb8',
+    gap_s: float = 3.0,
+    topics: dict | None = None,
+):
     "The (topic, log_ns, message) records of `write_demo_bag`, time-ordered, for tests that want to alter them."
     tp = DEFAULT_TOPICS | dict(topics or {})
     env, recs, t0, ms = sim.TabletopEnv(sim.SimConfig(image_size=image_size)), [], 10**9, 10**6
     try:
         for e in range(episodes):
-            cmd, imgs, qs = _rollout(env, seed + e); hz = env.cfg.control_hz; T = len(imgs) - 1
+            cmd, imgs, qs = _rollout(env, seed + e)
+            hz = env.cfg.control_hz
+            T = len(imgs) - 1
             recs.append((tp['command'], t0 - 50 * ms, string_msg(json.dumps(dict(command=cmd, episode=e)))))
             for k in range(int(T * camera_hz / hz) + 1):
-                cap = t0 + k * 10**9 // camera_hz; img = imgs[min(k * hz // camera_hz, T)]
-                recs.append((tp['image'], cap + 10 * ms, image_msg(img if encoding != 'mono8' else img[..., 1], cap, encoding)))
+                cap = t0 + k * 10**9 // camera_hz
+                img = imgs[min(k * hz // camera_hz, T)]
+                recs.append(
+                    (tp['image'], cap + 10 * ms, image_msg(img if encoding != 'mono8' else img[..., 1], cap, encoding))
+                )
             for k in range(int(T * joint_hz / hz) + 1):
-                cap = t0 + k * 10**9 // joint_hz; x = k * hz / joint_hz; i = min(int(x), T - 1); f = x - i
+                cap = t0 + k * 10**9 // joint_hz
+                x = k * hz / joint_hz
+                i = min(int(x), T - 1)
+                f = x - i
                 q, v = (1 - f) * qs[i] + f * qs[i + 1], (qs[i + 1] - qs[i]) * hz
                 recs.append((tp['joints'], cap + 2 * ms, joint_state_msg(DEMO_JOINTS, q, v, cap)))
             t0 += T * 10**9 // hz + round(gap_s * 1e9)
-    finally: env.close()
+    finally:
+        env.close()
     return sorted(recs, key=lambda r: r[1])
 
-def write_demo_bag(path, storage:str='mcap', episodes:int=2, seed:int=0, **kw) -> Path:
+
+def write_demo_bag(path, storage: str = 'mcap', episodes: int = 2, seed: int = 0, **kw) -> Path:
     "A small but real rosbag2 of simulated expert rollouts (camera, joint states, commands); `kw` go to `demo_records`."
     return write_bag(path, demo_records(episodes, seed, **kw), storage)
 
@@ -316,77 +474,133 @@ def write_demo_bag(path, storage:str='mcap', episodes:int=2, seed:int=0, **kw) -
 class RosbagWarning(UserWarning):
     "Something in a bag was dropped or altered during ingestion; the report says what and how much."
 
-_HINT_REPAIR = "if the recording was interrupted, repair it first (`ros2 bag reindex`, or `mcap recover` for mcap files)"
+
+_HINT_REPAIR = (
+    "if the recording was interrupted, repair it first (`ros2 bag reindex`, or `mcap recover` for mcap files)"
+)
+
 
 def _open_bag(path):
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"rosbag2 not found: {path}")
-    try: r = Reader(path); r.open(); return r
+    if not path.exists():
+        raise FileNotFoundError(f"rosbag2 not found: {path}")
+    try:
+        r = Reader(path)
+        r.open()
+        return r
     except Exception as e:
-        raise ValueError(f"cannot open rosbag2 {path}: truncated or corrupt, or not a rosbag2 ({type(e).__name__}: {e}); {_HINT_REPAIR}") from None
+        raise ValueError(
+            f"cannot open rosbag2 {path}: truncated or corrupt, or not a rosbag2 ({type(e).__name__}: {e}); {_HINT_REPAIR}"
+        ) from None
 
-def _check_topics(reader, path, topics:dict) -> dict:
+
+def _check_topics(reader, path, topics: dict) -> dict:
     "The connections of each stream's topic; clear errors for missing topics, wrong types and empty topics."
     have, out = reader.topics, {}
     listing = ', '.join(f"{t} [{i.msgtype}]" for t, i in sorted(have.items())) or 'none'
     for stream, topic in topics.items():
-        if topic not in have: raise ValueError(f"bag {path} has no {stream} topic {topic!r}; its topics: {listing}")
+        if topic not in have:
+            raise ValueError(f"bag {path} has no {stream} topic {topic!r}; its topics: {listing}")
         want, got = MSG_TYPES[stream], have[topic].msgtype
         if got not in (want if isinstance(want, tuple) else (want,)):
-            raise ValueError(f"topic {topic!r} carries {got}, but the {stream} stream must be {want}"
-                             + (" (decompress it, e.g. with image_transport republish)" if 'Compressed' in str(got) else ''))
-        if not have[topic].msgcount: raise ValueError(f"topic {topic!r} in bag {path} has no messages")
+            raise ValueError(
+                f"topic {topic!r} carries {got}, but the {stream} stream must be {want}"
+                + (" (decompress it, e.g. with image_transport republish)" if 'Compressed' in str(got) else '')
+            )
+        if not have[topic].msgcount:
+            raise ValueError(f"topic {topic!r} in bag {path} has no messages")
         out[stream] = have[topic].connections
     return out
 
 # %% ../nbs/02b_ros.ipynb #c047
-def _scan(reader, path, conns:dict) -> Counter:
+def _scan(reader, path, conns: dict) -> Counter:
     "Read every message once, decoding the first of each stream: truncation, corruption and bad formats fail before any write."
     n, stream_of = Counter(), {c.id: s for s, cs in conns.items() for c in cs}
     try:
         for c, t, raw in reader.messages(connections=[c for cs in conns.values() for c in cs]):
-            if not n[c.topic]: _check_first(stream_of[c.id], _decode(c, raw, t))
+            if not n[c.topic]:
+                _check_first(stream_of[c.id], _decode(c, raw, t))
             n[c.topic] += 1
-    except ValueError: raise                   # our own checks of the first messages: already clear
+    except ValueError:
+        raise  # our own checks of the first messages: already clear
     except Exception as e:
-        raise ValueError(f"rosbag2 {path} is truncated or corrupt: reading failed after {sum(n.values())} messages "
-                         f"({type(e).__name__}: {e}); nothing was written; {_HINT_REPAIR}") from None
+        raise ValueError(
+            f"rosbag2 {path} is truncated or corrupt: reading failed after {sum(n.values())} messages "
+            f"({type(e).__name__}: {e}); nothing was written; {_HINT_REPAIR}"
+        ) from None
     return n
 
 # %% ../nbs/02b_ros.ipynb #c049
 def _check_first(stream, msg):
-    if stream == 'image': ros_image_to_rgb(msg, 8)
+    if stream == 'image':
+        ros_image_to_rgb(msg, 8)
     elif stream == 'joints' and len(msg.position) != len(msg.name):
         raise ValueError(f"JointState has {len(msg.name)} names but {len(msg.position)} positions")
-    elif stream == 'command': command_text(msg.data)
+    elif stream == 'command':
+        command_text(msg.data)
 
-def _bag_id(reader, path, params:dict) -> str:
+
+def _bag_id(reader, path, params: dict) -> str:
     key = dict(name=Path(path).name, start=reader.start_time, count=reader.message_count, params=params)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
 def _decode(conn, raw, t):
-    try: return TYPESTORE.deserialize_cdr(raw, conn.msgtype)
-    except Exception as e: raise ValueError(f"cannot decode the {conn.msgtype} message on {conn.topic} at {t} ns: {e}") from None
+    try:
+        return TYPESTORE.deserialize_cdr(raw, conn.msgtype)
+    except Exception as e:
+        raise ValueError(f"cannot decode the {conn.msgtype} message on {conn.topic} at {t} ns: {e}") from None
+
 
 def _header_ns(msg, topic):
     t = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
-    if t <= 0: raise ValueError(f"messages on {topic} have no header stamp; use time_source='receive'")
+    if t <= 0:
+        raise ValueError(f"messages on {topic} have no header stamp; use time_source='receive'")
     return t
 
 # %% ../nbs/02b_ros.ipynb #c051
-def ingest_rosbag(bag_path, out_root, image_topic:str='/camera/image_raw', joint_topic:str='/joint_states',
-                  command_topic:str|None='/command_log', action_topic:str|None=None, fps:int=10, image_size:int=96,
-                  episode_gap_s:float=2.0, *, time_source:str='receive', max_age_s:dict|None=None, max_joint_speed:float=2.5,
-                  action_joints:list|None=None, joint_names:list|None=None, proprio_fn=None, action_fn=None,
-                  default_command:str|None=None, min_episode_frames:int=3, demos_successful:bool=True) -> dict:
+def ingest_rosbag(
+    bag_path,
+    out_root,
+    image_topic: str = '/camera/image_raw',
+    joint_topic: str = '/joint_states',
+    command_topic: str | None = '/command_log',
+    action_topic: str | None = None,
+    fps: int = 10,
+    image_size: int = 96,
+    episode_gap_s: float = 2.0,
+    *,
+    time_source: str = 'receive',
+    max_age_s: dict | None = None,
+    max_joint_speed: float = 2.5,
+    action_joints: list | None = None,
+    joint_names: list | None = None,
+    proprio_fn=None,
+    action_fn=None,
+    default_command: str | None = None,
+    min_episode_frames: int = 3,
+    demos_successful: bool = True,
+) -> dict:
     "Synchronize a rosbag2's camera, joint and command streams at `fps` and append its episodes to the dataset at `out_root`."
-    t_start = time.time(); check_choice('time_source', time_source, ('receive', 'header')); check_range('fps', fps, 1, 1000, integer=True)
+    t_start = time.time()
+    check_choice('time_source', time_source, ('receive', 'header'))
+    check_range('fps', fps, 1, 1000, integer=True)
     if command_topic is None and not default_command:
         raise ValueError("give a command_topic or a default_command: every episode needs its instruction")
     topics = dict(image=image_topic, joints=joint_topic, command=command_topic, action=action_topic)
     topics = {k: v for k, v in topics.items() if v}
-    params = dict(topics=topics, fps=fps, image_size=image_size, episode_gap_s=episode_gap_s, time_source=time_source, max_age_s=max_age_s,
-                  max_joint_speed=max_joint_speed, action_joints=action_joints, joint_names=joint_names, min_episode_frames=min_episode_frames)
+    params = dict(
+        topics=topics,
+        fps=fps,
+        image_size=image_size,
+        episode_gap_s=episode_gap_s,
+        time_source=time_source,
+        max_age_s=max_age_s,
+        max_joint_speed=max_joint_speed,
+        action_joints=action_joints,
+        joint_names=joint_names,
+        min_episode_frames=min_episode_frames,
+    )
     reader = _open_bag(bag_path)
     try:
         conns = _check_topics(reader, bag_path, topics)
@@ -394,13 +608,33 @@ def ingest_rosbag(bag_path, out_root, image_topic:str='/camera/image_raw', joint
         bag_id = _bag_id(reader, bag_path, params)
         w = EpisodeWriter(out_root, fps=fps, config=dict(source='rosbag2', **params))
         done = {e['meta'].get('segment') for e in w.index if e['meta'].get('bag_id') == bag_id}
-        asm = EpisodeAssembler(w, image_size, episode_gap_s, 'topic' if action_topic else 'joints', max_joint_speed, action_joints,
-                               proprio_fn, action_fn, default_command, min_episode_frames, demos_successful,
-                               source=dict(source='rosbag2', bag=Path(bag_path).name, bag_id=bag_id), skip=done)
-        sync, merger = StreamSynchronizer(fps, ('image', 'joints') + (('command',) if command_topic else ()),
-                                          ('action',) if action_topic else (), max_age_s), JointStateMerger(joint_names)
+        asm = EpisodeAssembler(
+            w,
+            image_size,
+            episode_gap_s,
+            'topic' if action_topic else 'joints',
+            max_joint_speed,
+            action_joints,
+            proprio_fn,
+            action_fn,
+            default_command,
+            min_episode_frames,
+            demos_successful,
+            source=dict(source='rosbag2', bag=Path(bag_path).name, bag_id=bag_id),
+            skip=done,
+        )
+        sync, merger = (
+            StreamSynchronizer(
+                fps,
+                ('image', 'joints') + (('command',) if command_topic else ()),
+                ('action',) if action_topic else (),
+                max_age_s,
+            ),
+            JointStateMerger(joint_names),
+        )
         stats = _stream(reader, conns, sync, merger, asm, time_source)
-    finally: reader.close()
+    finally:
+        reader.close()
     return _report(bag_path, out_root, w, sync, asm, merger, n_msgs, stats, topics, t_start)
 
 # %% ../nbs/02b_ros.ipynb #c053
@@ -409,48 +643,88 @@ def _stream(reader, conns, sync, merger, asm, time_source) -> Counter:
     st = Counter()
     for conn, t, raw in reader.messages(connections=[c for cs in conns.values() for c in cs]):
         s, msg = stream_of[conn.id], _decode(conn, raw, t)
-        if time_source == 'header' and hasattr(msg, 'header'): t = _header_ns(msg, conn.topic)
-        if s == 'image': value = msg
+        if time_source == 'header' and hasattr(msg, 'header'):
+            t = _header_ns(msg, conn.topic)
+        if s == 'image':
+            value = msg
         elif s == 'joints':
             value = merger.update(msg)
-            if value is None: st['joint_states_incomplete'] += 1; continue
-        elif s == 'command': value = msg.data
-        else: value = np.asarray(msg.data, np.float32)
-        for tick in sync.push(s, t, value): asm.feed(tick)
-    for tick in sync.flush(): asm.feed(tick)
+            if value is None:
+                st['joint_states_incomplete'] += 1
+                continue
+        elif s == 'command':
+            value = msg.data
+        else:
+            value = np.asarray(msg.data, np.float32)
+        for tick in sync.push(s, t, value):
+            asm.feed(tick)
+    for tick in sync.flush():
+        asm.feed(tick)
     asm.close()
     return st
 
 # %% ../nbs/02b_ros.ipynb #c055
 def _report(bag_path, out_root, w, sync, asm, merger, n_msgs, stats, topics, t_start) -> dict:
     c, sc, topic = asm.counts, sync.counts, lambda s: topics.get(s, s)
-    warn = [f"{n} message(s) on {topic(s)} were stamped earlier than the previous one on that topic (unsorted); they were dropped"
-            for s, n in sorted(sc['late'].items())]
-    warn += [f"{n} message(s) on {topic(s)} repeated the previous message's timestamp; the repeats were dropped"
-             for s, n in sorted(sc['duplicate'].items())]
+    warn = [
+        f"{n} message(s) on {topic(s)} were stamped earlier than the previous one on that topic (unsorted); they were dropped"
+        for s, n in sorted(sc['late'].items())
+    ]
+    warn += [
+        f"{n} message(s) on {topic(s)} repeated the previous message's timestamp; the repeats were dropped"
+        for s, n in sorted(sc['duplicate'].items())
+    ]
     if c['clipped_values']:
-        warn.append(f"{c['clipped_values']} action value(s) exceeded max_joint_speed and were clipped to [-1, 1]; raise max_joint_speed")
+        warn.append(
+            f"{c['clipped_values']} action value(s) exceeded max_joint_speed and were clipped to [-1, 1]; raise max_joint_speed"
+        )
     if sc['ticks'] and sc['not_ok'] > 0.2 * sc['ticks']:
-        warn.append(f"{sc['not_ok']} of {sc['ticks']} ticks ({sc['not_ok'] / sc['ticks']:.0%}) lacked a recent image or joint state (max age "
-                    f"{sync.max_age['image'] / 1e9:.3g} s); check the stream rates or raise max_age_s")
+        warn.append(
+            f"{sc['not_ok']} of {sc['ticks']} ticks ({sc['not_ok'] / sc['ticks']:.0%}) lacked a recent image or joint state (max age "
+            f"{sync.max_age['image'] / 1e9:.3g} s); check the stream rates or raise max_age_s"
+        )
     if not asm.written and not c['skipped_existing']:
-        why = (f"joints never complete, missing {merger.missing()}" if merger.missing()
-               else f"{sc['ticks']} ticks, {sc['not_ok']} not ok, counts {dict(c)}")
+        why = (
+            f"joints never complete, missing {merger.missing()}"
+            if merger.missing()
+            else f"{sc['ticks']} ticks, {sc['not_ok']} not ok, counts {dict(c)}"
+        )
         raise ValueError(f"no episode could be assembled from {bag_path} ({why}); no episode was written")
-    for m in warn: warnings.warn(m, RosbagWarning, stacklevel=3)
+    for m in warn:
+        warnings.warn(m, RosbagWarning, stacklevel=3)
     ds = w.finalize() if w.index else None
-    return dict(bag=str(bag_path), out=str(out_root), episodes=len(asm.written), frames=c['frames'], episode_indices=asm.written,
-                dataset_episodes=len(ds) if ds else 0, messages=dict(n_msgs), ticks=sc['ticks'],
-                dropped=dict(ticks_not_ok=sc['not_ok'], frames_without_action=c['frames_without_action'], idle_ticks=c['idle_ticks'],
-                             short_episodes=c['short_episodes'], short_episode_frames=c['short_frames'],
-                             incomplete_joint_states=stats['joint_states_incomplete'], late=dict(sc['late']), duplicate=dict(sc['duplicate'])),
-                silences=sc['silences'],
-                clipped_action_values=c['clipped_values'], skipped_existing=c['skipped_existing'], warnings=warn,
-                seconds=round(time.time() - t_start, 3))
+    return dict(
+        bag=str(bag_path),
+        out=str(out_root),
+        episodes=len(asm.written),
+        frames=c['frames'],
+        episode_indices=asm.written,
+        dataset_episodes=len(ds) if ds else 0,
+        messages=dict(n_msgs),
+        ticks=sc['ticks'],
+        dropped=dict(
+            ticks_not_ok=sc['not_ok'],
+            frames_without_action=c['frames_without_action'],
+            idle_ticks=c['idle_ticks'],
+            short_episodes=c['short_episodes'],
+            short_episode_frames=c['short_frames'],
+            incomplete_joint_states=stats['joint_states_incomplete'],
+            late=dict(sc['late']),
+            duplicate=dict(sc['duplicate']),
+        ),
+        silences=sc['silences'],
+        clipped_action_values=c['clipped_values'],
+        skipped_existing=c['skipped_existing'],
+        warnings=warn,
+        seconds=round(time.time() - t_start, 3),
+    )
 
 # %% ../nbs/02b_ros.ipynb #c070
-ROS_INSTALL_HINT = ("RealDataCollector needs ROS 2: install ROS 2 (e.g. Humble/Jazzy) and source its setup.bash; rclpy and cv_bridge "
-                    "come with it. Without ROS 2, record with `ros2 bag record` and use ingest_rosbag (pure Python) instead")
+ROS_INSTALL_HINT = (
+    "RealDataCollector needs ROS 2: install ROS 2 (e.g. Humble/Jazzy) and source its setup.bash; rclpy and cv_bridge "
+    "come with it. Without ROS 2, record with `ros2 bag record` and use ingest_rosbag (pure Python) instead"
+)
+
 
 def _import_ros():
     try:
@@ -458,85 +732,157 @@ def _import_ros():
         from rclpy.node import Node
         from sensor_msgs.msg import Image, JointState
         from std_msgs.msg import String, Float32MultiArray
-    except ImportError as e: raise ImportError(f"{ROS_INSTALL_HINT} (import failed: {e})") from None
+    except ImportError as e:
+        raise ImportError(f"{ROS_INSTALL_HINT} (import failed: {e})") from None
     return rclpy, Node, dict(image=Image, joints=JointState, command=String, action=Float32MultiArray)
 
 # %% ../nbs/02b_ros.ipynb #c071
 class RealDataCollector:
     "The seed's ROS 2 data-collection node: camera, joint states and commands, synchronized at `collection_rate` Hz into episodes."
-    def __init__(self, out_root='runs/real_data', collection_rate:int=10, image_topic:str='/camera/image_raw',
-                 joint_topic:str='/joint_states', command_topic:str='/command_log', action_topic:str|None=None,
-                 image_size:int=96, episode_gap_s:float=2.0, save_every_s:float=30.0, node_name:str='real_data_collector', **kw):
+
+    def __init__(
+        self,
+        out_root='runs/real_data',
+        collection_rate: int = 10,
+        image_topic: str = '/camera/image_raw',
+        joint_topic: str = '/joint_states',
+        command_topic: str = '/command_log',
+        action_topic: str | None = None,
+        image_size: int = 96,
+        episode_gap_s: float = 2.0,
+        save_every_s: float = 30.0,
+        node_name: str = 'real_data_collector',
+        **kw,
+    ):
         self.rclpy, Node, types_ = _import_ros()
         check_range('save_every_s', save_every_s, 0.1)
         self.node = Node(node_name)
-        topics = dict(image=image_topic, joints=joint_topic, command=command_topic) | ({'action': action_topic} if action_topic else {})
-        self.writer = EpisodeWriter(out_root, fps=collection_rate, config=dict(source='ros2', topics=topics, image_size=image_size))
-        self.sync = StreamSynchronizer(collection_rate, ('image', 'joints', 'command'), ('action',) if action_topic else (),
-                                       kw.pop('max_age_s', None))
+        topics = dict(image=image_topic, joints=joint_topic, command=command_topic) | (
+            {'action': action_topic} if action_topic else {}
+        )
+        self.writer = EpisodeWriter(
+            out_root, fps=collection_rate, config=dict(source='ros2', topics=topics, image_size=image_size)
+        )
+        self.sync = StreamSynchronizer(
+            collection_rate,
+            ('image', 'joints', 'command'),
+            ('action',) if action_topic else (),
+            kw.pop('max_age_s', None),
+        )
         self.merger = JointStateMerger(kw.pop('joint_names', None))
-        self.asm = EpisodeAssembler(self.writer, image_size, episode_gap_s, 'topic' if action_topic else 'joints',
-                                    source=dict(source='ros2', node=node_name), **kw)
-        self.subs = [self.node.create_subscription(types_[s], t, (lambda m, s=s: self._on_message(s, m)), 10) for s, t in topics.items()]
-        self.timers = [self.node.create_timer(1 / collection_rate, self._on_timer), self.node.create_timer(save_every_s, self.save)]
+        self.asm = EpisodeAssembler(
+            self.writer,
+            image_size,
+            episode_gap_s,
+            'topic' if action_topic else 'joints',
+            source=dict(source='ros2', node=node_name),
+            **kw,
+        )
+        self.subs = [
+            self.node.create_subscription(types_[s], t, (lambda m, s=s: self._on_message(s, m)), 10)
+            for s, t in topics.items()
+        ]
+        self.timers = [
+            self.node.create_timer(1 / collection_rate, self._on_timer),
+            self.node.create_timer(save_every_s, self.save),
+        ]
         self.node.get_logger().info(f"real data collector: {topics} at {collection_rate} Hz into {out_root}")
 
 # %% ../nbs/02b_ros.ipynb #c072
 @patch
-def _now(self:RealDataCollector) -> int: return self.node.get_clock().now().nanoseconds
+def _now(self: RealDataCollector) -> int:
+    return self.node.get_clock().now().nanoseconds
+
 
 @patch
-def _on_message(self:RealDataCollector, stream:str, msg):
+def _on_message(self: RealDataCollector, stream: str, msg):
     try:
         if stream == 'joints':
             msg = self.merger.update(msg)
-            if msg is None: return
-        elif stream == 'command': msg = msg.data
-        elif stream == 'action': msg = np.asarray(msg.data, np.float32)
-        for tick in self.sync.push(stream, self._now(), msg): self.asm.feed(tick)
-    except ValueError as e: self.node.get_logger().error(f"{stream}: {e}")
+            if msg is None:
+                return
+        elif stream == 'command':
+            msg = msg.data
+        elif stream == 'action':
+            msg = np.asarray(msg.data, np.float32)
+        for tick in self.sync.push(stream, self._now(), msg):
+            self.asm.feed(tick)
+    except ValueError as e:
+        self.node.get_logger().error(f"{stream}: {e}")
+
 
 @patch
-def _on_timer(self:RealDataCollector):
-    for tick in self.sync.advance(self._now()): self.asm.feed(tick)
+def _on_timer(self: RealDataCollector):
+    for tick in self.sync.advance(self._now()):
+        self.asm.feed(tick)
 
 # %% ../nbs/02b_ros.ipynb #c073
 @patch
-def save(self:RealDataCollector):
+def save(self: RealDataCollector):
     "Refresh the dataset's statistics and totals (each episode itself was saved atomically when it ended)."
-    if self.writer.index: self.writer.finalize()
+    if self.writer.index:
+        self.writer.finalize()
     self.node.get_logger().info(f"{len(self.writer.index)} episodes saved in {self.writer.root}")
 
-@patch
-def close(self:RealDataCollector):
-    "Write the episode in progress, save, and destroy the node."
-    for tick in self.sync.flush(): self.asm.feed(tick)
-    self.asm.close(); self.save(); self.node.destroy_node()
 
 @patch
-def spin(self:RealDataCollector):
+def close(self: RealDataCollector):
+    "Write the episode in progress, save, and destroy the node."
+    for tick in self.sync.flush():
+        self.asm.feed(tick)
+    self.asm.close()
+    self.save()
+    self.node.destroy_node()
+
+
+@patch
+def spin(self: RealDataCollector):
     "Run until Ctrl-C, then close."
-    try: self.rclpy.spin(self.node)
-    except KeyboardInterrupt: pass
-    finally: self.close()
+    try:
+        self.rclpy.spin(self.node)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        self.close()
+
 
 def main(args=None):
     "Entry point, as in the seed: `rclpy.init`, spin the collector, shut down."
     rclpy = _import_ros()[0]
     rclpy.init(args=args)
-    try: RealDataCollector().spin()
-    finally: rclpy.shutdown()
+    try:
+        RealDataCollector().spin()
+    finally:
+        rclpy.shutdown()
 
 # %% ../nbs/02b_ros.ipynb #c080
-def synthetic_bag(path, seconds:float=30, camera_hz:int=30, joint_hz:int=100, hw=(480, 640), storage:str='mcap', seed:int=0) -> Path:
+def synthetic_bag(
+    path,
+    seconds: float = 30,
+    camera_hz: int = 30,
+    joint_hz: int = 100,
+    hw=(480, 640),
+    storage: str = 'mcap',
+    seed: int = 0,
+) -> Path:
     "A bag of random-texture frames and smooth joint motion under one command, to measure ingestion speed."
     rng, ms = np.random.default_rng(seed), 10**6
     frames = rng.integers(0, 255, (8, *hw, 3), dtype=np.uint8)
+
     def recs():
         yield '/command_log', 0, string_msg('wave at the camera')
-        ev = sorted([(k * 10**9 // camera_hz + 5 * ms, 'c', k) for k in range(int(seconds * camera_hz))] +
-                    [(k * 10**9 // joint_hz + 1 * ms, 'j', k) for k in range(int(seconds * joint_hz))])
+        ev = sorted(
+            [(k * 10**9 // camera_hz + 5 * ms, 'c', k) for k in range(int(seconds * camera_hz))]
+            + [(k * 10**9 // joint_hz + 1 * ms, 'j', k) for k in range(int(seconds * joint_hz))]
+        )
         for t, kind, k in ev:
-            if kind == 'c': yield '/camera/image_raw', t, image_msg(frames[k % 8], t, 'bgr8')
-            else: yield '/joint_states', t, joint_state_msg(DEMO_JOINTS[:7], 0.5 * np.sin(t / 1e9 + np.arange(7)), None, t)
+            if kind == 'c':
+                yield '/camera/image_raw', t, image_msg(frames[k % 8], t, 'bgr8')
+            else:
+                yield (
+                    '/joint_states',
+                    t,
+                    joint_state_msg(DEMO_JOINTS[:7], 0.5 * np.sin(t / 1e9 + np.arange(7)), None, t),
+                )
+
     return write_bag(path, recs(), storage)

@@ -31,187 +31,256 @@ __all__ = ['OBJECTS', 'DISTRACTORS', 'LOCATIONS', 'TASK_FAMILIES', 'TEMPLATES', 
 @dataclass(frozen=True)
 class ObjectSpec:
     "A graspable object class: how it is named in commands and how it is built."
-    name:str        # name used in commands, e.g. 'red cup'
-    shape:str       # 'cylinder', 'cube', 'sphere' or 'box'
-    size:tuple      # cylinder (radius, height); cube (half side,); sphere (radius,); box (half x, half y, half z), metres
-    rgb:tuple       # nominal colour, 0..1
-    mass:tuple=(0.05, 0.2) # mass range, kg
-    shade:float=0.06 # HSV jitter allowed by domain randomization
+
+    name: str  # name used in commands, e.g. 'red cup'
+    shape: str  # 'cylinder', 'cube', 'sphere' or 'box'
+    size: tuple  # cylinder (radius, height); cube (half side,); sphere (radius,); box (half x, half y, half z), metres
+    rgb: tuple  # nominal colour, 0..1
+    mass: tuple = (0.05, 0.2)  # mass range, kg
+    shade: float = 0.06  # HSV jitter allowed by domain randomization
 
     @property
     def half_height(self):
         s = self.shape
-        return self.size[1]/2 if s=='cylinder' else self.size[2] if s=='box' else self.size[0]
+        return self.size[1] / 2 if s == 'cylinder' else self.size[2] if s == 'box' else self.size[0]
+
     @property
     def footprint(self):
         "Radius of the circle that contains the object seen from above."
-        return math.hypot(*self.size[:2]) if self.shape=='box' else self.size[0]*(math.sqrt(2) if self.shape=='cube' else 1)
+        return (
+            math.hypot(*self.size[:2])
+            if self.shape == 'box'
+            else self.size[0] * (math.sqrt(2) if self.shape == 'cube' else 1)
+        )
 
-OBJECTS = {o.name: o for o in [
-    ObjectSpec('red cup',    'cylinder', (0.028, 0.08),          (0.85, 0.12, 0.10)),
-    ObjectSpec('blue box',   'cube',     (0.022,),               (0.12, 0.25, 0.85)),
-    ObjectSpec('green ball', 'sphere',   (0.026,),               (0.15, 0.70, 0.20), mass=(0.03, 0.1)),
-    ObjectSpec('bottle',     'cylinder', (0.022, 0.12),          (0.72, 0.86, 0.92), shade=0.04), # 'clear' in the seed
-    ObjectSpec('book',       'box',      (0.06, 0.028, 0.015),   (0.45, 0.27, 0.10)),
-]}
-DISTRACTORS = {o.name: o for o in [  # never named in a command
-    ObjectSpec('yellow block',    'cube',     (0.018,),       (0.95, 0.85, 0.10)),
-    ObjectSpec('purple cylinder', 'cylinder', (0.02, 0.05),   (0.50, 0.20, 0.60)),
-    ObjectSpec('orange block',    'box',      (0.03, 0.02, 0.02), (0.95, 0.50, 0.10)),
-]}
+
+OBJECTS = {
+    o.name: o
+    for o in [
+        ObjectSpec('red cup', 'cylinder', (0.028, 0.08), (0.85, 0.12, 0.10)),
+        ObjectSpec('blue box', 'cube', (0.022,), (0.12, 0.25, 0.85)),
+        ObjectSpec('green ball', 'sphere', (0.026,), (0.15, 0.70, 0.20), mass=(0.03, 0.1)),
+        ObjectSpec('bottle', 'cylinder', (0.022, 0.12), (0.72, 0.86, 0.92), shade=0.04),  # 'clear' in the seed
+        ObjectSpec('book', 'box', (0.06, 0.028, 0.015), (0.45, 0.27, 0.10)),
+    ]
+}
+DISTRACTORS = {
+    o.name: o
+    for o in [  # never named in a command
+        ObjectSpec('yellow block', 'cube', (0.018,), (0.95, 0.85, 0.10)),
+        ObjectSpec('purple cylinder', 'cylinder', (0.02, 0.05), (0.50, 0.20, 0.60)),
+        ObjectSpec('orange block', 'box', (0.03, 0.02, 0.02), (0.95, 0.50, 0.10)),
+    ]
+}
 list(OBJECTS)
 
 # %% ../nbs/01_sim.ipynb #c007
 @dataclass(frozen=True)
 class LocationSpec:
     "A named region of the tabletop: a mat or a raised fixture."
-    name:str      # name used in commands
-    center:tuple  # (x, y) of the footprint centre, metres, robot base frame
-    half:tuple    # (half x, half y) of the footprint
-    height:float  # surface height above the table
-    rgb:tuple     # nominal colour
-    shade:float=0.05
+
+    name: str  # name used in commands
+    center: tuple  # (x, y) of the footprint centre, metres, robot base frame
+    half: tuple  # (half x, half y) of the footprint
+    height: float  # surface height above the table
+    rgb: tuple  # nominal colour
+    shade: float = 0.05
 
     def contains(self, xy, margin=0.0):
         "Is the point `xy` inside the footprint shrunk by `margin`?"
         d = np.abs(np.asarray(xy, dtype=float)[:2] - self.center)
         return bool(np.all(d <= np.asarray(self.half) - margin))
 
-LOCATIONS = {l.name: l for l in [
-    LocationSpec('kitchen',     (0.36, -0.30), (0.075, 0.075), 0.004, (0.62, 0.74, 0.86)),
-    LocationSpec('living room', (0.56, -0.30), (0.075, 0.075), 0.004, (0.16, 0.55, 0.52)),
-    LocationSpec('bedroom',     (0.36,  0.30), (0.075, 0.075), 0.004, (0.72, 0.55, 0.86)),
-    LocationSpec('office',      (0.56,  0.30), (0.075, 0.075), 0.004, (0.30, 0.32, 0.38)),
-    LocationSpec('table',       (0.72, -0.16), (0.07, 0.07),   0.03,  (0.78, 0.58, 0.32)),
-    LocationSpec('shelf',       (0.72,  0.16), (0.07, 0.07),   0.07,  (0.93, 0.93, 0.90)),
-]}
+
+LOCATIONS = {
+    l.name: l
+    for l in [
+        LocationSpec('kitchen', (0.36, -0.30), (0.075, 0.075), 0.004, (0.62, 0.74, 0.86)),
+        LocationSpec('living room', (0.56, -0.30), (0.075, 0.075), 0.004, (0.16, 0.55, 0.52)),
+        LocationSpec('bedroom', (0.36, 0.30), (0.075, 0.075), 0.004, (0.72, 0.55, 0.86)),
+        LocationSpec('office', (0.56, 0.30), (0.075, 0.075), 0.004, (0.30, 0.32, 0.38)),
+        LocationSpec('table', (0.72, -0.16), (0.07, 0.07), 0.03, (0.78, 0.58, 0.32)),
+        LocationSpec('shelf', (0.72, 0.16), (0.07, 0.07), 0.07, (0.93, 0.93, 0.90)),
+    ]
+}
 LOCATIONS['shelf'].contains((0.75, 0.2)), LOCATIONS['shelf'].contains((0.5, 0.0))
 
 # %% ../nbs/01_sim.ipynb #c009
 TASK_FAMILIES = ('pick', 'move', 'find', 'place')
 
+
 @dataclass(frozen=True)
 class Task:
     "What a command asks for: a family plus the object and/or location it names."
-    family:str            # one of TASK_FAMILIES
-    obj:str|None=None     # object name (pick, find, place)
-    loc:str|None=None     # location name (move, place)
+
+    family: str  # one of TASK_FAMILIES
+    obj: str | None = None  # object name (pick, find, place)
+    loc: str | None = None  # location name (move, place)
+
     def __post_init__(self):
         check_choice('family', self.family, TASK_FAMILIES)
-        needs_obj, needs_loc = self.family in ('pick','find','place'), self.family in ('move','place')
-        if needs_obj: check_choice('obj', self.obj, tuple(OBJECTS))
-        elif self.obj is not None: raise ValueError(f"a '{self.family}' task names no object, got obj={self.obj!r}")
-        if needs_loc: check_choice('loc', self.loc, tuple(LOCATIONS))
-        elif self.loc is not None: raise ValueError(f"a '{self.family}' task names no location, got loc={self.loc!r}")
+        needs_obj, needs_loc = self.family in ('pick', 'find', 'place'), self.family in ('move', 'place')
+        if needs_obj:
+            check_choice('obj', self.obj, tuple(OBJECTS))
+        elif self.obj is not None:
+            raise ValueError(f"a '{self.family}' task names no object, got obj={self.obj!r}")
+        if needs_loc:
+            check_choice('loc', self.loc, tuple(LOCATIONS))
+        elif self.loc is not None:
+            raise ValueError(f"a '{self.family}' task names no location, got loc={self.loc!r}")
 
 # %% ../nbs/01_sim.ipynb #c013
 TEMPLATES = {
-    'pick':  ('pick up the {obj}', 'grasp the {obj}', 'pick the {obj} up', 'lift the {obj}', 'grab the {obj}',
-              'please pick up the {obj}'),
-    'move':  ('move to the {loc}', 'navigate to the {loc}', 'go to the {loc}', 'head to the {loc}',
-              'move the gripper to the {loc}'),
-    'find':  ('find the {obj}', 'locate the {obj}', 'look for the {obj}', 'hover over the {obj}', 'point at the {obj}'),
-    'place': ('place the {obj} at the {loc}', 'put the {obj} on the {loc}', 'move the {obj} to the {loc}',
-              'bring the {obj} to the {loc}', 'at the {loc}, place the {obj}', 'put the {obj} in the {loc}'),
+    'pick': (
+        'pick up the {obj}',
+        'grasp the {obj}',
+        'pick the {obj} up',
+        'lift the {obj}',
+        'grab the {obj}',
+        'please pick up the {obj}',
+    ),
+    'move': (
+        'move to the {loc}',
+        'navigate to the {loc}',
+        'go to the {loc}',
+        'head to the {loc}',
+        'move the gripper to the {loc}',
+    ),
+    'find': ('find the {obj}', 'locate the {obj}', 'look for the {obj}', 'hover over the {obj}', 'point at the {obj}'),
+    'place': (
+        'place the {obj} at the {loc}',
+        'put the {obj} on the {loc}',
+        'move the {obj} to the {loc}',
+        'bring the {obj} to the {loc}',
+        'at the {loc}, place the {obj}',
+        'put the {obj} in the {loc}',
+    ),
 }
 MAX_COMMAND_CHARS = 64
 
-def make_command(task:Task, rng:np.random.Generator|None=None, template:int|None=None) -> str:
+
+def make_command(task: Task, rng: np.random.Generator | None = None, template: int | None = None) -> str:
     "Write `task` as text with a (seeded) random paraphrase, or the paraphrase number `template`."
     ts = TEMPLATES[task.family]
-    if template is None: template = 0 if rng is None else int(rng.integers(len(ts)))
-    check_range('template', template, 0, len(ts)-1, integer=True)
+    if template is None:
+        template = 0 if rng is None else int(rng.integers(len(ts)))
+    check_range('template', template, 0, len(ts) - 1, integer=True)
     return ts[template].format(obj=task.obj, loc=task.loc)
 
 # %% ../nbs/01_sim.ipynb #c016
 def _vocab_words():
     ws = set()
     for ts in TEMPLATES.values():
-        for t in ts: ws |= set(re.findall(r"[a-z]+", t.replace('{obj}', '').replace('{loc}', '')))
-    for n in list(OBJECTS) + list(LOCATIONS): ws |= set(n.split())
+        for t in ts:
+            ws |= set(re.findall(r"[a-z]+", t.replace('{obj}', '').replace('{loc}', '')))
+    for n in list(OBJECTS) + list(LOCATIONS):
+        ws |= set(n.split())
     return ws
+
 
 def _normalize(text):
     return ' '.join(re.sub(r'\s*,\s*', ', ', text.strip().lower()).split())
 
-def parse_command(text:str) -> Task:
+
+def parse_command(text: str) -> Task:
     "The `Task` a command asks for; clear errors for empty, overlong or unknown input."
-    if not isinstance(text, str): raise TypeError(f"command must be a str, got {type(text).__name__}")
+    if not isinstance(text, str):
+        raise TypeError(f"command must be a str, got {type(text).__name__}")
     t = _normalize(text)
-    if not t: raise ValueError("command is empty")
-    if len(t) > MAX_COMMAND_CHARS: raise ValueError(f"command is {len(t)} characters long; the limit is {MAX_COMMAND_CHARS}")
+    if not t:
+        raise ValueError("command is empty")
+    if len(t) > MAX_COMMAND_CHARS:
+        raise ValueError(f"command is {len(t)} characters long; the limit is {MAX_COMMAND_CHARS}")
     unknown = [w for w in re.findall(r"[^\s,]+", t) if w not in _vocab_words()]
-    if unknown: raise ValueError(f"unknown word(s) in command {text!r}: {unknown}")
+    if unknown:
+        raise ValueError(f"unknown word(s) in command {text!r}: {unknown}")
     obj_re, loc_re = '|'.join(map(re.escape, OBJECTS)), '|'.join(map(re.escape, LOCATIONS))
     for fam, ts in TEMPLATES.items():
         for tmpl in ts:
             pat = re.escape(tmpl).replace(r'\{obj\}', f'(?P<obj>{obj_re})').replace(r'\{loc\}', f'(?P<loc>{loc_re})')
             m = re.fullmatch(pat, t)
-            if m: return Task(fam, m.groupdict().get('obj'), m.groupdict().get('loc'))
-    raise ValueError(f"command {text!r} uses known words but matches no task template; e.g. {TEMPLATES['pick'][0].format(obj='book')!r}")
+            if m:
+                return Task(fam, m.groupdict().get('obj'), m.groupdict().get('loc'))
+    raise ValueError(
+        f"command {text!r} uses known words but matches no task template; e.g. {TEMPLATES['pick'][0].format(obj='book')!r}"
+    )
 
 # %% ../nbs/01_sim.ipynb #c021
 @dataclass
 class SimConfig(Config):
     "Settings of the tabletop simulator."
-    image_size:int=96          # side of the square RGB observation, pixels
-    wrist_camera:bool=False    # also return a wrist-camera image under 'wrist_image'
-    wrist_size:int|None=None   # side of the wrist image, pixels (None: image_size)
-    control_hz:int=10          # policy steps per second
-    physics_hz:int=200         # physics steps per second; a multiple of control_hz
-    max_steps:int=120          # steps before the episode is truncated
-    randomize:bool=True        # domain randomization of lights, colours, textures, camera and physics
-    max_distractors:int=4      # up to this many extra objects (0-4)
-    families:tuple=TASK_FAMILIES # task families sampled when reset() is given no task
-    reward_type:str='sparse'   # 'sparse' (1 on success) or 'dense' (staged shaping, see `dense_reward`)
-    terminate_on_success:bool=True # end the episode on the first successful step
-    render_size:int=256        # side of the image returned by render()
+
+    image_size: int = 96  # side of the square RGB observation, pixels
+    wrist_camera: bool = False  # also return a wrist-camera image under 'wrist_image'
+    wrist_size: int | None = None  # side of the wrist image, pixels (None: image_size)
+    control_hz: int = 10  # policy steps per second
+    physics_hz: int = 200  # physics steps per second; a multiple of control_hz
+    max_steps: int = 120  # steps before the episode is truncated
+    randomize: bool = True  # domain randomization of lights, colours, textures, camera and physics
+    max_distractors: int = 4  # up to this many extra objects (0-4)
+    families: tuple = TASK_FAMILIES  # task families sampled when reset() is given no task
+    reward_type: str = 'sparse'  # 'sparse' (1 on success) or 'dense' (staged shaping, see `dense_reward`)
+    terminate_on_success: bool = True  # end the episode on the first successful step
+    render_size: int = 256  # side of the image returned by render()
 
     def __post_init__(self):
         check_range('image_size', self.image_size, 32, 512, integer=True)
         check_range('render_size', self.render_size, 32, 1024, integer=True)
-        if self.wrist_size is not None: check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
+        if self.wrist_size is not None:
+            check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         check_range('control_hz', self.control_hz, 1, 100, integer=True)
         check_range('physics_hz', self.physics_hz, 60, 2000, integer=True)
-        if self.physics_hz % self.control_hz: raise ValueError(f"physics_hz ({self.physics_hz}) must be a multiple of control_hz ({self.control_hz})")
+        if self.physics_hz % self.control_hz:
+            raise ValueError(f"physics_hz ({self.physics_hz}) must be a multiple of control_hz ({self.control_hz})")
         check_range('max_steps', self.max_steps, 1, 10_000, integer=True)
         check_range('max_distractors', self.max_distractors, 0, 4, integer=True)
         check_choice('reward_type', self.reward_type, ('sparse', 'dense'))
         self.families = tuple(self.families)
-        if not self.families: raise ValueError("families must name at least one task family")
-        for f in self.families: check_choice('families', f, TASK_FAMILIES)
+        if not self.families:
+            raise ValueError("families must name at least one task family")
+        for f in self.families:
+            check_choice('families', f, TASK_FAMILIES)
 
     @property
-    def substeps(self): return self.physics_hz // self.control_hz
+    def substeps(self):
+        return self.physics_hz // self.control_hz
 
 # %% ../nbs/01_sim.ipynb #c025
-def kelvin_to_rgb(k:float) -> list:
+def kelvin_to_rgb(k: float) -> list:
     "Colour of a black body at `k` kelvin, normalised so the brightest channel is 1 (Tanner Helland's fit)."
     t = k / 100
-    r = 255. if t <= 66 else 329.698727446 * (t-60) ** -0.1332047592
-    g = 99.4708025861*math.log(t) - 161.1195681661 if t <= 66 else 288.1221695283 * (t-60) ** -0.0755148492
-    b = 255. if t >= 66 else 0. if t <= 19 else 138.5177312231*math.log(t-10) - 305.0447927307
+    r = 255.0 if t <= 66 else 329.698727446 * (t - 60) ** -0.1332047592
+    g = 99.4708025861 * math.log(t) - 161.1195681661 if t <= 66 else 288.1221695283 * (t - 60) ** -0.0755148492
+    b = 255.0 if t >= 66 else 0.0 if t <= 19 else 138.5177312231 * math.log(t - 10) - 305.0447927307
     c = np.clip([r, g, b], 0, 255)
     return (c / c.max()).round(4).tolist()
+
 
 def jitter_rgb(rgb, shade, rng):
     "Move a colour within its class's shade range in HSV space."
     h, s, v = colorsys.rgb_to_hsv(*rgb)
     h = (h + rng.uniform(-shade, shade) / 2) % 1
-    s, v = np.clip(s + rng.uniform(-2*shade, 2*shade), 0, 1), np.clip(v + rng.uniform(-2*shade, 2*shade), 0.05, 1)
+    s, v = (
+        np.clip(s + rng.uniform(-2 * shade, 2 * shade), 0, 1),
+        np.clip(v + rng.uniform(-2 * shade, 2 * shade), 0.05, 1),
+    )
     return [round(float(x), 4) for x in colorsys.hsv_to_rgb(h, s, v)]
+
 
 kelvin_to_rgb(3000), kelvin_to_rgb(6500)
 
 # %% ../nbs/01_sim.ipynb #c027
-WORKSPACE_LOW, WORKSPACE_HIGH = np.array([0.25, -0.42, 0.008]), np.array([0.82, 0.42, 0.45]) # TCP bounds, metres
-OBJECT_AREA = ((0.34, 0.64), (-0.2, 0.2))   # x and y ranges where objects are dropped
-N_TEXTURES = 8                               # procedural table textures
+WORKSPACE_LOW, WORKSPACE_HIGH = np.array([0.25, -0.42, 0.008]), np.array([0.82, 0.42, 0.45])  # TCP bounds, metres
+OBJECT_AREA = ((0.34, 0.64), (-0.2, 0.2))  # x and y ranges where objects are dropped
+N_TEXTURES = 8  # procedural table textures
+
 
 def _free(xy, r, placed):
     "Is a disc at `xy` of radius `r` clear of the fixtures and of the discs already `placed`?"
-    if any(np.all(np.abs(xy - l.center) < np.array(l.half) + r + 0.01) for l in LOCATIONS.values()): return False
+    if any(np.all(np.abs(xy - l.center) < np.array(l.half) + r + 0.01) for l in LOCATIONS.values()):
+        return False
     return all(np.linalg.norm(xy - q) > r + rq + 0.04 for q, rq in placed)
+
 
 def _place_objects(names, rng, tries=300):
     "Drop positions for `names` in order; a distractor that finds no free spot is left out."
@@ -220,52 +289,96 @@ def _place_objects(names, rng, tries=300):
         r = {**OBJECTS, **DISTRACTORS}[n].footprint
         for _ in range(tries):
             xy = np.array([rng.uniform(*OBJECT_AREA[0]), rng.uniform(*OBJECT_AREA[1])])
-            if _free(xy, r, placed): placed.append((xy, r)); kept.append(n); break
+            if _free(xy, r, placed):
+                placed.append((xy, r))
+                kept.append(n)
+                break
         else:
-            if i == 0: raise RuntimeError(f"could not place the task object {n!r} after {tries} tries")
+            if i == 0:
+                raise RuntimeError(f"could not place the task object {n!r} after {tries} tries")
     return kept, [[round(float(x), 5) for x in xy] for xy, _ in placed]
 
 # %% ../nbs/01_sim.ipynb #c028
-def sample_scene(rng:np.random.Generator, task:Task, cfg:SimConfig) -> dict:
+def sample_scene(rng: np.random.Generator, task: Task, cfg: SimConfig) -> dict:
     "Draw every random quantity of one episode; the result is JSON-ready and rebuilds the same scene."
     others = [n for n in OBJECTS if n != task.obj] + list(DISTRACTORS)
     k = int(rng.integers(0, cfg.max_distractors + 1))
-    names = ([task.obj] if task.obj else [str(rng.choice(list(OBJECTS)))]) + [str(n) for n in rng.choice(others, k, replace=False)]
-    if task.obj is None: names = list(dict.fromkeys(names))
+    names = ([task.obj] if task.obj else [str(rng.choice(list(OBJECTS)))]) + [
+        str(n) for n in rng.choice(others, k, replace=False)
+    ]
+    if task.obj is None:
+        names = list(dict.fromkeys(names))
     (names, xys), R = _place_objects(names, rng), cfg.randomize
     u = lambda lo, hi, nominal: round(float(rng.uniform(lo, hi)), 5) if R else nominal
     objects = []
     for n, xy in zip(names, xys):
         s = {**OBJECTS, **DISTRACTORS}[n]
-        objects.append(dict(name=n, xy=xy, yaw=round(float(rng.uniform(-np.pi, np.pi)), 5),
-            rgb=jitter_rgb(s.rgb, s.shade, rng) if R else list(s.rgb), mass=u(*s.mass, float(np.mean(s.mass))),
-            friction=u(0.7, 1.2, 1.0), rolling_friction=u(1e-4, 2e-3, 1e-3) if s.shape=='sphere' else 0.0))
-    light = dict(direction=[u(-1, 1, 0.4), u(-1, 1, 0.3), u(0.5, 1.0, 1.0)], intensity=u(0.5, 2.0, 1.0),
-                 temperature=u(3000, 6500, 5500), ambient=u(0.35, 0.7, 0.5), shadow=bool(rng.random() < 0.5) if R else True)
+        objects.append(
+            dict(
+                name=n,
+                xy=xy,
+                yaw=round(float(rng.uniform(-np.pi, np.pi)), 5),
+                rgb=jitter_rgb(s.rgb, s.shade, rng) if R else list(s.rgb),
+                mass=u(*s.mass, float(np.mean(s.mass))),
+                friction=u(0.7, 1.2, 1.0),
+                rolling_friction=u(1e-4, 2e-3, 1e-3) if s.shape == 'sphere' else 0.0,
+            )
+        )
+    light = dict(
+        direction=[u(-1, 1, 0.4), u(-1, 1, 0.3), u(0.5, 1.0, 1.0)],
+        intensity=u(0.5, 2.0, 1.0),
+        temperature=u(3000, 6500, 5500),
+        ambient=u(0.35, 0.7, 0.5),
+        shadow=bool(rng.random() < 0.5) if R else True,
+    )
     light['color'] = kelvin_to_rgb(light['temperature'])
-    camera = dict(eye=[round(float(v), 5) for v in np.array([1.05, 0.0, 0.62]) + (rng.uniform(-0.03, 0.03, 3) if R else 0)],
-                  target=[round(float(v), 5) for v in np.array([0.52, 0.0, 0.04]) + (rng.uniform(-0.02, 0.02, 3) if R else 0)],
-                  fov=u(55, 61, 58.0))
+    camera = dict(
+        eye=[round(float(v), 5) for v in np.array([1.05, 0.0, 0.62]) + (rng.uniform(-0.03, 0.03, 3) if R else 0)],
+        target=[round(float(v), 5) for v in np.array([0.52, 0.0, 0.04]) + (rng.uniform(-0.02, 0.02, 3) if R else 0)],
+        fov=u(55, 61, 58.0),
+    )
     grey = u(0.35, 0.65, 0.5)
-    return dict(task=dict(family=task.family, obj=task.obj, loc=task.loc), objects=objects, light=light, camera=camera,
-        table=dict(rgb=jitter_rgb((grey, grey*0.95, grey*0.9), 0.08, rng) if R else [0.5, 0.475, 0.45],
-                   texture=int(rng.integers(N_TEXTURES)) if R else -1),
+    return dict(
+        task=dict(family=task.family, obj=task.obj, loc=task.loc),
+        objects=objects,
+        light=light,
+        camera=camera,
+        table=dict(
+            rgb=jitter_rgb((grey, grey * 0.95, grey * 0.9), 0.08, rng) if R else [0.5, 0.475, 0.45],
+            texture=int(rng.integers(N_TEXTURES)) if R else -1,
+        ),
         background=dict(rgb=[u(0.2, 0.95, 0.8), u(0.2, 0.95, 0.8), u(0.2, 0.95, 0.82)]),
         locations={n: dict(rgb=jitter_rgb(l.rgb, l.shade, rng) if R else list(l.rgb)) for n, l in LOCATIONS.items()},
-        robot=dict(tcp_start=[round(float(v), 5) for v in np.array([0.45, 0.0, 0.28]) + (rng.uniform(-0.04, 0.04, 3) if R else 0)]))
+        robot=dict(
+            tcp_start=[
+                round(float(v), 5) for v in np.array([0.45, 0.0, 0.28]) + (rng.uniform(-0.04, 0.04, 3) if R else 0)
+            ]
+        ),
+    )
 
 # %% ../nbs/01_sim.ipynb #c032
 def quat_mul(a, b):
     "Hamilton product `a*b` of (x, y, z, w) quaternions: rotate by `b`, then by `a`."
-    ax, ay, az, aw = a; bx, by, bz, bw = b
-    return np.array([aw*bx + ax*bw + ay*bz - az*by, aw*by - ax*bz + ay*bw + az*bx,
-                     aw*bz + ax*by - ay*bx + az*bw, aw*bw - ax*bx - ay*by - az*bz])
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array(
+        [
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+            aw * bw - ax * bx - ay * by - az * bz,
+        ]
+    )
+
 
 def quat_from_rotvec(v):
     "Quaternion of the rotation by angle |v| about axis v/|v|."
-    v = np.asarray(v, dtype=float); th = np.linalg.norm(v)
-    if th < 1e-12: return np.array([0., 0., 0., 1.])
-    return np.concatenate([np.sin(th/2) * v / th, [np.cos(th/2)]])
+    v = np.asarray(v, dtype=float)
+    th = np.linalg.norm(v)
+    if th < 1e-12:
+        return np.array([0.0, 0.0, 0.0, 1.0])
+    return np.concatenate([np.sin(th / 2) * v / th, [np.cos(th / 2)]])
+
 
 def rotvec_from_quat(q):
     "Axis-angle vector of a quaternion, angle in [0, pi]."
@@ -273,202 +386,300 @@ def rotvec_from_quat(q):
     s = np.linalg.norm(q[:3])
     return np.zeros(3) if s < 1e-12 else q[:3] / s * 2 * math.atan2(s, q[3])
 
-def quat_conj(q): return np.array([-q[0], -q[1], -q[2], q[3]])
+
+def quat_conj(q):
+    return np.array([-q[0], -q[1], -q[2], q[3]])
 
 # %% ../nbs/01_sim.ipynb #c036
 import vla_nb
-ASSETS = Path(vla_nb.__file__).parent/'assets'
+
+ASSETS = Path(vla_nb.__file__).parent / 'assets'
 ARM_JOINTS, FINGER_JOINTS, HAND_LINK, TCP_LINK = tuple(range(7)), (8, 9), 7, 10
-ARM_FORCES = (87.,)*4 + (12.,)*3
-HOME_Q = (0.0, -0.35, 0.0, -2.3, 0.0, 1.95, 0.785)   # a comfortable elbow-up posture
-MAX_DPOS, MAX_DROT, MAX_FINGER = 0.03, 0.15, 0.04    # per-step limits at |a| = 1: metres, radians; finger travel
-TCP_DOWN = np.array([1., 0., 0., 0.])               # gripper pointing at the table (rotation by pi about x)
+ARM_FORCES = (87.0,) * 4 + (12.0,) * 3
+HOME_Q = (0.0, -0.35, 0.0, -2.3, 0.0, 1.95, 0.785)  # a comfortable elbow-up posture
+MAX_DPOS, MAX_DROT, MAX_FINGER = 0.03, 0.15, 0.04  # per-step limits at |a| = 1: metres, radians; finger travel
+TCP_DOWN = np.array([1.0, 0.0, 0.0, 0.0])  # gripper pointing at the table (rotation by pi about x)
+
 
 def _texture_dir():
-    d = Path(tempfile.gettempdir())/'vla_nb_textures_v1'
-    if len(list(d.glob('*.png'))) == N_TEXTURES: return d
+    d = Path(tempfile.gettempdir()) / 'vla_nb_textures_v1'
+    if len(list(d.glob('*.png'))) == N_TEXTURES:
+        return d
     import cv2
+
     d.mkdir(parents=True, exist_ok=True)
     for i in range(N_TEXTURES):
-        r = np.random.default_rng(1000 + i); yy, xx = np.mgrid[0:64, 0:64] / 64
-        if i % 3 == 0: base = 0.5 + 0.25*np.sin(2*np.pi*(xx*r.uniform(3, 8) + 0.3*np.sin(2*np.pi*yy*r.uniform(1, 3))))  # wood grain
-        elif i % 3 == 1: n = r.integers(3, 8); base = 0.45 + 0.3*((np.floor(xx*n) + np.floor(yy*n)) % 2)           # tiles
-        else: base = 0.55 + 0.0*xx                                                                                   # speckle
+        r = np.random.default_rng(1000 + i)
+        yy, xx = np.mgrid[0:64, 0:64] / 64
+        if i % 3 == 0:
+            base = 0.5 + 0.25 * np.sin(
+                2 * np.pi * (xx * r.uniform(3, 8) + 0.3 * np.sin(2 * np.pi * yy * r.uniform(1, 3)))
+            )  # wood grain
+        elif i % 3 == 1:
+            n = r.integers(3, 8)
+            base = 0.45 + 0.3 * ((np.floor(xx * n) + np.floor(yy * n)) % 2)  # tiles
+        else:
+            base = 0.55 + 0.0 * xx  # speckle
         img = np.clip(base[..., None] * r.uniform(0.6, 1.0, 3) + r.normal(0, 0.06, (64, 64, 3)), 0, 1)
-        tmp = d/f'.{i}.{os.getpid()}.tmp.png'; cv2.imwrite(str(tmp), (img*255).astype(np.uint8)); tmp.replace(d/f'table_{i}.png')  # per-process temp name
+        tmp = d / f'.{i}.{os.getpid()}.tmp.png'
+        cv2.imwrite(str(tmp), (img * 255).astype(np.uint8))
+        tmp.replace(d / f'table_{i}.png')  # per-process temp name
     return d
 
 # %% ../nbs/01_sim.ipynb #c037
 class _DirectClient(BulletClient):
     "A headless PyBullet client (connecting without `options`, which makes PyBullet print its argv)."
-    def __init__(self): self._shapes, self._pid, self._client = {}, os.getpid(), p.connect(p.DIRECT)
+
+    def __init__(self):
+        self._shapes, self._pid, self._client = {}, os.getpid(), p.connect(p.DIRECT)
+
 
 class TabletopWorld:
     "The physical scene of one episode, built from a `sample_scene` dict, with its own PyBullet client."
-    def __init__(self, cfg:SimConfig):
+
+    def __init__(self, cfg: SimConfig):
         self.cfg, self.bc = cfg, _DirectClient()
         self.bc.setPhysicsEngineParameter(deterministicOverlappingPairs=1)
         self.scene, self.bodies = None, {}
 
     def close(self):
-        if self.bc is not None: self.bc.disconnect(); self.bc = None
+        if self.bc is not None:
+            self.bc.disconnect()
+            self.bc = None
+
     def __del__(self):
-        try: self.close()
-        except Exception: pass
+        try:
+            self.close()
+        except Exception:
+            pass
 
 # %% ../nbs/01_sim.ipynb #c038
 @patch
-def _box(self:TabletopWorld, half, pos, rgb, mass=0.0, yaw=0.0, collide=True):
+def _box(self: TabletopWorld, half, pos, rgb, mass=0.0, yaw=0.0, collide=True):
     bc = self.bc
     vs = bc.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=list(rgb) + [1])
     cs = bc.createCollisionShape(p.GEOM_BOX, halfExtents=half) if collide else -1
     return bc.createMultiBody(mass, cs, vs, pos, bc.getQuaternionFromEuler([0, 0, yaw]))
 
+
 @patch
-def _object(self:TabletopWorld, o):
+def _object(self: TabletopWorld, o):
     s, bc = {**OBJECTS, **DISTRACTORS}[o['name']], self.bc
     col = list(o['rgb']) + [1]
     if s.shape == 'sphere':
-        vs, cs = bc.createVisualShape(p.GEOM_SPHERE, radius=s.size[0], rgbaColor=col), bc.createCollisionShape(p.GEOM_SPHERE, radius=s.size[0])
+        vs, cs = (
+            bc.createVisualShape(p.GEOM_SPHERE, radius=s.size[0], rgbaColor=col),
+            bc.createCollisionShape(p.GEOM_SPHERE, radius=s.size[0]),
+        )
     elif s.shape == 'cylinder':
         vs = bc.createVisualShape(p.GEOM_CYLINDER, radius=s.size[0], length=s.size[1], rgbaColor=col)
         cs = bc.createCollisionShape(p.GEOM_CYLINDER, radius=s.size[0], height=s.size[1])
     else:
-        half = [s.size[0]]*3 if s.shape == 'cube' else list(s.size)
-        vs, cs = bc.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=col), bc.createCollisionShape(p.GEOM_BOX, halfExtents=half)
-    b = bc.createMultiBody(o['mass'], cs, vs, [*o['xy'], s.half_height + 1e-3], bc.getQuaternionFromEuler([0, 0, o['yaw']]))
-    bc.changeDynamics(b, -1, lateralFriction=o['friction'], rollingFriction=o['rolling_friction'], spinningFriction=1e-3, restitution=0.0)
+        half = [s.size[0]] * 3 if s.shape == 'cube' else list(s.size)
+        vs, cs = (
+            bc.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=col),
+            bc.createCollisionShape(p.GEOM_BOX, halfExtents=half),
+        )
+    b = bc.createMultiBody(
+        o['mass'], cs, vs, [*o['xy'], s.half_height + 1e-3], bc.getQuaternionFromEuler([0, 0, o['yaw']])
+    )
+    bc.changeDynamics(
+        b,
+        -1,
+        lateralFriction=o['friction'],
+        rollingFriction=o['rolling_friction'],
+        spinningFriction=1e-3,
+        restitution=0.0,
+    )
     return b
 
 # %% ../nbs/01_sim.ipynb #c039
 @patch
-def build(self:TabletopWorld, scene:dict):
+def build(self: TabletopWorld, scene: dict):
     "Reset the physics and build `scene`: table, fixtures, robot at its start pose, objects."
     bc, self.scene, self.bodies = self.bc, scene, {}
     bc.resetSimulation()
-    bc.setGravity(0, 0, -9.81); bc.setTimeStep(1 / self.cfg.physics_hz)
+    bc.setGravity(0, 0, -9.81)
+    bc.setTimeStep(1 / self.cfg.physics_hz)
     t = scene['table']
     self.table = self._box([0.75, 0.75, 0.02], [0.45, 0, -0.02], t['rgb'])
     if t['texture'] >= 0:
-        tex = bc.loadTexture(str(_texture_dir()/f"table_{t['texture']}.png"))
+        tex = bc.loadTexture(str(_texture_dir() / f"table_{t['texture']}.png"))
         bc.changeVisualShape(self.table, -1, textureUniqueId=tex, rgbaColor=list(t['rgb']) + [1])
     self._box([0.02, 1.2, 0.8], [-0.45, 0, 0.6], scene['background']['rgb'], collide=False)  # back wall
     for n, l in LOCATIONS.items():
-        self._box([*l.half, l.height/2], [*l.center, l.height/2], scene['locations'][n]['rgb'])
-    self.robot = bc.loadURDF(str(ASSETS/'panda_lite.urdf'), useFixedBase=True)
-    for j in ARM_JOINTS + FINGER_JOINTS: bc.changeDynamics(self.robot, j, linearDamping=0, angularDamping=0)
+        self._box([*l.half, l.height / 2], [*l.center, l.height / 2], scene['locations'][n]['rgb'])
+    self.robot = bc.loadURDF(str(ASSETS / 'panda_lite.urdf'), useFixedBase=True)
+    for j in ARM_JOINTS + FINGER_JOINTS:
+        bc.changeDynamics(self.robot, j, linearDamping=0, angularDamping=0)
     self._home(scene['robot']['tcp_start'])
-    for o in scene['objects']: self.bodies[o['name']] = self._object(o)
-    for _ in range(int(0.25 * self.cfg.physics_hz)): bc.stepSimulation()   # let objects settle
+    for o in scene['objects']:
+        self.bodies[o['name']] = self._object(o)
+    for _ in range(int(0.25 * self.cfg.physics_hz)):
+        bc.stepSimulation()  # let objects settle
     self.start_xyz = {n: self.object_pose(n)[0] for n in self.bodies}
     return self
 
 # %% ../nbs/01_sim.ipynb #c040
 @patch
-def _ik(self:TabletopWorld, pos, orn):
+def _ik(self: TabletopWorld, pos, orn):
     lo = [-2.9671, -1.8326, -2.9671, -3.1416, -2.9671, -0.0873, -2.9671]
     hi = [2.9671, 1.8326, 2.9671, 0.0, 2.9671, 3.8223, 2.9671]
-    q = self.bc.calculateInverseKinematics(self.robot, TCP_LINK, list(pos), list(orn), lowerLimits=lo + [0, 0],
-        upperLimits=hi + [0.04, 0.04], jointRanges=[h - l for l, h in zip(lo, hi)] + [0.04]*2, restPoses=list(HOME_Q) + [0.04]*2,
-        maxNumIterations=30, residualThreshold=1e-5)
+    q = self.bc.calculateInverseKinematics(
+        self.robot,
+        TCP_LINK,
+        list(pos),
+        list(orn),
+        lowerLimits=lo + [0, 0],
+        upperLimits=hi + [0.04, 0.04],
+        jointRanges=[h - l for l, h in zip(lo, hi)] + [0.04] * 2,
+        restPoses=list(HOME_Q) + [0.04] * 2,
+        maxNumIterations=30,
+        residualThreshold=1e-5,
+    )
     return np.array(q[:7])
 
-@patch
-def _home(self:TabletopWorld, tcp_xyz):
-    for j, q in zip(ARM_JOINTS, HOME_Q): self.bc.resetJointState(self.robot, j, q)
-    for j in FINGER_JOINTS: self.bc.resetJointState(self.robot, j, MAX_FINGER)
-    for _ in range(5):   # IK from the current posture, applied kinematically, converges in a few rounds
-        for j, q in zip(ARM_JOINTS, self._ik(tcp_xyz, TCP_DOWN)): self.bc.resetJointState(self.robot, j, q)
-    self._drive(self.joint_positions(), MAX_FINGER)
 
 @patch
-def _drive(self:TabletopWorld, q, finger):
+def _home(self: TabletopWorld, tcp_xyz):
+    for j, q in zip(ARM_JOINTS, HOME_Q):
+        self.bc.resetJointState(self.robot, j, q)
+    for j in FINGER_JOINTS:
+        self.bc.resetJointState(self.robot, j, MAX_FINGER)
+    for _ in range(5):  # IK from the current posture, applied kinematically, converges in a few rounds
+        for j, q in zip(ARM_JOINTS, self._ik(tcp_xyz, TCP_DOWN)):
+            self.bc.resetJointState(self.robot, j, q)
+    self._drive(self.joint_positions(), MAX_FINGER)
+
+
+@patch
+def _drive(self: TabletopWorld, q, finger):
     bc = self.bc
     bc.setJointMotorControlArray(self.robot, ARM_JOINTS, p.POSITION_CONTROL, targetPositions=list(q), forces=ARM_FORCES)
-    bc.setJointMotorControlArray(self.robot, FINGER_JOINTS, p.POSITION_CONTROL, targetPositions=[finger]*2, forces=[40.]*2)
+    bc.setJointMotorControlArray(
+        self.robot, FINGER_JOINTS, p.POSITION_CONTROL, targetPositions=[finger] * 2, forces=[40.0] * 2
+    )
 
 # %% ../nbs/01_sim.ipynb #c042
 PROPRIO_DIM = 15  # tcp xyz (3), tcp quaternion xyzw with w >= 0 (4), gripper opening (1), arm joint angles (7)
-PROPRIO_LOW = np.array([-1.5]*3 + [-1.]*4 + [0.] + [-3.2]*7, dtype=np.float32)   # bounds of the observation space
-PROPRIO_HIGH = np.array([1.5]*3 + [1.]*4 + [0.1] + [3.9]*7, dtype=np.float32)
+PROPRIO_LOW = np.array(
+    [-1.5] * 3 + [-1.0] * 4 + [0.0] + [-3.2] * 7, dtype=np.float32
+)  # bounds of the observation space
+PROPRIO_HIGH = np.array([1.5] * 3 + [1.0] * 4 + [0.1] + [3.9] * 7, dtype=np.float32)
+
 
 @patch
-def tcp_pose(self:TabletopWorld):
+def tcp_pose(self: TabletopWorld):
     "World position and (x, y, z, w) orientation of the tool centre point between the fingertips."
     s = self.bc.getLinkState(self.robot, TCP_LINK, computeForwardKinematics=1)
     return np.array(s[4]), np.array(s[5])
 
-@patch
-def joint_positions(self:TabletopWorld): return np.array([s[0] for s in self.bc.getJointStates(self.robot, ARM_JOINTS)])
-@patch
-def gripper_width(self:TabletopWorld): return float(sum(s[0] for s in self.bc.getJointStates(self.robot, FINGER_JOINTS)))
 
 @patch
-def object_pose(self:TabletopWorld, name):
+def joint_positions(self: TabletopWorld):
+    return np.array([s[0] for s in self.bc.getJointStates(self.robot, ARM_JOINTS)])
+
+
+@patch
+def gripper_width(self: TabletopWorld):
+    return float(sum(s[0] for s in self.bc.getJointStates(self.robot, FINGER_JOINTS)))
+
+
+@patch
+def object_pose(self: TabletopWorld, name):
     "Position and orientation of object `name`."
-    if name not in self.bodies: raise KeyError(f"no object {name!r} in this scene; present: {list(self.bodies)}")
+    if name not in self.bodies:
+        raise KeyError(f"no object {name!r} in this scene; present: {list(self.bodies)}")
     pos, orn = self.bc.getBasePositionAndOrientation(self.bodies[name])
     return np.array(pos), np.array(orn)
 
-@patch
-def object_aabb(self:TabletopWorld, name):
-    lo, hi = self.bc.getAABB(self.bodies[name]); return np.array(lo), np.array(hi)
 
 @patch
-def holding(self:TabletopWorld, name) -> bool:
+def object_aabb(self: TabletopWorld, name):
+    lo, hi = self.bc.getAABB(self.bodies[name])
+    return np.array(lo), np.array(hi)
+
+
+@patch
+def holding(self: TabletopWorld, name) -> bool:
     "Both fingers touch object `name`."
     b = self.bodies[name]
     return all(len(self.bc.getContactPoints(self.robot, b, linkIndexA=l)) > 0 for l in FINGER_JOINTS)
 
-@patch
-def touching(self:TabletopWorld, name) -> bool:
-    return len(self.bc.getContactPoints(self.robot, self.bodies[name])) > 0
 
 @patch
-def proprio(self:TabletopWorld) -> np.ndarray:
+def touching(self: TabletopWorld, name) -> bool:
+    return len(self.bc.getContactPoints(self.robot, self.bodies[name])) > 0
+
+
+@patch
+def proprio(self: TabletopWorld) -> np.ndarray:
     pos, orn = self.tcp_pose()
     orn = orn if orn[3] >= 0 else -orn
     return np.concatenate([pos, orn, [self.gripper_width()], self.joint_positions()]).astype(np.float32)
 
 # %% ../nbs/01_sim.ipynb #c044
 @patch
-def apply_action(self:TabletopWorld, act:np.ndarray):
+def apply_action(self: TabletopWorld, act: np.ndarray):
     "Execute one control step of the (already validated) action `act`, shape (7,)."
     pos, orn = self.tcp_pose()
     tgt_pos = np.clip(pos + act[:3] * MAX_DPOS, WORKSPACE_LOW, WORKSPACE_HIGH)
     tgt_orn = quat_mul(quat_from_rotvec(act[3:6] * MAX_DROT), orn)
-    finger = (1 - act[6]) / 2 * MAX_FINGER            # -1 -> 4 cm per finger (open), +1 -> 0 (closed)
+    finger = (1 - act[6]) / 2 * MAX_FINGER  # -1 -> 4 cm per finger (open), +1 -> 0 (closed)
     self._drive(self._ik(tgt_pos, tgt_orn), finger)
-    for _ in range(self.cfg.substeps): self.bc.stepSimulation()
+    for _ in range(self.cfg.substeps):
+        self.bc.stepSimulation()
 
 # %% ../nbs/01_sim.ipynb #c046
 @patch
-def _camera_image(self:TabletopWorld, view, fov, size, shadow=None):
+def _camera_image(self: TabletopWorld, view, fov, size, shadow=None):
     L = self.scene['light']
     proj = self.bc.computeProjectionMatrixFOV(fov, 1.0, 0.02, 4.0)
-    img = self.bc.getCameraImage(size, size, view, proj, renderer=p.ER_TINY_RENDERER, flags=p.ER_NO_SEGMENTATION_MASK,
-        shadow=int(L['shadow'] if shadow is None else shadow), lightDirection=L['direction'], lightColor=L['color'],
-        lightDistance=2.0, lightAmbientCoeff=L['ambient'], lightDiffuseCoeff=0.45 * L['intensity'], lightSpecularCoeff=0.05)[2]
+    img = self.bc.getCameraImage(
+        size,
+        size,
+        view,
+        proj,
+        renderer=p.ER_TINY_RENDERER,
+        flags=p.ER_NO_SEGMENTATION_MASK,
+        shadow=int(L['shadow'] if shadow is None else shadow),
+        lightDirection=L['direction'],
+        lightColor=L['color'],
+        lightDistance=2.0,
+        lightAmbientCoeff=L['ambient'],
+        lightDiffuseCoeff=0.45 * L['intensity'],
+        lightSpecularCoeff=0.05,
+    )[2]
     return np.asarray(img, dtype=np.uint8).reshape(size, size, 4)[..., :3].copy()
 
-@patch
-def render(self:TabletopWorld, size:int|None=None) -> np.ndarray:
-    "RGB image (size, size, 3) uint8 from the scene camera."
-    c = self.scene['camera']
-    return self._camera_image(self.bc.computeViewMatrix(c['eye'], c['target'], [0, 0, 1]), c['fov'], size or self.cfg.image_size)
 
 @patch
-def render_wrist(self:TabletopWorld, size:int|None=None) -> np.ndarray:
+def render(self: TabletopWorld, size: int | None = None) -> np.ndarray:
+    "RGB image (size, size, 3) uint8 from the scene camera."
+    c = self.scene['camera']
+    return self._camera_image(
+        self.bc.computeViewMatrix(c['eye'], c['target'], [0, 0, 1]), c['fov'], size or self.cfg.image_size
+    )
+
+
+@patch
+def render_wrist(self: TabletopWorld, size: int | None = None) -> np.ndarray:
     "RGB image from a camera on the hand, looking along the fingers."
     s = self.bc.getLinkState(self.robot, HAND_LINK, computeForwardKinematics=1)
     R = np.array(p.getMatrixFromQuaternion(s[5])).reshape(3, 3)
     eye = np.array(s[4]) + R @ [0.06, 0, 0.02]
-    return self._camera_image(self.bc.computeViewMatrix(eye, eye + R @ [0, 0, 0.2], list(R @ [1, 0, 0])), 75, size or self.cfg.image_size, shadow=False)
+    return self._camera_image(
+        self.bc.computeViewMatrix(eye, eye + R @ [0, 0, 0.2], list(R @ [1, 0, 0])),
+        75,
+        size or self.cfg.image_size,
+        shadow=False,
+    )
 
 # %% ../nbs/01_sim.ipynb #c050
 LIFT_HEIGHT = 0.05
 
-def task_success(world:TabletopWorld, task:Task) -> bool:
+
+def task_success(world: TabletopWorld, task: Task) -> bool:
     "Is `task` accomplished in the current state of `world`?"
     tcp = world.tcp_pose()[0]
     if task.family == 'move':
@@ -479,44 +690,62 @@ def task_success(world:TabletopWorld, task:Task) -> bool:
     if task.family == 'pick':
         return pos[2] - start[2] >= LIFT_HEIGHT and world.holding(task.obj)
     if task.family == 'find':
-        return (np.linalg.norm(tcp[:2] - pos[:2]) < 0.03 and 0.02 <= tcp[2] - hi[2] <= 0.12
-                and np.linalg.norm(pos[:2] - start[:2]) < 0.03)
-    l = LOCATIONS[task.loc]   # place
+        return (
+            np.linalg.norm(tcp[:2] - pos[:2]) < 0.03
+            and 0.02 <= tcp[2] - hi[2] <= 0.12
+            and np.linalg.norm(pos[:2] - start[:2]) < 0.03
+        )
+    l = LOCATIONS[task.loc]  # place
     vel = np.linalg.norm(world.bc.getBaseVelocity(world.bodies[task.obj])[0])
-    return (l.contains(pos, margin=0.005) and abs(lo[2] - l.height) < 0.02 and vel < 0.05 and not world.touching(task.obj))
+    return (
+        l.contains(pos, margin=0.005) and abs(lo[2] - l.height) < 0.02 and vel < 0.05 and not world.touching(task.obj)
+    )
 
 # %% ../nbs/01_sim.ipynb #c052
-def _closeness(d): return 1 - math.tanh(5 * d)   # 1 at distance 0, ~0.5 at 11 cm
+def _closeness(d):
+    return 1 - math.tanh(5 * d)  # 1 at distance 0, ~0.5 at 11 cm
 
-def dense_reward(world:TabletopWorld, task:Task) -> float:
+
+def dense_reward(world: TabletopWorld, task: Task) -> float:
     "Staged shaping reward in [0, 1]; exactly 1 on success."
-    if task_success(world, task): return 1.0
+    if task_success(world, task):
+        return 1.0
     tcp = world.tcp_pose()[0]
     if task.family == 'move':
-        l = LOCATIONS[task.loc]; return 0.9 * _closeness(np.linalg.norm(tcp - [*l.center, l.height + 0.08]))
+        l = LOCATIONS[task.loc]
+        return 0.9 * _closeness(np.linalg.norm(tcp - [*l.center, l.height + 0.08]))
     pos, hi = world.object_pose(task.obj)[0], world.object_aabb(task.obj)[1]
-    if task.family == 'find': return 0.9 * _closeness(np.linalg.norm(tcp - [pos[0], pos[1], hi[2] + 0.06]))
+    if task.family == 'find':
+        return 0.9 * _closeness(np.linalg.norm(tcp - [pos[0], pos[1], hi[2] + 0.06]))
     held = world.holding(task.obj)
     stages = [1.0 if held else _closeness(np.linalg.norm(tcp - pos)), float(held)]
-    if task.family == 'pick': stages.append(min(max(pos[2] - world.start_xyz[task.obj][2], 0) / LIFT_HEIGHT, 1) if held else 0)
+    if task.family == 'pick':
+        stages.append(min(max(pos[2] - world.start_xyz[task.obj][2], 0) / LIFT_HEIGHT, 1) if held else 0)
     else:
-        l = LOCATIONS[task.loc]; stages.append(_closeness(np.linalg.norm(pos[:2] - l.center)))
+        l = LOCATIONS[task.loc]
+        stages.append(_closeness(np.linalg.norm(pos[:2] - l.center)))
     return 0.9 * sum(stages) / len(stages)
 
 # %% ../nbs/01_sim.ipynb #c054
 ACT_DIM = 7
 COMMAND_CHARSET = string.ascii_lowercase + " ,"
 
+
 def validate_action(action) -> np.ndarray:
     "A float32 copy of `action` clipped to [-1, 1]; clear errors for wrong shape, type or non-finite values."
-    try: a = np.asarray(action, dtype=np.float64)
-    except (TypeError, ValueError) as e: raise TypeError(f"action must be numeric, got {type(action).__name__}: {e}") from None
-    if a.shape != (ACT_DIM,): raise ValueError(f"action must have shape ({ACT_DIM},), got {a.shape}")
+    try:
+        a = np.asarray(action, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"action must be numeric, got {type(action).__name__}: {e}") from None
+    if a.shape != (ACT_DIM,):
+        raise ValueError(f"action must have shape ({ACT_DIM},), got {a.shape}")
     bad = np.flatnonzero(~np.isfinite(a))
-    if bad.size: raise ValueError(f"action has non-finite values at indices {bad.tolist()}: {a[bad].tolist()}")
+    if bad.size:
+        raise ValueError(f"action has non-finite values at indices {bad.tolist()}: {a[bad].tolist()}")
     return np.clip(a, -1, 1).astype(np.float32)
 
-def sample_task(rng:np.random.Generator, families=TASK_FAMILIES) -> Task:
+
+def sample_task(rng: np.random.Generator, families=TASK_FAMILIES) -> Task:
     "A uniformly random task: family, then object and/or location."
     fam = str(rng.choice(list(families)))
     obj = str(rng.choice(list(OBJECTS))) if fam != 'move' else None
@@ -526,47 +755,63 @@ def sample_task(rng:np.random.Generator, families=TASK_FAMILIES) -> Task:
 # %% ../nbs/01_sim.ipynb #c056
 class TabletopEnv(gym.Env):
     "Language-conditioned tabletop manipulation: image + proprio + command in, 7-D end-effector delta out."
+
     metadata = {'render_modes': ['rgb_array'], 'render_fps': 10}
 
-    def __init__(self, cfg:SimConfig|None=None, render_mode:str|None=None, **kwargs):
-        if cfg is not None and kwargs: raise ValueError(f"pass either cfg or keyword settings, not both: {list(kwargs)}")
+    def __init__(self, cfg: SimConfig | None = None, render_mode: str | None = None, **kwargs):
+        if cfg is not None and kwargs:
+            raise ValueError(f"pass either cfg or keyword settings, not both: {list(kwargs)}")
         self.cfg = cfg if cfg is not None else SimConfig(**kwargs)
-        if render_mode not in (None, 'rgb_array'): raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        if render_mode not in (None, 'rgb_array'):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode, S = render_mode, self.cfg.image_size
-        obs = dict(image=spaces.Box(0, 255, (S, S, 3), np.uint8),
-                   proprio=spaces.Box(PROPRIO_LOW, PROPRIO_HIGH, dtype=np.float32),
-                   command=spaces.Text(MAX_COMMAND_CHARS, min_length=1, charset=COMMAND_CHARSET))
+        obs = dict(
+            image=spaces.Box(0, 255, (S, S, 3), np.uint8),
+            proprio=spaces.Box(PROPRIO_LOW, PROPRIO_HIGH, dtype=np.float32),
+            command=spaces.Text(MAX_COMMAND_CHARS, min_length=1, charset=COMMAND_CHARSET),
+        )
         W = self.cfg.wrist_size or S
-        if self.cfg.wrist_camera: obs['wrist_image'] = spaces.Box(0, 255, (W, W, 3), np.uint8)
+        if self.cfg.wrist_camera:
+            obs['wrist_image'] = spaces.Box(0, 255, (W, W, 3), np.uint8)
         self.observation_space = spaces.Dict(obs)
         self.action_space = spaces.Box(-1, 1, (ACT_DIM,), np.float32)
         self.world, self.task, self.command, self._t, self._done = TabletopWorld(self.cfg), None, None, 0, True
 
-    def close(self): self.world.close()
+    def close(self):
+        self.world.close()
 
 # %% ../nbs/01_sim.ipynb #c057
 @patch
-def _obs(self:TabletopEnv):
+def _obs(self: TabletopEnv):
     o = dict(image=self.world.render(), proprio=self.world.proprio(), command=self.command)
-    if self.cfg.wrist_camera: o['wrist_image'] = self.world.render_wrist(self.cfg.wrist_size)
+    if self.cfg.wrist_camera:
+        o['wrist_image'] = self.world.render_wrist(self.cfg.wrist_size)
     return o
 
+
 @patch
-def reset(self:TabletopEnv, *, seed:int|None=None, options:dict|None=None):
+def reset(self: TabletopEnv, *, seed: int | None = None, options: dict | None = None):
     "Start an episode. `options` may give a `task` (Task or dict) or a `command`, and a recorded `scene` to rebuild; otherwise all are sampled."
     super(TabletopEnv, self).reset(seed=seed)
     options = dict(options or {})
     unknown = set(options) - {'task', 'command', 'scene'}
-    if unknown: raise ValueError(f"unknown reset options {sorted(unknown)}; use 'task', 'command' or 'scene'")
-    if 'command' in options and 'task' in options: raise ValueError("give either options['task'] or options['command'], not both")
+    if unknown:
+        raise ValueError(f"unknown reset options {sorted(unknown)}; use 'task', 'command' or 'scene'")
+    if 'command' in options and 'task' in options:
+        raise ValueError("give either options['task'] or options['command'], not both")
     task, scene = options.get('task'), options.get('scene')
-    if 'command' in options: task = parse_command(options['command'])
-    elif isinstance(task, dict): task = Task(**task)
-    elif task is None: task = Task(**scene['task']) if scene is not None else sample_task(self.np_random, self.cfg.families)
-    elif not isinstance(task, Task): raise TypeError(f"options['task'] must be a Task or dict, got {type(task).__name__}")
-    if scene is not None:                                          # same scene, possibly another command (grounding checks)
+    if 'command' in options:
+        task = parse_command(options['command'])
+    elif isinstance(task, dict):
+        task = Task(**task)
+    elif task is None:
+        task = Task(**scene['task']) if scene is not None else sample_task(self.np_random, self.cfg.families)
+    elif not isinstance(task, Task):
+        raise TypeError(f"options['task'] must be a Task or dict, got {type(task).__name__}")
+    if scene is not None:  # same scene, possibly another command (grounding checks)
         present = {o['name'] for o in scene['objects']}
-        if task.obj is not None and task.obj not in present: raise ValueError(f"the scene has no {task.obj!r} (it holds {sorted(present)})")
+        if task.obj is not None and task.obj not in present:
+            raise ValueError(f"the scene has no {task.obj!r} (it holds {sorted(present)})")
         scene = {**scene, 'task': dict(family=task.family, obj=task.obj, loc=task.loc)}
     self.task = task
     self.command = _normalize(options['command']) if 'command' in options else make_command(task, self.np_random)
@@ -576,10 +821,12 @@ def reset(self:TabletopEnv, *, seed:int|None=None, options:dict|None=None):
 
 # %% ../nbs/01_sim.ipynb #c058
 @patch
-def step(self:TabletopEnv, action):
+def step(self: TabletopEnv, action):
     "Apply one 7-D action for 1/control_hz seconds; returns (obs, reward, terminated, truncated, info)."
-    if self.task is None: raise RuntimeError("call reset() before step()")
-    if self._done: raise RuntimeError("this episode is over (terminated or truncated): call reset() before stepping again")
+    if self.task is None:
+        raise RuntimeError("call reset() before step()")
+    if self._done:
+        raise RuntimeError("this episode is over (terminated or truncated): call reset() before stepping again")
     act = validate_action(action)
     self.world.apply_action(act)
     self._t += 1
@@ -590,36 +837,44 @@ def step(self:TabletopEnv, action):
     self._done = terminated or truncated
     return self._obs(), reward, terminated, truncated, dict(task=self.task, is_success=bool(success), step=self._t)
 
+
 @patch
-def render(self:TabletopEnv):
+def render(self: TabletopEnv):
     "A larger frame (render_size) for videos and filmstrips; None unless render_mode='rgb_array'."
-    if self.render_mode == 'rgb_array': return self.world.render(self.cfg.render_size)
+    if self.render_mode == 'rgb_array':
+        return self.world.render(self.cfg.render_size)
 
 # %% ../nbs/01_sim.ipynb #c060
 SAFE_Z = 0.22  # travel height: above every object and fixture
 
-def servo(world:TabletopWorld, target, yaw:float, grip:float, travel:bool=True) -> np.ndarray:
+
+def servo(world: TabletopWorld, target, yaw: float, grip: float, travel: bool = True) -> np.ndarray:
     "Saturated P-control toward `target`, pointing down at `yaw`, gripper `grip` in [-1, 1]; `travel` moves high when far."
     pos, orn = world.tcp_pose()
     target = np.array(target, dtype=float)
-    if travel and np.linalg.norm(target[:2] - pos[:2]) > 0.02: target[2] = max(target[2], min(SAFE_Z, pos[2] + 0.05))  # travel high
+    if travel and np.linalg.norm(target[:2] - pos[:2]) > 0.02:
+        target[2] = max(target[2], min(SAFE_Z, pos[2] + 0.05))  # travel high
     want = quat_mul(quat_from_rotvec([0, 0, yaw]), TCP_DOWN)
     rot = rotvec_from_quat(quat_mul(want, quat_conj(orn)))
     return np.clip(np.concatenate([(target - pos) / MAX_DPOS, rot / MAX_DROT, [grip]]), -1, 1).astype(np.float32)
 
-def tcp_yaw(world:TabletopWorld) -> float:
+
+def tcp_yaw(world: TabletopWorld) -> float:
     "Rotation of the downward-pointing gripper about the vertical."
     return float(rotvec_from_quat(quat_mul(world.tcp_pose()[1], quat_conj(TCP_DOWN)))[2])
 
-def grasp_yaw(world:TabletopWorld, name:str) -> float:
+
+def grasp_yaw(world: TabletopWorld, name: str) -> float:
     "Gripper yaw that closes the fingers across the object's narrow side (0 for round objects)."
     s = {**OBJECTS, **DISTRACTORS}[name]
-    if s.shape in ('cylinder', 'sphere'): return 0.0
+    if s.shape in ('cylinder', 'sphere'):
+        return 0.0
     yaw = p.getEulerFromQuaternion(world.object_pose(name)[1])[2]
     period = np.pi / 2 if s.shape == 'cube' else np.pi
     return float((yaw + period / 2) % period - period / 2)
 
-def grasp_height(world:TabletopWorld, name:str) -> float:
+
+def grasp_height(world: TabletopWorld, name: str) -> float:
     "TCP height for a grasp: fingertips near the bottom, but the hand stays above the object's top."
     lo, hi = world.object_aabb(name)
     return float(max(lo[2] + 0.012, hi[2] - 0.04))
@@ -627,7 +882,8 @@ def grasp_height(world:TabletopWorld, name:str) -> float:
 # %% ../nbs/01_sim.ipynb #c061
 class ScriptedExpert:
     "Solves every task family from privileged state; `noise_std` adds Gaussian action noise for data diversity."
-    def __init__(self, env:TabletopEnv, noise_std:float=0.0, seed:int|None=None):
+
+    def __init__(self, env: TabletopEnv, noise_std: float = 0.0, seed: int | None = None):
         check_range('noise_std', noise_std, 0, 1)
         self.env, self.noise_std, self.rng = env.unwrapped, noise_std, np.random.default_rng(seed)
         self.reset()
@@ -635,68 +891,86 @@ class ScriptedExpert:
     def reset(self):
         self.phase, self.t_phase, self.last_clean_action = 'above', 0, None
 
-    def _to(self, phase): self.phase, self.t_phase = phase, 0
+    def _to(self, phase):
+        self.phase, self.t_phase = phase, 0
 
     def select_action(self, obs=None) -> np.ndarray:
         "The next action; `last_clean_action` keeps the noise-free one (a label for DART-style data)."
         a = getattr(self, f'_{self.env.task.family}')(self.env.world, self.env.task)
         self.t_phase += 1
         self.last_clean_action = a
-        if self.noise_std: a = np.clip(a + self.rng.normal(0, self.noise_std, ACT_DIM), -1, 1).astype(np.float32)
+        if self.noise_std:
+            a = np.clip(a + self.rng.normal(0, self.noise_std, ACT_DIM), -1, 1).astype(np.float32)
         return a
 
 # %% ../nbs/01_sim.ipynb #c062
 @patch
-def _move(self:ScriptedExpert, w, task):
+def _move(self: ScriptedExpert, w, task):
     l = LOCATIONS[task.loc]
     return servo(w, [*l.center, l.height + 0.08], 0.0, -1)
 
+
 @patch
-def _find(self:ScriptedExpert, w, task):
+def _find(self: ScriptedExpert, w, task):
     pos, hi = w.object_pose(task.obj)[0], w.object_aabb(task.obj)[1]
     return servo(w, [pos[0], pos[1], hi[2] + 0.06], grasp_yaw(w, task.obj), -1)
 
+
 @patch
-def _pick(self:ScriptedExpert, w, task, lift_to=None):
-    o = task.obj; pos, _ = w.object_pose(o); tcp = w.tcp_pose()[0]; yaw = grasp_yaw(w, o)
+def _pick(self: ScriptedExpert, w, task, lift_to=None):
+    o = task.obj
+    pos, _ = w.object_pose(o)
+    tcp = w.tcp_pose()[0]
+    yaw = grasp_yaw(w, o)
     if self.phase == 'above':
         tgt = [pos[0], pos[1], w.object_aabb(o)[1][2] + 0.06]
         a = servo(w, tgt, yaw, -1)
-        if np.linalg.norm(tgt - tcp) < 0.012 and np.abs(a[3:6]).max() < 0.2: self._to('descend')
+        if np.linalg.norm(tgt - tcp) < 0.012 and np.abs(a[3:6]).max() < 0.2:
+            self._to('descend')
         return a
     if self.phase == 'descend':
         tgt = [pos[0], pos[1], grasp_height(w, o)]
-        if np.linalg.norm(tgt - tcp) < 0.006 or self.t_phase > 20: self._to('close')
+        if np.linalg.norm(tgt - tcp) < 0.006 or self.t_phase > 20:
+            self._to('close')
         return servo(w, tgt, yaw, -1)
     if self.phase == 'close':
-        if self.t_phase >= 4: self._to('lift')
+        if self.t_phase >= 4:
+            self._to('lift')
         return servo(w, tcp, yaw, 1)
-    if not w.holding(o) and self.t_phase > 2: self._to('above'); return servo(w, tcp + [0, 0, 0.03], yaw, -1)  # dropped: retry
+    if not w.holding(o) and self.t_phase > 2:
+        self._to('above')
+        return servo(w, tcp + [0, 0, 0.03], yaw, -1)  # dropped: retry
     return servo(w, [tcp[0], tcp[1], lift_to or (w.start_xyz[o][2] + 0.15)], yaw, 1)
 
 # %% ../nbs/01_sim.ipynb #c063
 @patch
-def _place(self:ScriptedExpert, w, task):
+def _place(self: ScriptedExpert, w, task):
     o, l = task.obj, LOCATIONS[task.loc]
     if self.phase in ('above', 'descend', 'close', 'lift'):
         a = self._pick(w, task, lift_to=SAFE_Z)
         if self.phase == 'lift' and w.tcp_pose()[0][2] > SAFE_Z - 0.03 and w.holding(o):
-            self._to('carry'); tcp, pos = w.tcp_pose()[0], w.object_pose(o)[0]
-            self.offset = tcp[:2] - pos[:2]                # object held off-centre: aim its centre, not the TCP
+            self._to('carry')
+            tcp, pos = w.tcp_pose()[0], w.object_pose(o)[0]
+            self.offset = tcp[:2] - pos[:2]  # object held off-centre: aim its centre, not the TCP
         return a
     tcp, pos, lo = w.tcp_pose()[0], w.object_pose(o)[0], w.object_aabb(o)[0]
     yaw = tcp_yaw(w)
-    if self.phase in ('carry', 'lower') and not w.holding(o): self._to('above'); return servo(w, tcp + [0, 0, 0.03], yaw, -1)
+    if self.phase in ('carry', 'lower') and not w.holding(o):
+        self._to('above')
+        return servo(w, tcp + [0, 0, 0.03], yaw, -1)
     goal_xy = np.array(l.center) + self.offset
     if self.phase == 'carry':
-        if np.linalg.norm(goal_xy - tcp[:2]) < 0.01: self._to('lower')
+        if np.linalg.norm(goal_xy - tcp[:2]) < 0.01:
+            self._to('lower')
         return servo(w, [*goal_xy, SAFE_Z], yaw, 1)
     if self.phase == 'lower':
         gap = lo[2] - (l.height + 0.008)
-        if gap < 0.004 and self.t_phase > 1: self._to('release')
+        if gap < 0.004 and self.t_phase > 1:
+            self._to('release')
         return servo(w, [*goal_xy, tcp[2] - gap], yaw, 1, travel=False)
     if self.phase == 'release':
-        if self.t_phase >= 3: self._to('retreat')
+        if self.t_phase >= 3:
+            self._to('retreat')
         return servo(w, tcp, yaw, -1, travel=False)
     return servo(w, [tcp[0], tcp[1], SAFE_Z], yaw, -1)
 
@@ -704,126 +978,196 @@ def _place(self:ScriptedExpert, w, task):
 COMMAND_VOCAB = ('<pad>', '<unk>', ',') + tuple(sorted(_vocab_words()))
 MAX_COMMAND_TOKENS = 12
 
-def tokenize_command(text:str, max_len:int=MAX_COMMAND_TOKENS) -> np.ndarray:
+
+def tokenize_command(text: str, max_len: int = MAX_COMMAND_TOKENS) -> np.ndarray:
     "Word ids of `text` over COMMAND_VOCAB, padded with 0 to `max_len`; unknown words and overlong commands are errors."
     words = re.findall(r"[a-z]+|,", _normalize(text))
-    if not words: raise ValueError("command is empty")
+    if not words:
+        raise ValueError("command is empty")
     index = {w: i for i, w in enumerate(COMMAND_VOCAB)}
     unknown = [w for w in words if w not in index]
-    if unknown: raise ValueError(f"unknown word(s) {unknown} in command {text!r}")
-    if len(words) > max_len: raise ValueError(f"command has {len(words)} tokens; the limit is {max_len}")
+    if unknown:
+        raise ValueError(f"unknown word(s) {unknown} in command {text!r}")
+    if len(words) > max_len:
+        raise ValueError(f"command has {len(words)} tokens; the limit is {max_len}")
     return np.array([index[w] for w in words] + [0] * (max_len - len(words)), dtype=np.int64)
+
 
 class CommandTokens(gym.ObservationWrapper):
     "Replace the 'command' text observation by its token ids (a Box of int64)."
-    def __init__(self, env:gym.Env, max_len:int=MAX_COMMAND_TOKENS):
+
+    def __init__(self, env: gym.Env, max_len: int = MAX_COMMAND_TOKENS):
         super().__init__(env)
         self.max_len = max_len
-        self.observation_space = spaces.Dict({**env.observation_space.spaces,
-            'command': spaces.Box(0, len(COMMAND_VOCAB) - 1, (max_len,), np.int64)})
-    def observation(self, obs): return {**obs, 'command': tokenize_command(obs['command'], self.max_len)}
+        self.observation_space = spaces.Dict(
+            {**env.observation_space.spaces, 'command': spaces.Box(0, len(COMMAND_VOCAB) - 1, (max_len,), np.int64)}
+        )
 
-def make_token_env(**kwargs) -> gym.Env: return CommandTokens(TabletopEnv(**kwargs))
+    def observation(self, obs):
+        return {**obs, 'command': tokenize_command(obs['command'], self.max_len)}
+
+
+def make_token_env(**kwargs) -> gym.Env:
+    return CommandTokens(TabletopEnv(**kwargs))
 
 # %% ../nbs/01_sim.ipynb #c069
 ENV_ID, TOKEN_ENV_ID = 'vla_nb/Tabletop-v0', 'vla_nb/TabletopTokens-v0'
-if ENV_ID not in gym.registry: gym.register(ENV_ID, entry_point='vla_nb.sim:TabletopEnv')
-if TOKEN_ENV_ID not in gym.registry: gym.register(TOKEN_ENV_ID, entry_point='vla_nb.sim:make_token_env')
+if ENV_ID not in gym.registry:
+    gym.register(ENV_ID, entry_point='vla_nb.sim:TabletopEnv')
+if TOKEN_ENV_ID not in gym.registry:
+    gym.register(TOKEN_ENV_ID, entry_point='vla_nb.sim:make_token_env')
 
 # %% ../nbs/01_sim.ipynb #c071
-def rollout(env:TabletopEnv, policy, seed:int, options:dict|None=None, frames:bool=False) -> dict:
+def rollout(env: TabletopEnv, policy, seed: int, options: dict | None = None, frames: bool = False) -> dict:
     "Run `policy` for one episode of `env` from `seed`; returns success, length, command, actions and optionally frames."
     obs, info = env.reset(seed=seed, options=options)
-    if hasattr(policy, 'reset'): policy.reset()
+    if hasattr(policy, 'reset'):
+        policy.reset()
     acts, imgs, done = [], [], False
-    if frames: imgs.append(env.unwrapped.world.render(env.unwrapped.cfg.render_size))
+    if frames:
+        imgs.append(env.unwrapped.world.render(env.unwrapped.cfg.render_size))
     while not done:
         a = policy.select_action(obs)
         obs, r, term, trunc, step_info = env.step(a)
-        acts.append(np.asarray(a, dtype=np.float32)); done = term or trunc
-        if frames: imgs.append(env.unwrapped.world.render(env.unwrapped.cfg.render_size))
-    out = dict(success=bool(step_info['is_success']), steps=int(step_info['step']), command=info['command'],
-               task=info['task'], actions=np.stack(acts), scene=info['scene'])
-    if frames: out['frames'] = np.stack(imgs)
+        acts.append(np.asarray(a, dtype=np.float32))
+        done = term or trunc
+        if frames:
+            imgs.append(env.unwrapped.world.render(env.unwrapped.cfg.render_size))
+    out = dict(
+        success=bool(step_info['is_success']),
+        steps=int(step_info['step']),
+        command=info['command'],
+        task=info['task'],
+        actions=np.stack(acts),
+        scene=info['scene'],
+    )
+    if frames:
+        out['frames'] = np.stack(imgs)
     return out
+
 
 class RandomPolicy:
     "Uniformly random actions: the baseline every learned policy must beat."
-    def __init__(self, seed:int|None=None): self.rng = np.random.default_rng(seed)
-    def select_action(self, obs=None): return self.rng.uniform(-1, 1, ACT_DIM).astype(np.float32)
+
+    def __init__(self, seed: int | None = None):
+        self.rng = np.random.default_rng(seed)
+
+    def select_action(self, obs=None):
+        return self.rng.uniform(-1, 1, ACT_DIM).astype(np.float32)
 
 # %% ../nbs/01_sim.ipynb #c074
-def scene_grid(seeds, cfg:SimConfig|None=None, size:int=160, cols:int=4):
+def scene_grid(seeds, cfg: SimConfig | None = None, size: int = 160, cols: int = 4):
     "A matplotlib figure of the first frame of each seeded episode, titled with its command."
     import matplotlib.pyplot as plt
+
     env = TabletopEnv(cfg if cfg is not None else SimConfig(render_size=size))
     rows = math.ceil(len(seeds) / cols)
     fig, axs = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axs.flat: ax.axis('off')
+    for ax in axs.flat:
+        ax.axis('off')
     for ax, s in zip(axs.flat, seeds):
         _, info = env.reset(seed=int(s))
-        ax.imshow(env.world.render(env.cfg.render_size)); ax.set_title(info['command'], fontsize=8)
-    env.close(); fig.tight_layout()
+        ax.imshow(env.world.render(env.cfg.render_size))
+        ax.set_title(info['command'], fontsize=8)
+    env.close()
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/01_sim.ipynb #c080
-def filmstrip(frames, n:int=8, title:str|None=None):
+def filmstrip(frames, n: int = 8, title: str | None = None):
     "A one-row figure of `n` frames evenly spaced over the episode."
     import matplotlib.pyplot as plt
+
     idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
     fig, axs = plt.subplots(1, len(idx), figsize=(1.6 * len(idx), 1.9))
-    for ax, i in zip(np.atleast_1d(axs), idx): ax.imshow(frames[i]); ax.set_title(f't={i}', fontsize=7); ax.axis('off')
-    if title: fig.suptitle(title, fontsize=9)
+    for ax, i in zip(np.atleast_1d(axs), idx):
+        ax.imshow(frames[i])
+        ax.set_title(f't={i}', fontsize=7)
+        ax.axis('off')
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/01_sim.ipynb #c090
-def measure_step_rate(n_steps:int=200, seed:int=0, cfg:SimConfig|None=None) -> dict:
+def measure_step_rate(n_steps: int = 200, seed: int = 0, cfg: SimConfig | None = None) -> dict:
     "Timed env.step calls with random actions (resets excluded), and render/physics rates on the same scenes."
     env, rng = TabletopEnv(cfg), np.random.default_rng(seed)
-    env.reset(seed=seed); t_step = t_render = t_phys = 0.0; n_render = n_phys = 0
+    env.reset(seed=seed)
+    t_step = t_render = t_phys = 0.0
+    n_render = n_phys = 0
     for i in range(n_steps):
         a = rng.uniform(-1, 1, ACT_DIM)
-        t0 = time.perf_counter(); _, _, term, trunc, _ = env.step(a); t_step += time.perf_counter() - t0
-        t0 = time.perf_counter(); env.world.render(); t_render += time.perf_counter() - t0; n_render += 1
         t0 = time.perf_counter()
-        for _ in range(10): env.world.bc.stepSimulation()
-        t_phys += time.perf_counter() - t0; n_phys += 10
-        if term or trunc or i % 40 == 39: env.reset(seed=seed + i + 1)
+        _, _, term, trunc, _ = env.step(a)
+        t_step += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        env.world.render()
+        t_render += time.perf_counter() - t0
+        n_render += 1
+        t0 = time.perf_counter()
+        for _ in range(10):
+            env.world.bc.stepSimulation()
+        t_phys += time.perf_counter() - t0
+        n_phys += 10
+        if term or trunc or i % 40 == 39:
+            env.reset(seed=seed + i + 1)
     env.close()
     return dict(env_steps_per_s=n_steps / t_step, render_fps=n_render / t_render, physics_steps_per_s=n_phys / t_phys)
 
 # %% ../nbs/01_sim.ipynb #c093
 def _png(frame):
     import cv2
+
     return cv2.imencode('.png', np.ascontiguousarray(frame[..., ::-1]))[1].tobytes()
 
-def sim_explorer(cfg:SimConfig|None=None):
+
+def sim_explorer(cfg: SimConfig | None = None):
     "An ipywidgets panel to run the expert or random actions on a command and scrub through the frames."
     import ipywidgets as W
+
     env = TabletopEnv(cfg if cfg is not None else SimConfig(render_size=256))
-    examples = [make_command(Task(f, o, l)) for f, o, l in [('pick', 'red cup', None), ('move', None, 'kitchen'),
-                ('find', 'green ball', None), ('place', 'book', 'shelf'), ('place', 'blue box', 'living room')]]
+    examples = [
+        make_command(Task(f, o, l))
+        for f, o, l in [
+            ('pick', 'red cup', None),
+            ('move', None, 'kitchen'),
+            ('find', 'green ball', None),
+            ('place', 'book', 'shelf'),
+            ('place', 'blue box', 'living room'),
+        ]
+    ]
     cmd = W.Combobox(value=examples[0], options=examples, description='command', layout=W.Layout(width='420px'))
     seed, who = W.IntText(0, description='seed'), W.ToggleButtons(options=['expert', 'random'])
     run, frame = W.Button(description='run', button_style='primary'), W.IntSlider(0, 0, 0, description='frame')
     img, status = W.Image(format='png', width=256, height=256), W.HTML()
     state = {}
-    def show(i): img.value = _png(state['frames'][i])
+
+    def show(i):
+        img.value = _png(state['frames'][i])
+
     def on_run(_=None):
         try:
             pol = ScriptedExpert(env) if who.value == 'expert' else RandomPolicy(seed.value)
             r = rollout(env, pol, seed.value, options=dict(command=cmd.value), frames=True)
-        except (ValueError, TypeError) as e: status.value = f'<b style="color:#b00">{e}</b>'; return
-        state['frames'] = r['frames']; frame.max, frame.value = len(r['frames']) - 1, 0; show(0)
+        except (ValueError, TypeError) as e:
+            status.value = f'<b style="color:#b00">{e}</b>'
+            return
+        state['frames'] = r['frames']
+        frame.max, frame.value = len(r['frames']) - 1, 0
+        show(0)
         status.value = f"{'success' if r['success'] else 'failure'} after {r['steps']} steps"
-    run.on_click(on_run); frame.observe(lambda ch: show(ch['new']), names='value')
+
+    run.on_click(on_run)
+    frame.observe(lambda ch: show(ch['new']), names='value')
     box = W.VBox([W.HBox([cmd, seed]), W.HBox([who, run]), img, frame, status])
     box.run, box.controls = on_run, dict(command=cmd, seed=seed, who=who, frame=frame, status=status)
     return box
 
 # %% ../nbs/01_sim.ipynb #c097
-def expert_success(episodes_per_family:int, seed:int=0, cfg:SimConfig|None=None, noise_std:float=0.0) -> dict:
+def expert_success(
+    episodes_per_family: int, seed: int = 0, cfg: SimConfig | None = None, noise_std: float = 0.0
+) -> dict:
     "Success rate and mean length of the scripted expert per task family over seeded episodes."
     env, res = TabletopEnv(cfg), {}
     for k, fam in enumerate(TASK_FAMILIES):
@@ -832,20 +1176,33 @@ def expert_success(episodes_per_family:int, seed:int=0, cfg:SimConfig|None=None,
             s = seed + 100_000 * k + i
             task = sample_task(np.random.default_rng(s), (fam,))
             runs.append(rollout(env, ScriptedExpert(env, noise_std, seed=s), s, options=dict(task=task)))
-        res[fam] = dict(success=float(np.mean([r['success'] for r in runs])), mean_steps=float(np.mean([r['steps'] for r in runs])),
-                        failures=[dict(seed=seed + 100_000 * k + i, command=r['command']) for i, r in enumerate(runs) if not r['success']])
+        res[fam] = dict(
+            success=float(np.mean([r['success'] for r in runs])),
+            mean_steps=float(np.mean([r['steps'] for r in runs])),
+            failures=[
+                dict(seed=seed + 100_000 * k + i, command=r['command']) for i, r in enumerate(runs) if not r['success']
+            ],
+        )
     env.close()
     return res
 
 # %% ../nbs/01_sim.ipynb #c098
-def bench_sim(episodes_per_family:int|None=None, steps:int|None=None, seed:int=0) -> dict:
+def bench_sim(episodes_per_family: int | None = None, steps: int | None = None, seed: int = 0) -> dict:
     "The simulator benchmark: speed figures and expert success, as a JSON-ready dict."
     import platform
+
     episodes_per_family = episodes_per_family or by_profile(20, 100)
     t0 = time.time()
     speed = measure_step_rate(steps or by_profile(300, 2000), seed)
     exp = expert_success(episodes_per_family, seed)
-    return dict(profile=get_profile(), image_size=SimConfig().image_size, **{k: round(v, 1) for k, v in speed.items()},
-        expert_success={f: r['success'] for f, r in exp.items()}, expert_mean_steps={f: round(r['mean_steps'], 2) for f, r in exp.items()},
-        expert_failures={f: r['failures'] for f, r in exp.items()}, episodes_per_family=episodes_per_family,
-        seconds=round(time.time() - t0, 1), machine=dict(cpus=os.cpu_count(), platform=platform.platform(), pybullet_api=p.getAPIVersion()))
+    return dict(
+        profile=get_profile(),
+        image_size=SimConfig().image_size,
+        **{k: round(v, 1) for k, v in speed.items()},
+        expert_success={f: r['success'] for f, r in exp.items()},
+        expert_mean_steps={f: round(r['mean_steps'], 2) for f, r in exp.items()},
+        expert_failures={f: r['failures'] for f, r in exp.items()},
+        episodes_per_family=episodes_per_family,
+        seconds=round(time.time() - t0, 1),
+        machine=dict(cpus=os.cpu_count(), platform=platform.platform(), pybullet_api=p.getAPIVersion()),
+    )
