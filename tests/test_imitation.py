@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 from vla_nb import sim
-from vla_nb.core import seed_everything, load_checkpoint
-from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, ChunkDataset, ACTION, ACTION_PAD, IMAGE, PROPRIO, TOKENS
+from vla_nb.core import seed_everything, load_checkpoint, derive_seed
+from vla_nb.data import (SyntheticDataGenerator, DataConfig, EpisodeDataset, ChunkDataset, ACTION, ACTION_PAD, IMAGE, PROPRIO,
+                         TOKENS, OBJ_XY, OBJ_MASK, OBJECT_NAMES, scene_targets)
 from vla_nb.model import ModelConfig, VLANet, VLAPolicy
 from vla_nb.pretraining import VLAPretrainer, PretrainDataset, PretrainConfig
-from vla_nb.pretraining import OBJECT_NAMES
-from vla_nb.imitation import (ImitationConfig, VLAImitationLearner, ChunkData, load_pretrained, dagger_rollouts, run_imitation,
-                              TARGET_XY, TARGET_MASK, BCObjective, render_snapshots, scene_targets)
+from vla_nb.imitation import (ImitationConfig, VLAImitationLearner, init_from_checkpoint, dagger_rollouts, run_imitation,
+                              BCObjective, render_snapshots)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8)
 
@@ -37,21 +37,22 @@ def test_config_validation():
 
 
 def test_batches_match_the_reference_dataset(data):
-    cd = ChunkDataset(data, chunk_size=8); cdata = ChunkData([cd], cd.norm, 8)
+    cd = ChunkDataset(data, chunk_size=8)
     for i in (0, len(cd) - 1, len(cd) // 2):
-        b, ref = cdata.batch(torch.tensor([i])), cd[i]
+        b, ref = cd.batch([i]), cd[i]
         for k in (IMAGE, PROPRIO, ACTION, ACTION_PAD, TOKENS): assert torch.allclose(b[k][0].float(), ref[k].float(), atol=1e-5), k
-    m, t = cdata.target_mask, cdata.target_xy
-    assert m.shape == t.shape == (len(cd), 2 * len(OBJECT_NAMES))
+    all_ = cd.batch(np.arange(len(cd)), augment=False); m, t = all_[OBJ_MASK], all_[OBJ_XY]
+    assert m.shape == (len(cd), len(OBJECT_NAMES)) and t.shape == (len(cd), len(OBJECT_NAMES), 2)
+    acts = data.frames()[ACTION]
     for k, e in enumerate(data.episodes):                     # every object of the scene; the commanded one until the first close
-        rows = torch.from_numpy(cd.episode_of == k); scene = e['meta']['scene']
+        rows = torch.from_numpy(cd.cols['episode'] == k); scene = e['meta']['scene']
         xy0, m0 = scene_targets(scene)
-        assert int(m0.sum()) == 2 * len(scene['objects'])
-        assert torch.allclose(t[rows], torch.from_numpy(xy0).expand(int(rows.sum()), -1))
+        assert int(m0.sum()) == len(scene['objects'])
+        assert torch.allclose(t[rows], torch.from_numpy(xy0).expand(int(rows.sum()), -1, -1))
         for o in scene['objects']:
-            j = 2 * OBJECT_NAMES.index(o['name']); seen = int(m[rows, j].sum())
+            j = OBJECT_NAMES.index(o['name']); seen = int(m[rows, j].sum())
             if o['name'] == e['task'].get('obj'):
-                closes = torch.nonzero(cd.actions[rows, 6] > 0)
+                s0 = int(data.starts[k]); closes = np.flatnonzero(acts[s0:s0 + e['length'], 6] > 0)
                 assert seen == (int(closes[0]) if len(closes) else int(rows.sum()))
             else: assert seen == int(rows.sum())
 
@@ -60,41 +61,42 @@ def test_snapshots_are_seeded_and_labelled():
     a, b, c = render_snapshots(3, seed=0, image_size=48), render_snapshots(3, seed=0, image_size=48), render_snapshots(3, seed=1, image_size=48)
     assert a[IMAGE].shape == (3, 3, 48, 48) and a[IMAGE].dtype == torch.uint8
     for k in a: assert torch.equal(a[k], b[k])
-    assert not torch.equal(a[TARGET_XY], c[TARGET_XY])
-    assert a[TARGET_MASK].any(1).all() and (a[TARGET_MASK][:, 0::2] == a[TARGET_MASK][:, 1::2]).all()
+    assert not torch.equal(a[OBJ_XY], c[OBJ_XY])
+    assert a[OBJ_MASK].any(1).all() and a[OBJ_XY].shape == (3, len(OBJECT_NAMES), 2)
     env = sim.TabletopEnv(image_size=48)                      # the label is where the scene put the object
-    env.reset(seed=int(np.random.default_rng(0).integers(0, 2**30, 3)[0]) + 2**30)
-    assert torch.allclose(a[TARGET_XY][0], torch.from_numpy(scene_targets(env.world.scene)[0]))
+    env.reset(seed=int(np.random.default_rng(derive_seed(0, 'snapshots')).integers(0, 2**30, 3)[0]) + 2**30)
+    assert torch.allclose(a[OBJ_XY][0], torch.from_numpy(scene_targets(env.world.scene)[0]))
 
 
 def test_keypoint_loss(data):
     with pytest.raises(ValueError, match='keypoints'): BCObjective(_net(data, keypoints=4), 1.0)
-    cd = ChunkDataset(data, chunk_size=8); batch = ChunkData([cd], cd.norm, 8).batch(torch.arange(16))
+    cd = ChunkDataset(data, chunk_size=8); batch = cd.batch(np.arange(16))
     snaps = render_snapshots(4, seed=0, image_size=48)
     plain, co = BCObjective(_net(data), 1.0), BCObjective(_net(data), 1.0, snaps, cd.norm, 8)
     co.aux.load_state_dict(plain.aux.state_dict())
     plain.eval(); co.eval()
-    assert torch.allclose(plain(batch), co(batch))           # eval: no snapshot term
+    total = lambda terms: sum(terms.values())
+    assert torch.allclose(total(plain(batch)), total(co(batch)))           # eval: no snapshot term
     plain.train(); co.train(); torch.manual_seed(0); lp = plain(batch); torch.manual_seed(0); lc = co(batch)
-    assert lc > lp                                            # training: a positive snapshot localization term
-    assert BCObjective(_net(data), 0.0, snaps, cd.norm)(batch) < lp   # aux_weight 0: action loss only
+    assert lc['keypoint_loss'] > lp['keypoint_loss'] > 0     # training: a positive snapshot localization term
+    assert set(BCObjective(_net(data), 0.0, snaps, cd.norm)(batch)) == {'action_loss', 'confidence_loss'}   # aux_weight 0
 
 
 def test_learning_reduces_validation_loss_and_selects_by_success(data, tmp_path):
-    lr = _learner(data, tmp_path, eval_every=2)
-    before = lr.keypoint_rmse('train')
-    h = lr.train_imitation(4)
+    learner = _learner(data, tmp_path, eval_every=2)
+    before = learner.keypoint_rmse('train')
+    h = learner.train_imitation(4)
     assert h['val_loss'][-1] < h['val_loss'][0] and len(h['success']) == 2
-    assert lr.keypoint_rmse('train') < before                 # the keypoint loss localizes the objects
-    assert lr.best_path.exists() and lr.best_success == max(h['success'])
-    pol = VLAPolicy.load(lr.best_path); obs, _ = sim.TabletopEnv(image_size=48).reset(seed=1)
+    assert learner.keypoint_rmse('train') < before                 # the keypoint loss localizes the objects
+    assert learner.best_path.exists() and learner.best_success == max(h['success'])
+    pol = VLAPolicy.load(learner.best_path); obs, _ = sim.TabletopEnv(image_size=48).reset(seed=1)
     assert pol.select_action(obs).shape == (7,)
 
 
 def test_early_stopping_uses_validation_loss_only(data, tmp_path):
-    lr = _learner(data, tmp_path, patience=2, min_delta=1.0)
-    lr.train_imitation(10)
-    assert lr.stopped and lr.epoch == 3                       # epoch 1 sets the best, epochs 2 and 3 do not beat it by 1.0
+    learner = _learner(data, tmp_path, patience=2, min_delta=1.0)
+    learner.train_imitation(10)
+    assert learner.stopped and learner.epoch == 3                       # epoch 1 sets the best, epochs 2 and 3 do not beat it by 1.0
 
 
 def test_killed_run_resumes_exactly(data, tmp_path):
@@ -108,37 +110,37 @@ def test_killed_run_resumes_exactly(data, tmp_path):
 
 
 def test_non_finite_loss_is_named(data, tmp_path):
-    lr = _learner(data, tmp_path)
-    b = lr.train_data.batch(torch.arange(4)); b[IMAGE][:] = float('nan')
-    with pytest.raises(FloatingPointError, match=r"non-finite values in batch \['image'\]"): lr.train_step(b)
+    learner = _learner(data, tmp_path)
+    b = learner.train_data.batch(np.arange(4)); b[IMAGE][:] = float('nan')
+    with pytest.raises(FloatingPointError, match=r"non-finite values in batch \['image'\]"): learner.train_step(b)
 
 
 def test_starts_from_a_pretrained_checkpoint(data, tmp_path):
     net = _net(data); pt = VLAPretrainer(net, PretrainDataset(data), PretrainConfig(out_dir=str(tmp_path), tensorboard=False, batch_size=16))
     pt.pretrain(1, max_steps=2)
-    fresh = load_pretrained(_net(data), pt.ckpt_path)
+    fresh = init_from_checkpoint(_net(data), pt.ckpt_path)
     for k, v in net.state_dict().items(): assert torch.equal(fresh.state_dict()[k], v)
-    with pytest.raises(ValueError, match='does not match'): load_pretrained(_net(data, d_model=16), pt.ckpt_path)
+    with pytest.raises(ValueError, match='does not match'): init_from_checkpoint(_net(data, d_model=16), pt.ckpt_path)
 
 
 def test_dagger_labels_visited_states_with_the_expert(data, tmp_path):
-    lr = _learner(data, tmp_path); lr.train_imitation(1)
+    learner = _learner(data, tmp_path); learner.train_imitation(1)
     env = sim.TabletopEnv(image_size=48)
-    rep = dagger_rollouts(lr.policy(), tmp_path/'dag', 3, seed=11, beta=0.0, data_config=DataConfig(image_size=48), env=env)
+    rep = dagger_rollouts(learner.policy(), tmp_path/'dag', 3, seed=11, beta=0.0, data_config=DataConfig(image_size=48), env=env)
     ds = EpisodeDataset(tmp_path/'dag'); ep = ds.load_episode(0)
     assert rep['episodes'] == 3 and len(ep[ACTION]) == ds.episodes[0]['length']
     obs, _ = env.reset(seed=ds.episodes[0]['meta']['seed'], options=dict(command=ds.episodes[0]['command']))
     assert np.array_equal(obs['image'], ep[IMAGE][0])                                       # the recorded scene
     assert np.allclose(sim.ScriptedExpert(env).select_action(obs), ep[ACTION][0], atol=1e-6)   # the label is the expert's action there
-    n = len(lr.train_data); lr.add_data(ds); assert len(lr.train_data) == n + ds.num_frames
+    n = len(learner.train_data); learner.add_data(ds); assert len(learner.train_data) == n + ds.num_frames
 
 
 SCRIPT = '''
 import json, sys, torch
 from vla_nb.imitation import run_imitation
-lr = run_imitation(sys.argv[1:-1])
-h = float(sum(p.double().sum() for p in lr.model.parameters()))
-json.dump(dict(world=lr.world, step=lr.step, hash=h), open(f"{sys.argv[-1]}/rank{lr.rank}.json", 'w'))
+learner = run_imitation(sys.argv[1:-1])
+h = float(sum(p.double().sum() for p in learner.model.parameters()))
+json.dump(dict(world=learner.world, step=learner.step, hash=h), open(f"{sys.argv[-1]}/rank{learner.rank}.json", 'w'))
 '''
 
 

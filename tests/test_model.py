@@ -5,7 +5,8 @@ import pytest
 import torch
 from vla_nb import sim
 from vla_nb.core import seed_everything
-from vla_nb.data import IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer, CommandTokenizer, command_corpus
+from vla_nb.language import CommandTokenizer, command_corpus, default_tokenizer, make_token_env
+from vla_nb.data import IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer
 from vla_nb.model import (ModelConfig, VLANet, VLAPolicy, VLAFeaturesExtractor, FirstActionMean, TemporalEnsembler, check_inputs,
                           bin_actions, unbin_actions, bin_centers, action_loss, action_error, confidence_target,
                           discrete_action_loss, vla_loss, load_weights, bounds_stats)
@@ -133,7 +134,8 @@ def test_check_inputs_names_the_problem():
 def test_policy_rejects_bad_observations(tok):
     pol, obs = _policy(tok), _obs()
     with pytest.raises(ValueError, match='uint8'): pol.predict_action_chunk({**obs, 'image': obs['image'] / 255.})
-    with pytest.raises(ValueError, match='shape'): pol.predict_action_chunk({**obs, 'image': np.zeros((32, 32, 3), np.uint8)})
+    assert pol.predict_action_chunk({**obs, 'image': np.zeros((32, 32, 3), np.uint8)}).shape == (8, 7)   # resized like a camera frame
+    with pytest.raises(ValueError, match='3 RGB channels'): pol.predict_action_chunk({**obs, 'image': np.zeros((48, 48, 4), np.uint8)})
     with pytest.raises(ValueError, match='NaN'): pol.predict_action_chunk({**obs, 'proprio': np.full(15, np.nan, np.float32)})
     with pytest.raises(ValueError, match='lacks'): pol.predict_action_chunk({'image': obs['image']})
     with pytest.raises(ValueError, match='empty'): pol.predict_action_chunk({**obs, 'command': '  '})
@@ -211,14 +213,14 @@ def test_checkpoint_mismatch_and_corruption(tok, tmp_path):
 def test_sb3_extractor_builds_and_learns():
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
-    venv = make_vec_env(sim.make_token_env, n_envs=1, seed=0, env_kwargs=dict(image_size=48, max_steps=16))
+    venv = make_vec_env(make_token_env, n_envs=1, seed=0, env_kwargs=dict(image_size=48, max_steps=16))
     cfg = ModelConfig(**SMALL)
     ppo = PPO('MultiInputPolicy', venv, n_steps=32, batch_size=16, n_epochs=1, seed=0, device='cpu',
               policy_kwargs=dict(features_extractor_class=VLAFeaturesExtractor, features_extractor_kwargs=dict(config=cfg)))
     ppo.learn(64)
     ext = ppo.policy.features_extractor
     assert isinstance(ext, VLAFeaturesExtractor) and ext.features_dim == cfg.d_model
-    assert ext.net.cfg.vocab_size >= len(sim.COMMAND_VOCAB) and ext.net.cfg.image_size == 48
+    assert ext.net.cfg.vocab_size >= default_tokenizer().vocab_size and ext.net.cfg.image_size == 48
     assert set(ext.net.state_dict()) == set(VLANet(ext.net.cfg).state_dict())   # a plain VLANet's weights load unchanged
     load_weights(ext.net, VLANet(ext.net.cfg).state_dict())
     venv.close()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from vla_nb import sim
 from vla_nb.core import seed_everything, load_checkpoint
-from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, IMAGE
+from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, IMAGE, ACTION, OBJ_XY, OBJ_MASK, OBJECT_NAMES
 from vla_nb.model import ModelConfig, VLANet, load_weights
 from vla_nb.pretraining import (PretrainConfig, PretrainDataset, PretrainHeads, PretrainModel, VLAPretrainer, alignment_loss, vision_loss,
-                                language_loss, warmup_cosine, epoch_indices, random_batch, bench_train, LOSS_TERMS, OBJECT_NAMES,
-                                OBJ_XY, OBJ_MASK, FAMILY, OBJ, LOC, TASK_ID)
+                                language_loss, warmup_cosine, epoch_indices, random_batch, bench_train, LOSS_TERMS,
+                                FAMILY, OBJ, LOC, TASK_ID)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8, dropout=0.1)
 
@@ -40,13 +40,16 @@ def test_config_validation():
 def test_dataset_targets_come_from_the_scene(data):
     ds = PretrainDataset(data)
     for k in range(len(data)):
-        i = int(np.flatnonzero(ds.episode_of == k)[0]); s, e = ds[i], data.episodes[k]
+        i = int(np.flatnonzero(ds.cols['episode'] == k)[0]); s, e = ds[i], data.episodes[k]
         assert int(s[FAMILY]) == sim.TASK_FAMILIES.index(e['task']['family'])
         names = [o['name'] for o in e['meta']['scene']['objects']]
         assert sorted(np.asarray(OBJECT_NAMES)[s[OBJ_MASK].numpy()]) == sorted(names)
         j = names.index(names[0]); xy = e['meta']['scene']['objects'][j]['xy']
         np.testing.assert_allclose(s[OBJ_XY][OBJECT_NAMES.index(names[0])].numpy() * 0.15 + (0.55, 0.0), xy[:2], atol=1e-5)
-        if e['task']['obj']: assert not ds[i + 1][OBJ_MASK][OBJECT_NAMES.index(e['task']['obj'])]   # the moved object is masked after frame 0
+        grip = data.load_episode(k)[ACTION][:, 6]
+        if e['task']['obj'] and (grip > 0).any():                      # the grasped object is masked from the first close on
+            c = int(np.flatnonzero(grip > 0)[0]); j = OBJECT_NAMES.index(e['task']['obj'])
+            assert ds[i + c - 1][OBJ_MASK][j] and not ds[i + c][OBJ_MASK][j]
 
 
 def test_schedule_warmup_then_cosine():
@@ -93,10 +96,10 @@ def test_each_loss_term_is_real_and_learns(data, tmp_path):
 def test_nan_is_detected_and_named(data, tmp_path):
     tr = _trainer(data, tmp_path)
     b = random_batch(tr.model.cfg, 4); b[IMAGE][0, 0, 0, 0] = float('nan')
-    with pytest.raises(FloatingPointError, match=r'step 0.*vision_loss'): tr.pretrain_step(b)
-    b = random_batch(tr.model.cfg, 4); b[OBJ_XY][:] = float('inf')
-    with pytest.raises(FloatingPointError, match='vision_loss') as e: tr.pretrain_step(b)
-    assert 'language_loss' not in str(e.value)
+    with pytest.raises(FloatingPointError, match=r"non-finite values in batch \['image'\] at step 0"): tr.pretrain_step(b)
+    b = random_batch(tr.model.cfg, 4); b[OBJ_XY][:] = 1e30                  # finite input, overflowing loss
+    with pytest.raises(FloatingPointError, match=r'non-finite loss at step 0.*vision_loss=(inf|nan)') as e: tr.pretrain_step(b)
+    assert 'language_loss' not in str(e.value) and tr.step == 0            # nothing was applied
 
 
 def test_resume_reproduces_the_straight_run(data, tmp_path):
@@ -130,11 +133,12 @@ def test_epoch_shards_are_disjoint_and_seeded():
 
 SCRIPT = '''
 import hashlib, json, sys, torch
-from vla_nb.pretraining import run_pretrain
+from vla_nb.pretraining import run_pretrain, epoch_indices
 tr = run_pretrain(sys.argv[1:-1])
+shard = epoch_indices(len(tr.dataset), 0, tr.config.seed, tr.rank, tr.world)
 h = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in tr.module.parameters())).hexdigest()
 with open(f"{sys.argv[-1]}/rank{tr.rank}.json", "w") as f:
-    json.dump(dict(rank=tr.rank, world=tr.world, hash=h, shard=tr.last_indices, written=[str(p) for p in tr.written], step=tr.step), f)
+    json.dump(dict(rank=tr.rank, world=tr.world, hash=h, shard=shard, written=[str(p) for p in tr.written], step=tr.step), f)
 '''
 
 

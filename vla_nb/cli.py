@@ -17,6 +17,7 @@ from vla_nb.core import (
     get_profile,
     set_profile,
     seed_everything,
+    derive_seed,
     PROFILES,
 )
 from . import sim, data, pretraining, imitation, evaluation, deployment
@@ -122,7 +123,7 @@ def demo_sim(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Simulator stage of the demo: expert filmstrips per family, a scene grid and expert success."
     env, strips = sim.TabletopEnv(render_size=128), {}
     for k, fam in enumerate(sim.TASK_FAMILIES):
-        s = seed + k
+        s = derive_seed(seed, 'demo-filmstrip', fam)
         r = sim.rollout(
             env,
             sim.ScriptedExpert(env),
@@ -141,7 +142,7 @@ def demo_sim(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     env.close()
     grid = _save_fig(sim.scene_grid(range(seed, seed + 8), size=128), out / 'scenes.png')
     n = cfg.expert_episodes
-    succ = {f: r['success'] for f, r in sim.expert_success(n, seed=seed + 1000).items()}
+    succ = {f: r['success'] for f, r in sim.expert_success(n, seed=derive_seed(seed, 'expert-success')).items()}
     return dict(filmstrips=strips, scene_grid=grid, expert_success=succ, episodes_per_family=n)
 
 # %% ../nbs/99_cli.ipynb #c011
@@ -253,7 +254,7 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
 # %% ../nbs/99_cli.ipynb #c015
 def demo_deploy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Deployment stage: export the demo's policy to out/deploy and benchmark its backends briefly."
-    return deployment.demo_deploy(
+    return deployment.deploy_report(
         out / 'policy' / 'best_policy.safetensors', out / 'deploy', calls=cfg.deploy_calls, seed=seed
     )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .core import Config, check_range, check_choice, by_profile, atomic_write, progress, get_profile
+from .core import Config, check_range, check_choice, by_profile, atomic_write, progress, get_profile, derive_seed
 from .data import DataConfig, EpisodeDataset, plan_episodes
 from . import sim
 
@@ -284,7 +284,9 @@ def grounding_pairs(n: int, seed: int = 0, env: sim.TabletopEnv | None = None) -
     out = []
     held = set(DataConfig().heldout_templates)
     try:
-        for e in eval_episodes(EvalConfig(episodes_per_family=max(1, -(-n // 4)), seed=seed + 1))[:n]:
+        for e in eval_episodes(EvalConfig(episodes_per_family=max(1, -(-n // 4)), seed=derive_seed(seed, 'grounding')))[
+            :n
+        ]:
             rng = np.random.default_rng(e['seed'])
             _, info = env.reset(seed=e['seed'], options=dict(task=e['task']))
             present = [o['name'] for o in info['scene']['objects'] if o['name'] in sim.OBJECTS]

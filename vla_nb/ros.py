@@ -12,7 +12,7 @@ import cv2
 from fastcore.basics import patch
 from rosbags.rosbag2 import Reader, Writer, StoragePlugin
 from rosbags.typesys import Stores, get_typestore
-from .core import check_range, check_choice
+from .core import check_range, check_choice, derive_seed
 from . import sim
 from .data import EpisodeWriter, EpisodeDataset, IMAGE, PROPRIO, ACTION, SUCCESS, TIMESTAMP
 
@@ -443,7 +443,7 @@ def demo_records(
     env, recs, t0, ms = sim.TabletopEnv(sim.SimConfig(image_size=image_size)), [], 10**9, 10**6
     try:
         for e in range(episodes):
-            cmd, imgs, qs = _rollout(env, seed + e)
+            cmd, imgs, qs = _rollout(env, derive_seed(seed, 'demo-bag', e))
             hz = env.cfg.control_hz
             T = len(imgs) - 1
             recs.append((tp['command'], t0 - 50 * ms, string_msg(json.dumps(dict(command=cmd, episode=e)))))

@@ -13,19 +13,18 @@ import gymnasium as gym
 from gymnasium import spaces
 from fastcore.basics import patch
 from pybullet_utils.bullet_client import BulletClient
-from .core import Config, check_range, check_choice, by_profile, get_profile
+from .core import Config, check_range, check_choice, by_profile, get_profile, derive_seed
 
 # %% auto #0
 __all__ = ['OBJECTS', 'DISTRACTORS', 'LOCATIONS', 'TASK_FAMILIES', 'TEMPLATES', 'MAX_COMMAND_CHARS', 'WORKSPACE_LOW',
            'WORKSPACE_HIGH', 'OBJECT_AREA', 'N_TEXTURES', 'ASSETS', 'ARM_JOINTS', 'FINGER_JOINTS', 'HAND_LINK',
            'TCP_LINK', 'ARM_FORCES', 'HOME_Q', 'MAX_DPOS', 'MAX_DROT', 'MAX_FINGER', 'TCP_DOWN', 'PROPRIO_DIM',
-           'PROPRIO_LOW', 'PROPRIO_HIGH', 'LIFT_HEIGHT', 'ACT_DIM', 'COMMAND_CHARSET', 'SAFE_Z', 'COMMAND_VOCAB',
-           'MAX_COMMAND_TOKENS', 'ENV_ID', 'TOKEN_ENV_ID', 'ObjectSpec', 'LocationSpec', 'Task', 'make_command',
-           'parse_command', 'SimConfig', 'kelvin_to_rgb', 'jitter_rgb', 'sample_scene', 'quat_mul', 'quat_from_rotvec',
-           'rotvec_from_quat', 'quat_conj', 'TabletopWorld', 'task_success', 'dense_reward', 'validate_action',
-           'sample_task', 'TabletopEnv', 'servo', 'tcp_yaw', 'grasp_yaw', 'grasp_height', 'ScriptedExpert',
-           'tokenize_command', 'CommandTokens', 'make_token_env', 'rollout', 'RandomPolicy', 'scene_grid', 'filmstrip',
-           'measure_step_rate', 'sim_explorer', 'expert_success', 'bench_sim']
+           'PROPRIO_LOW', 'PROPRIO_HIGH', 'LIFT_HEIGHT', 'ACT_DIM', 'COMMAND_CHARSET', 'SAFE_Z', 'ENV_ID',
+           'TOKEN_ENV_ID', 'ObjectSpec', 'LocationSpec', 'Task', 'make_command', 'parse_command', 'SimConfig',
+           'kelvin_to_rgb', 'jitter_rgb', 'sample_scene', 'quat_mul', 'quat_from_rotvec', 'rotvec_from_quat',
+           'quat_conj', 'TabletopWorld', 'task_success', 'dense_reward', 'validate_action', 'sample_task',
+           'TabletopEnv', 'servo', 'tcp_yaw', 'grasp_yaw', 'grasp_height', 'ScriptedExpert', 'rollout', 'RandomPolicy',
+           'scene_grid', 'filmstrip', 'measure_step_rate', 'sim_explorer', 'expert_success', 'bench_sim']
 
 # %% ../nbs/01_sim.ipynb #c005
 @dataclass(frozen=True)
@@ -974,48 +973,12 @@ def _place(self: ScriptedExpert, w, task):
         return servo(w, tcp, yaw, -1, travel=False)
     return servo(w, [tcp[0], tcp[1], SAFE_Z], yaw, -1)
 
-# %% ../nbs/01_sim.ipynb #c065
-COMMAND_VOCAB = ('<pad>', '<unk>', ',') + tuple(sorted(_vocab_words()))
-MAX_COMMAND_TOKENS = 12
-
-
-def tokenize_command(text: str, max_len: int = MAX_COMMAND_TOKENS) -> np.ndarray:
-    "Word ids of `text` over COMMAND_VOCAB, padded with 0 to `max_len`; unknown words and overlong commands are errors."
-    words = re.findall(r"[a-z]+|,", _normalize(text))
-    if not words:
-        raise ValueError("command is empty")
-    index = {w: i for i, w in enumerate(COMMAND_VOCAB)}
-    unknown = [w for w in words if w not in index]
-    if unknown:
-        raise ValueError(f"unknown word(s) {unknown} in command {text!r}")
-    if len(words) > max_len:
-        raise ValueError(f"command has {len(words)} tokens; the limit is {max_len}")
-    return np.array([index[w] for w in words] + [0] * (max_len - len(words)), dtype=np.int64)
-
-
-class CommandTokens(gym.ObservationWrapper):
-    "Replace the 'command' text observation by its token ids (a Box of int64)."
-
-    def __init__(self, env: gym.Env, max_len: int = MAX_COMMAND_TOKENS):
-        super().__init__(env)
-        self.max_len = max_len
-        self.observation_space = spaces.Dict(
-            {**env.observation_space.spaces, 'command': spaces.Box(0, len(COMMAND_VOCAB) - 1, (max_len,), np.int64)}
-        )
-
-    def observation(self, obs):
-        return {**obs, 'command': tokenize_command(obs['command'], self.max_len)}
-
-
-def make_token_env(**kwargs) -> gym.Env:
-    return CommandTokens(TabletopEnv(**kwargs))
-
 # %% ../nbs/01_sim.ipynb #c069
 ENV_ID, TOKEN_ENV_ID = 'vla_nb/Tabletop-v0', 'vla_nb/TabletopTokens-v0'
 if ENV_ID not in gym.registry:
     gym.register(ENV_ID, entry_point='vla_nb.sim:TabletopEnv')
 if TOKEN_ENV_ID not in gym.registry:
-    gym.register(TOKEN_ENV_ID, entry_point='vla_nb.sim:make_token_env')
+    gym.register(TOKEN_ENV_ID, entry_point='vla_nb.language:make_token_env')
 
 # %% ../nbs/01_sim.ipynb #c071
 def rollout(env: TabletopEnv, policy, seed: int, options: dict | None = None, frames: bool = False) -> dict:
@@ -1111,7 +1074,7 @@ def measure_step_rate(n_steps: int = 200, seed: int = 0, cfg: SimConfig | None =
         t_phys += time.perf_counter() - t0
         n_phys += 10
         if term or trunc or i % 40 == 39:
-            env.reset(seed=seed + i + 1)
+            env.reset(seed=derive_seed(seed, 'step-rate', i))
     env.close()
     return dict(env_steps_per_s=n_steps / t_step, render_fps=n_render / t_render, physics_steps_per_s=n_phys / t_phys)
 
@@ -1173,15 +1136,14 @@ def expert_success(
     for k, fam in enumerate(TASK_FAMILIES):
         runs = []
         for i in range(episodes_per_family):
-            s = seed + 100_000 * k + i
+            s = derive_seed(seed, 'expert-success', fam, i)
             task = sample_task(np.random.default_rng(s), (fam,))
             runs.append(rollout(env, ScriptedExpert(env, noise_std, seed=s), s, options=dict(task=task)))
+            runs[-1]['seed'] = s
         res[fam] = dict(
             success=float(np.mean([r['success'] for r in runs])),
             mean_steps=float(np.mean([r['steps'] for r in runs])),
-            failures=[
-                dict(seed=seed + 100_000 * k + i, command=r['command']) for i, r in enumerate(runs) if not r['success']
-            ],
+            failures=[dict(seed=r['seed'], command=r['command']) for r in runs if not r['success']],
         )
     env.close()
     return res
