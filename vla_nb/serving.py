@@ -27,7 +27,6 @@ from vla_nb.deployment import (
     check_onnx_io,
     OptimizedVLAInference,
     OUTPUT_NAMES,
-    EdgeConfig,
     latency_stats,
 )
 from .evaluation import evaluate_policy, env_for
@@ -1442,7 +1441,7 @@ def _bench_load(art, clients: tuple, max_batch: int, duration_s: float, rounds: 
         for r in range(rounds):
             for n in clients:
                 for m in ('on', 'off') if r % 2 == 0 else ('off', 'on'):
-                    runs[m][str(n)].append(load_test(urls[m], n, duration_s / rounds, seed=seed + r, keep_rtts=True))
+                    runs[m][str(n)].append(load_test(urls[m], n, duration_s / rounds, seed=seed, keep_rtts=True))
     pooled = {m: {n: _pooled(v) for n, v in per.items()} for m, per in runs.items()}
     out = {
         k: {m: {n: p[k] for n, p in per.items()} for m, per in pooled.items()}
