@@ -20,7 +20,7 @@ from vla_nb.core import (
     derive_seed,
     PROFILES,
 )
-from . import sim, data, pretraining, imitation, evaluation, deployment
+from . import sim, data, pretraining, imitation, evaluation, deployment, serving
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -405,6 +405,7 @@ BENCHES = {
     'deploy': lambda a: deployment.bench_deploy(
         _need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed
     ),
+    'serve': lambda a: serving.bench_serve(_need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed),
 }
 
 
@@ -418,7 +419,7 @@ def bench_main(argv=None):
         '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)'
     )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy and deploy benchmarks)')
+    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy and serve benchmarks)')
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:
         ap.error('--episodes must be >= 1')
@@ -432,7 +433,7 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer') and isinstance(v, dict)
+                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details') and isinstance(v, dict)
                 )
             },
             indent=1,
