@@ -18,17 +18,19 @@ from .language import CommandTokenizer, default_tokenizer
 from . import sim
 
 # %% auto #0
-__all__ = ['IMAGE', 'WRIST_IMAGE', 'PROPRIO', 'ACTION', 'SUCCESS', 'TIMESTAMP', 'TOKENS', 'TOKEN_MASK', 'ACTION_PAD', 'OBJ_XY',
-           'OBJ_MASK', 'FRAME_KEYS', 'PIXEL_KEYS', 'SCHEMA_VERSION', 'EPISODES_PER_CHUNK', 'STD_EPS', 'OBJECT_NAMES',
-           'XY_CENTER', 'XY_SCALE', 'encode_episode', 'EpisodeWriter', 'EpisodeDataset', 'compute_stats',
-           'validate_dataset', 'DataConfig', 'plan_episodes', 'record_episode', 'SyntheticDataGenerator', 'stat_arrays',
-           'Normalizer', 'ArrayNormalizer', 'split_episodes', 'check_observation', 'scene_targets', 'object_targets',
-           'cut_chunks', 'augment_images', 'ChunkDataset', 'plot_samples', 'plot_episode', 'plot_stats', 'bench_data']
+__all__ = ['IMAGE', 'WRIST_IMAGE', 'PROPRIO', 'ACTION', 'SUCCESS', 'TIMESTAMP', 'TOKENS', 'TOKEN_MASK', 'ACTION_PAD', 'TEXT_EMB',
+           'OBJ_XY', 'OBJ_MASK', 'FRAME_KEYS', 'PIXEL_KEYS', 'SCHEMA_VERSION', 'EPISODES_PER_CHUNK', 'STD_EPS',
+           'OBJECT_NAMES', 'XY_CENTER', 'XY_SCALE', 'encode_episode', 'EpisodeWriter', 'EpisodeDataset',
+           'compute_stats', 'validate_dataset', 'DataConfig', 'plan_episodes', 'record_episode',
+           'SyntheticDataGenerator', 'stat_arrays', 'Normalizer', 'ArrayNormalizer', 'split_episodes',
+           'check_observation', 'scene_targets', 'object_targets', 'cut_chunks', 'augment_images', 'ChunkDataset',
+           'plot_samples', 'plot_episode', 'plot_stats', 'bench_data']
 
 # %% ../nbs/02_data.ipynb #c005
 IMAGE, WRIST_IMAGE, PROPRIO, ACTION = 'image', 'wrist_image', 'proprio', 'action'
 SUCCESS, TIMESTAMP = 'success', 'timestamp'
 TOKENS, TOKEN_MASK, ACTION_PAD = 'token_ids', 'token_mask', 'action_is_pad'
+TEXT_EMB = 'text_embedding'  # a sentence-backbone model's text input, in place of token ids
 OBJ_XY, OBJ_MASK = 'obj_xy', 'obj_mask'  # every object's table position, and which objects it is known for
 FRAME_KEYS = (IMAGE, WRIST_IMAGE, PROPRIO, ACTION, SUCCESS, TIMESTAMP)
 PIXEL_KEYS = (IMAGE, WRIST_IMAGE)
@@ -687,11 +689,11 @@ def check_observation(
     obs: dict,  # 'image', 'proprio', 'command' (+ 'wrist_image'); one observation, or a batch with a list of commands
     image_size: int,  # the model's scene-camera side
     proprio_dim: int,
-    tokenizer: CommandTokenizer,
+    language,  # the policy's command encoder (CommandTokenizer or SentenceCommands): `features(text, allow_unknown)`
     wrist_size: int = 0,  # the model's wrist-camera side; 0: no wrist camera
-    allow_unknown: bool = False,  # read unknown command words as <unk> instead of refusing them
+    allow_unknown: bool = False,  # act on commands the language check does not understand (reported in `unknown`)
 ) -> dict:
-    "Checked arrays of an observation: image (N, S, S, 3) uint8, proprio (N, P), token_ids (N, T), wrist_image, single."
+    "Checked arrays of an observation: image (N, S, S, 3) uint8, proprio (N, P), text (N, ...), unknown (N,), wrist."
     if not isinstance(obs, dict):
         raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
     need = ['image', 'proprio', 'command'] + (['wrist_image'] if wrist_size else [])
@@ -705,12 +707,14 @@ def check_observation(
     cmds = [obs['command']] if single else obs['command']
     if not single and (not isinstance(cmds, (list, tuple)) or len(cmds) != n):
         raise ValueError(f"a batch of {n} images needs a list of {n} commands, got {type(cmds).__name__}")
+    text = [language.features(c, allow_unknown) for c in cmds]
     out = dict(
         image=image,
         proprio=_proprio(obs['proprio'], proprio_dim, n),
         single=single,
-        token_ids=np.stack([tokenizer.encode(c, allow_unknown)[0] for c in cmds]),
         wrist_image=None,
+        text=np.stack([t for t, _ in text]),
+        unknown=np.array([u for _, u in text]),
     )
     if wrist_size:
         out['wrist_image'] = _pixels(obs['wrist_image'], wrist_size, 'wrist_image')
@@ -767,19 +771,47 @@ def augment_images(img: torch.Tensor, gen: torch.Generator, pad: int = 4) -> tor
 
 # %% ../nbs/02_data.ipynb #c045
 class ChunkDataset(torch.utils.data.Dataset):
-    "Normalized training samples with (H, A) action chunks from memory-mapped episode datasets (one tokenizer)."
+    "Normalized training samples with (H, A) action chunks from memory-mapped episode datasets, text per sample."
 
-    def __init__(self, ds: EpisodeDataset, episodes=None, chunk_size: int = 8, augment: bool = False, norm=None):
+    def __init__(
+        self,
+        ds: EpisodeDataset,
+        episodes=None,  # episode indices (default: all)
+        chunk_size: int = 8,
+        augment: bool = False,  # shift/jitter images (and rephrase commands, with `text_augment`) in training batches
+        norm=None,  # a Normalizer (default: from `ds.stats`)
+        language=None,  # the command encoder (default: the dataset's tokenizer; SentenceCommands for embeddings)
+        phrases: list | None = None,  # (command, Task) pairs that may stand in for an episode's command
+        text_augment: float = 0.0,  # probability that an augmented sample reads one of `phrases` for its task
+    ):
         check_range('chunk_size', chunk_size, 1, 1000, integer=True)
         if ds.stats is None or ds.tokenizer is None:
             raise ValueError(f"{ds.root} is not finalized (stats/tokenizer missing)")
-        self.H, self.augment, self.tokenizer = chunk_size, augment, ds.tokenizer
+        self.H, self.augment, self.text_augment = chunk_size, augment, check_range('text_augment', text_augment, 0, 1)
+        self.language = language if language is not None else ds.tokenizer
         self.norm = norm if norm is not None else Normalizer(ds.stats)
-        self.parts, self.episodes, self.cols = [], [], {}
+        self.parts, self.episodes, self.cols, self.texts, self._ids, self._feats, self.pools = (
+            [],
+            [],
+            {},
+            [],
+            {},
+            [],
+            {},
+        )
+        for text, task in phrases or []:
+            self.pools.setdefault((task.family, task.obj, task.loc), []).append(self._text_id(text))
         self.extend(ds, episodes)
 
     def __len__(self):
         return len(self.cols['row'])
+
+    def _text_id(self, text: str) -> int:
+        "The index of `text` in `self.texts` (added on first sight)."
+        if text not in self._ids:
+            self._ids[text] = len(self.texts)
+            self.texts.append(text)
+        return self._ids[text]
 
     @property
     def image_size(self) -> int:
@@ -796,9 +828,7 @@ class ChunkDataset(torch.utils.data.Dataset):
 # %% ../nbs/02_data.ipynb #c046
 @patch
 def extend(self: ChunkDataset, ds: EpisodeDataset, episodes=None):
-    "Add the frames of `episodes` (default: all) of another finalized dataset with the same tokenizer and cameras."
-    if ds.tokenizer != self.tokenizer:
-        raise ValueError(f"{ds.root} uses a different tokenizer; token ids would mean different words")
+    "Add the frames of `episodes` (default: all) of another finalized dataset with the same cameras."
     eps = list(range(len(ds))) if episodes is None else [int(k) for k in episodes]
     if not eps:
         raise ValueError("no episodes selected")
@@ -810,15 +840,17 @@ def extend(self: ChunkDataset, ds: EpisodeDataset, episodes=None):
         raise ValueError(f"{ds.root} has other cameras (image {fr[IMAGE].shape[1:]}, wrist {WRIST_IMAGE in fr})")
     lens, starts = np.array([ds.episodes[k]['length'] for k in eps]), ds.starts[eps]
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
-    ids = [self.tokenizer.encode(ds.episodes[k]['command']) for k in eps]
+    text = [self._text_id(ds.episodes[k]['command']) for k in eps]
+    self.text_batch(
+        np.array(text)
+    )  # the language reads every command now: a word it lacks fails here, not mid-training
     targets = [object_targets(ds.episodes[k], fr[ACTION][s : s + n]) for k, s, n in zip(eps, starts, lens)]
     new = dict(
         part=np.full(len(rows), len(self.parts)),
         row=rows,
         end=np.repeat(starts + lens, lens),
         episode=np.repeat(np.arange(len(eps)) + len(self.episodes), lens),
-        tokens=np.repeat(np.stack([t for t, _ in ids]), lens, 0),
-        token_mask=np.repeat(np.stack([m for _, m in ids]), lens, 0),
+        text=np.repeat(np.array(text), lens),
         obj_xy=np.concatenate([t for t, _ in targets]),
         obj_mask=np.concatenate([m for _, m in targets]),
     )
@@ -850,8 +882,7 @@ def batch(self: ChunkDataset, idx, gen: torch.Generator | None = None, augment: 
     if aug and gen is None:
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # from torch's global seed
     out = {
-        TOKENS: torch.from_numpy(c['tokens']),
-        TOKEN_MASK: torch.from_numpy(c['token_mask']),
+        **self.text_batch(self.sample_texts(c, gen if aug else None)),
         PROPRIO: self.norm.normalize(PROPRIO, t[PROPRIO]),
         ACTION: self.norm.normalize(ACTION, t[ACTION]),
         ACTION_PAD: t[ACTION_PAD],
@@ -869,6 +900,32 @@ def batch(self: ChunkDataset, idx, gen: torch.Generator | None = None, augment: 
 def __getitem__(self: ChunkDataset, i: int) -> dict:
     "One sample (for torch `DataLoader`s; training loops call `batch`)."
     return {k: v[0] for k, v in self.batch([int(i)]).items()}
+
+# %% ../nbs/02_data.ipynb #n3c9f6dc
+@patch
+def sample_texts(self: ChunkDataset, c: dict, gen: torch.Generator | None = None) -> np.ndarray:
+    "Text ids of a batch's rows `c`: each episode's command, or (with `gen` and `text_augment`) a phrase of its task."
+    ids = c['text'].copy()
+    if gen is None or not self.text_augment or not self.pools:
+        return ids
+    swap = torch.rand(len(ids), generator=gen).numpy() < self.text_augment
+    for i in np.flatnonzero(swap):
+        task = self.episodes[int(c['episode'][i])].get('task') or {}
+        pool = self.pools.get((task.get('family'), task.get('obj'), task.get('loc')))
+        if pool:
+            ids[i] = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+    return ids
+
+
+@patch
+def text_batch(self: ChunkDataset, ids: np.ndarray) -> dict:
+    "The network's text input for text ids (B,): TOKENS and TOKEN_MASK, or TEXT_EMB for a sentence encoder."
+    new = self.texts[len(self._feats) :]
+    if new:  # features of every text are computed once; a sentence encoder embeds them in one batch
+        enc = getattr(self.language, 'encoder', None)
+        self._feats += list(enc.embed(new)) if enc is not None else [self.language.features(t)[0] for t in new]
+    x = torch.from_numpy(np.stack([self._feats[i] for i in ids]))
+    return {TEXT_EMB: x} if x.is_floating_point() else {TOKENS: x, TOKEN_MASK: x != 0}
 
 # %% ../nbs/02_data.ipynb #c050
 def plot_samples(ds: EpisodeDataset, n: int = 8, cols: int = 4):

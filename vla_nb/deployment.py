@@ -20,9 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, atomic_write, ensure_dir, seed_everything, by_profile
 from .core import derive_seed
-from .language import CommandTokenizer, MAX_COMMAND_CHARS
+from .language import MAX_COMMAND_CHARS, command_language
 from .data import IMAGE, WRIST_IMAGE, PROPRIO, ACTION, ArrayNormalizer, check_observation
-from .model import ModelConfig, VLANet, VLAPolicy, bounds_stats, load_weights
+from .model import ModelConfig, VLANet, VLAPolicy, bounds_stats, load_weights, text_key
 from . import sim
 
 # %% auto #0
@@ -70,27 +70,28 @@ class Preprocessor:
             raise ValueError("the artifact's model reads a wrist camera but its stats have no 'wrist_image' entry")
         self.norm = ArrayNormalizer(st, (IMAGE, PROPRIO, ACTION) + ((WRIST_IMAGE,) if self.W else ()))
         self.low, self.high = (np.asarray(meta['action_bounds'][k], np.float32) for k in ('low', 'high'))
-        self.tokenizer = CommandTokenizer.from_json(meta['tokenizer'])
+        self.language = command_language(meta['tokenizer'])  # CommandTokenizer or SentenceCommands
+        self.text_key = next(k for k in spec if k in ('token_ids', 'text_embedding'))
         self.allow_unknown_words, self.unknown_word_commands = allow_unknown_words, 0
 
 # %% ../nbs/08_deployment.ipynb #c012
 @patch
 def command(self: Preprocessor, text) -> np.ndarray:
-    "A command string -> token ids (T,) int64, through the tokenizer's checks."
-    return self.tokenizer.encode(text, self.allow_unknown_words)[0]
+    "A command string -> the graph's text input (token ids, or a sentence embedding), through the language check."
+    return self.language.features(text, self.allow_unknown_words)[0]
 
 
 @patch
 def __call__(self: Preprocessor, obs: dict) -> dict:
     "One observation dict -> the graph's input feed, batch of 1."
-    chk = check_observation(obs, self.S, self.P, self.tokenizer, self.W, self.allow_unknown_words)
+    chk = check_observation(obs, self.S, self.P, self.language, self.W, self.allow_unknown_words)
     if chk['single'] is False:
         raise ValueError("the runtime takes one observation at a time (image (H, W, 3))")
-    self.unknown_word_commands += int((chk['token_ids'] == self.tokenizer.unk_id).any())
+    self.unknown_word_commands += int(chk['unknown'].any())
     pixels = lambda x, key: self.norm.normalize(key, x.transpose(0, 3, 1, 2).astype(np.float32) * (1 / 255))
     feed = dict(
         image=pixels(chk['image'], IMAGE),
-        token_ids=chk['token_ids'],
+        **{self.text_key: chk['text']},
         proprio=self.norm.normalize(PROPRIO, chk['proprio']),
     )
     if self.W:
@@ -108,15 +109,17 @@ INPUT_NAMES, OUTPUT_NAMES = ('image', 'token_ids', 'proprio'), ('actions', 'conf
 
 
 def input_names(cfg: ModelConfig) -> tuple:
-    "The graph's inputs under `cfg`: INPUT_NAMES, then 'wrist_image' when the model reads a wrist camera."
-    return INPUT_NAMES + (('wrist_image',) if cfg.wrist_size else ())
+    "The graph's inputs under `cfg`: image, the text input (token ids or a sentence embedding), proprio (+ wrist)."
+    return ('image', text_key(cfg), 'proprio') + (('wrist_image',) if cfg.wrist_size else ())
 
 
 def example_inputs(cfg: ModelConfig, B: int = 2, seed: int = 0) -> tuple:
-    "Seeded normalized inputs (image, token_ids, proprio) for tracing and parity checks; the first 6 tokens are real words."
+    "Seeded normalized inputs in `input_names(cfg)` order for tracing and parity checks (6 real words, or a unit vector)."
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g)
     ids[:, 6:] = 0
+    if cfg.text_encoder == 'sentence':
+        ids = torch.nn.functional.normalize(torch.randn(B, cfg.text_dim, generator=g), dim=-1)
     x = (
         torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g),
         ids,
@@ -247,9 +250,17 @@ def _input_spec(cfg: ModelConfig) -> dict:
             source='uint8 RGB frame (H, W, 3), any size',
             preprocessing='cv2.resize INTER_AREA to S x S, /255, (x - stats.image.mean) / stats.image.std',
         ),
-        token_ids=dict(
-            dtype='int64', shape=['batch', cfg.max_tokens], preprocessing='tokenizer, padded with 0 to max_len'
-        ),
+        **{
+            text_key(cfg): dict(
+                dtype='int64', shape=['batch', cfg.max_tokens], preprocessing='tokenizer, padded with 0'
+            )
+            if cfg.text_encoder == 'words'
+            else dict(
+                dtype='float32',
+                shape=['batch', cfg.text_dim],
+                preprocessing='frozen sentence encoder (sidecar identity)',
+            )
+        },
         proprio=dict(
             dtype='float32',
             shape=['batch', cfg.proprio_dim],
@@ -588,12 +599,18 @@ def latency_stats(seconds) -> dict:
 @patch
 def get_performance_metrics(self: OptimizedVLAInference) -> dict:
     "Latency percentiles (ms) and FPS over the calls since warm-up (the last `history` of them)."
-    unknown = self.pre.unknown_word_commands
+    enc = getattr(self.pre.language, 'encoder', None)  # a sentence backbone: its embeddings are timed apart
+    text = (
+        {}
+        if enc is None
+        else dict(text_embeddings=len(enc.single_ms), text_embedding_ms=latency_stats(np.asarray(enc.single_ms) / 1000))
+    )
     return dict(
         backend=self.backend,
         threads=self.threads,
         total_calls=self.calls,
-        unknown_word_commands=unknown,
+        unknown_word_commands=self.pre.unknown_word_commands,
+        **text,
         **latency_stats(self._times),
     )
 
@@ -630,18 +647,14 @@ class HardwareOptimizer:
         }
         opts[f'all/t{threads}/parallel'] = (threads, 'all', 'parallel')
         sessions = {k: ort_session(onnx_path, t, lvl, mode) for k, (t, lvl, mode) in opts.items()}
-        shp = {
-            i.name: i.shape for i in next(iter(sessions.values())).get_inputs()
-        }  # vocab_size=2: token id 1 is valid in every vocabulary
-        feed = _feed(
-            ModelConfig(
-                image_size=shp['image'][2],
-                max_tokens=shp['token_ids'][1],
-                proprio_dim=shp['proprio'][1],
-                vocab_size=2,
-                wrist_size=shp['wrist_image'][2] if 'wrist_image' in shp else 0,
-            )
-        )
+        shp = {i.name: i.shape for i in next(iter(sessions.values())).get_inputs()}
+        text = (
+            dict(max_tokens=shp['token_ids'][1], vocab_size=2)
+            if 'token_ids' in shp
+            else dict(text_encoder='sentence', text_dim=shp['text_embedding'][1])
+        )  # vocab_size=2: id 1 is in every vocabulary
+        wrist = shp['wrist_image'][2] if 'wrist_image' in shp else 0
+        feed = _feed(ModelConfig(image_size=shp['image'][2], proprio_dim=shp['proprio'][1], wrist_size=wrist, **text))
         times = _interleaved(
             {k: (lambda s: lambda f: s.run(None, f))(s) for k, s in sessions.items()}, lambda: feed, calls
         )

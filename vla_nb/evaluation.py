@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, by_profile, atomic_write, progress, get_profile, derive_seed
+from .language import phrase_corpus
 from .data import DataConfig, EpisodeDataset, plan_episodes
 from . import sim
 
 # %% auto #0
-__all__ = ['EVAL_SEED_OFFSET', 'wilson_interval', 'EvalConfig', 'eval_episodes', 'check_disjoint', 'torch_threads', 'env_for',
-           'EvalResult', 'evaluate', 'rollout_strips', 'save_gif', 'plot_success', 'evaluate_policy', 'grounding_pairs',
-           'grounding_check', 'CommandBlindExpert', 'bench_policy']
+__all__ = ['EVAL_SEED_OFFSET', 'PARAPHRASES', 'NONSENSE', 'wilson_interval', 'EvalConfig', 'eval_episodes', 'check_disjoint',
+           'torch_threads', 'env_for', 'EvalResult', 'evaluate', 'rollout_strips', 'save_gif', 'plot_success',
+           'evaluate_policy', 'paraphrase', 'language_check', 'grounding_pairs', 'grounding_check',
+           'CommandBlindExpert', 'bench_policy']
 
 # %% ../nbs/05_evaluation.ipynb #c005
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
@@ -41,14 +43,15 @@ class EvalConfig(Config):
 
     episodes_per_family: int = 10  # episodes of each task family (>= 50 for the reported figures)
     seed: int = 0  # seed of the episode plan; the same seed gives the same episodes
-    split: str = 'test'  # 'test' (training combinations, unseen scenes) or 'heldout' (held-out pairs and paraphrases)
+    split: str = 'test'  # 'test': training combinations, new scenes; 'heldout': held-out pairs and templates;
+    # 'paraphrase': the test episodes, each commanded in words no training text uses (PARAPHRASES)
     families: tuple = sim.TASK_FAMILIES  # task families to evaluate
     max_steps: int = 120  # steps before an episode counts as a failure
 
     def __post_init__(self):
         check_range('episodes_per_family', self.episodes_per_family, 1, 100_000, integer=True)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
-        check_choice('split', self.split, ('test', 'heldout'))
+        check_choice('split', self.split, ('test', 'heldout', 'paraphrase'))
         self.families = tuple(self.families)
         if not self.families:
             raise ValueError("families must name at least one task family")
@@ -63,19 +66,16 @@ def eval_episodes(cfg: EvalConfig, data_config: DataConfig | None = None) -> lis
         num_episodes=cfg.episodes_per_family * len(cfg.families),
         families=cfg.families,
         seed=cfg.seed,
-        split='train' if cfg.split == 'test' else 'heldout',
+        split='heldout' if cfg.split == 'heldout' else 'train',
     )
     out = []
-    for s in plan_episodes(dc):
+    for k, s in enumerate(plan_episodes(dc)):
         task = sim.Task(**s['task'])
+        command = sim.make_command(task, template=s['template'])
+        if cfg.split == 'paraphrase':  # the same episode, said in other words
+            command = paraphrase(task, np.random.default_rng(derive_seed(cfg.seed, 'paraphrase', k)))
         out.append(
-            dict(
-                seed=EVAL_SEED_OFFSET + s['seed'],
-                family=task.family,
-                task=task,
-                command=sim.make_command(task, template=s['template']),
-                split=cfg.split,
-            )
+            dict(seed=EVAL_SEED_OFFSET + s['seed'], family=task.family, task=task, command=command, split=cfg.split)
         )
     return out
 
@@ -145,7 +145,8 @@ def evaluate(
         try:
             for e in progress(episodes, desc=f'eval {name}', disable=None if progress_bar else True):
                 keep = kept.get(e['family'], 0) < frames
-                r = sim.rollout(env, policy, e['seed'], options=dict(command=e['command']), frames=keep)
+                opts = dict(task=e['task'], command=e['command'])  # the episode's task, in the episode's words
+                r = sim.rollout(env, policy, e['seed'], options=opts, frames=keep)
                 kept[e['family']] = kept.get(e['family'], 0) + keep
                 recs.append(
                     dict(
@@ -266,6 +267,89 @@ def evaluate_policy(
     res = evaluate(policy, eval_episodes(cfg), env=env, frames=frames, name=name, progress_bar=progress_bar)
     return {**res.summary(), 'split': split, 'result': res}
 
+# %% ../nbs/05_evaluation.ipynb #na106cb0
+PARAPHRASES = dict(
+    obj={
+        'red cup': ['crimson mug', 'cherry-colored cup'],
+        'blue box': ['azure carton', 'cobalt container'],
+        'green ball': ['emerald orb', 'jade globe'],
+        'bottle': ['flask', 'drink container'],
+        'book': ['paperback', 'textbook'],
+    },
+    loc={
+        'kitchen': ['kitchenette', 'cooking corner'],
+        'living room': ['sitting room', 'family room'],
+        'bedroom': ['bedchamber', 'sleeping room'],
+        'office': ['workroom', 'home office'],
+        'table': ['side table', 'low stand'],
+        'shelf': ['rack', 'wall shelf'],
+    },
+    verbs={
+        'pick': [
+            'could you hoist the {o}?',
+            'snatch the {o}, please',
+            'I need you to raise the {o}',
+            'the {o}, pick it up',
+        ],
+        'find': ['where is the {o}?', 'search for the {o}', 'can you spot the {o}?'],
+        'move': ['make your way to the {l}', 'travel over to the {l}, please', 'could you drive to the {l}?'],
+        'place': [
+            'drop the {o} onto the {l}',
+            'would you leave the {o} by the {l}?',
+            'the {o} goes on the {l}',
+            'deposit the {o} in the {l}, please',
+        ],
+    },
+)
+NONSENSE = dict(  # commands a policy must refuse: off-topic, and objects or places this world does not have
+    off_topic=[
+        "what's the weather like",
+        'sing me a song',
+        'xyzzy plugh',
+        'tell me a joke',
+        'how old are you',
+        'asdf jkl',
+    ],
+    no_such_thing=[
+        'pick up the banana',
+        'find the hammer',
+        'grab the laptop',
+        'put the spoon on the shelf',
+        'go to the garage',
+        'move to the attic',
+        'put the cup in the bathroom',
+        'bring the book to the garden',
+    ],
+)
+
+
+def paraphrase(task: sim.Task, rng: np.random.Generator) -> str:
+    "A phrasing of `task` from PARAPHRASES, drawn with `rng`."
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]
+    v = pick(PARAPHRASES['verbs'][task.family])
+    return v.format(
+        o=pick(PARAPHRASES['obj'][task.obj]) if task.obj else None,
+        l=pick(PARAPHRASES['loc'][task.loc]) if task.loc else None,
+    )
+
+# %% ../nbs/05_evaluation.ipynb #nfd5d2b4
+def language_check(language) -> dict:
+    "False-reject rate on every PARAPHRASES command and false-accept rates on NONSENSE, of a command encoder."
+
+    def accepted(text):
+        try:
+            language.features(text)
+            return True
+        except ValueError:
+            return False
+
+    valid = sorted({t for t, _ in phrase_corpus(PARAPHRASES)})
+    out = dict(paraphrases=len(valid), false_reject=round(1 - float(np.mean([accepted(t) for t in valid])), 4))
+    for kind, texts in NONSENSE.items():
+        out[f'false_accept_{kind}'] = round(float(np.mean([accepted(t) for t in texts])), 4)
+    out['false_accept'] = round(float(np.mean([accepted(t) for ts in NONSENSE.values() for t in ts])), 4)
+    return out
+
 # %% ../nbs/05_evaluation.ipynb #c036
 def _other_task(rng, a: sim.Task, present: list) -> sim.Task:
     "A task different from `a` in its target (another present object or another location), of a random family."
@@ -359,7 +443,7 @@ def bench_policy(
     seed: int = 0,
     progress_bar: bool = True,
 ) -> dict:
-    "Closed-loop figures of a saved `VLAPolicy`: test success per family (Wilson CI), held-out success, grounding, wall time."
+    "Closed-loop figures of a saved `VLAPolicy`: test, held-out and paraphrase success (Wilson CIs), grounding, language."
     from vla_nb.model import VLAPolicy
 
     t0 = time.time()
@@ -371,6 +455,10 @@ def bench_policy(
     try:
         test = evaluate_policy(pol, n, seed, 'test', env, 'test', progress_bar=progress_bar)
         held = evaluate_policy(pol, nh, seed, 'heldout', env, 'heldout', progress_bar=progress_bar)
+        lenient = VLAPolicy.load(
+            checkpoint, allow_unknown_words=True
+        )  # acts even where its language check would refuse
+        para = evaluate_policy(lenient, n, seed, 'paraphrase', env, 'paraphrase', progress_bar=progress_bar)
         grd = grounding_check(pol, grounding_pairs(ng, seed, env), env, normal_success=test['mean_success'])
     finally:
         env.close()
@@ -384,6 +472,14 @@ def bench_policy(
         by_object=test['by_object'],
         mean_steps=test['mean_steps'],
         heldout=dict(mean_success=held['mean_success'], success=held['success'], episodes=held['episodes']),
+        paraphrase=dict(
+            mean_success=para['mean_success'],
+            success=para['success'],
+            episodes=para['episodes'],
+            gap=round(test['mean_success'] - para['mean_success'], 4),
+            not_understood=lenient.unknown_word_commands,
+        ),
+        language_check=language_check(pol.tokenizer),
         grounding=grd,
         test=drop(test),
         wall_s=round(time.time() - t0, 1),

