@@ -188,7 +188,8 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
             pretraining.PretrainDataset(ds),
             pretraining.PretrainConfig(seed=seed, out_dir=str(out / 'pretrain'), tensorboard=False),
         )
-        pre = {k: round(v[-1], 4) for k, v in pt.pretrain(cfg.pretrain_epochs).items() if k.endswith('_loss')}
+        pt.pretrain(cfg.pretrain_epochs)
+        pre = {k: round(v[-1], 4) for k, v in pt.metrics.items() if k.endswith('_loss')}
     t1 = time.time()
     icfg = imitation.ImitationConfig(
         seed=seed,
@@ -199,7 +200,8 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         snapshot_workers=cfg.workers,
     )
     learner = imitation.VLAImitationLearner(net, ds, icfg)
-    hist = learner.train_imitation(cfg.epochs)
+    learner.train_imitation(cfg.epochs)
+    hist = learner.history
     tb = time.time()
     dag = (
         imitation.run_dagger(
