@@ -400,8 +400,8 @@ def test_runtime_inference_of_a_frame_and_a_command(art, obs):
     with_state = rt.inference(obs['image'], obs['command'], proprio=obs['proprio'])
     np.testing.assert_allclose(with_state['result']['actions'], rt.infer(obs)['actions'], atol=1e-6)
     s = with_state['stats']
-    assert s['total_calls'] == 4 and s['min_time'] <= with_state['inference_time'] <= s['max_time']
-    assert s['avg_time'] == pytest.approx(s['total_time'] / 4)
+    assert s['total_calls'] == 3 and s['min_time'] <= with_state['inference_time'] <= s['max_time']
+    assert s['avg_time'] == pytest.approx(s['total_time'] / 3)
     assert rt.get_performance_metrics()['mean_proprio_calls'] == 1
     with pytest.raises(ValueError, match='command'):
         rt.inference(obs['image'], None)
@@ -507,7 +507,7 @@ def test_hardware_optimize_for_mobile_takes_a_model(policy):
 def test_hardware_apply_model_compression_takes_a_model(policy):
     rep = HardwareOptimizer.apply_model_compression(policy.net, calls=5)
     assert set(rep['variants']) == {'fp32', 'pruned_fp32', 'int8_dynamic'}
-    assert rep['pruning']['weight_sparsity'] == pytest.approx(0.5, abs=0.01)
+    assert rep['pruning']['amount'] == 0.5 and 0.5 <= rep['pruning']['weight_sparsity'] < 0.6
     assert rep['variants']['fp32']['max_abs_diff'] == 0.0
     assert rep['variants']['int8_dynamic']['size_mb'] < rep['variants']['fp32']['size_mb']
 
