@@ -170,7 +170,7 @@ def demo_data(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
 
 # %% ../nbs/99_cli.ipynb #c013
 def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
-    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
+    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding), plot; the policy is out/policy."
     ds = data.EpisodeDataset(out / 'data')
     seed_everything(seed)
     net = VLANet(
@@ -386,7 +386,8 @@ def demo_main(argv=None):
     s = run_demo(a.out, a.seed, cfg)
     t = s['stages']['policy']['test']
     print(
-        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
+        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); "
+        f"expert success: {s['stages']['sim']['expert_success']}; "
         f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
         f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}"
     )
@@ -435,7 +436,8 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details') and isinstance(v, dict)
+                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details')
+                    and isinstance(v, dict)
                 )
             },
             indent=1,
