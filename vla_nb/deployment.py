@@ -517,7 +517,7 @@ class OptimizedVLAInference:
         self._queue, self.last_confidence = deque(), None
 
     def __repr__(self):
-        return f"OptimizedVLAInference({str(self.path)!r}, backend={self.backend!r}, device={self.device.type!r})"
+        return f"OptimizedVLAInference({str(self.path)!r}, backend={self.backend!r}, threads={self.threads})"
 
 # %% ../nbs/08_deployment.ipynb #c037
 @patch
