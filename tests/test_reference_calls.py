@@ -3,7 +3,10 @@
 `EdgeVLADeployer(path, use_quantized=...)`, `get_result(timeout=1.0)` that waits, and the rest.
 
 One test per call; each asserts the value the call must produce, not only that it returns."""
-import sys, time, types
+
+import sys
+import time
+import types
 from types import SimpleNamespace
 import numpy as np
 import pytest
@@ -11,12 +14,19 @@ import torch
 from vla_nb import sim
 from vla_nb.core import seed_everything
 from vla_nb.language import CommandTokenizer, command_corpus
-from vla_nb.data import (SyntheticDataGenerator, DataConfig, EpisodeDataset, Normalizer, IMAGE, ACTION, PROPRIO)
+from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, Normalizer, IMAGE, ACTION, PROPRIO
 from vla_nb.model import ModelConfig, VLANet, VLAPolicy, bounds_stats
 from vla_nb.pretraining import VLAPretrainer, PretrainDataset, PretrainConfig
 from vla_nb.imitation import VLAImitationLearner, ImitationConfig
-from vla_nb.deployment import (OptimizedVLAInference, EdgeVLADeployer, HardwareOptimizer, DeployConfig, export_artifact,
-                               calibration_observations, example_inputs, ort_session, parity)
+from vla_nb.deployment import (
+    OptimizedVLAInference,
+    EdgeVLADeployer,
+    HardwareOptimizer,
+    DeployConfig,
+    export_artifact,
+    calibration_observations,
+    parity,
+)
 from vla_nb import ros
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8, dropout=0.0)
@@ -47,8 +57,16 @@ def in_tmp(tmp_path, monkeypatch):
 # --- VLAPretrainer ---------------------------------------------------------------------------------------------------
 
 PRETRAIN_CONFIG = dict(
-    learning_rate=2e-3, weight_decay=0.02, max_steps=40, vision_weight=1.0, language_weight=0.5, action_weight=1.0,
-    alignment_weight=0.25, batch_size=16, num_workers=0, log_interval=5,
+    learning_rate=2e-3,
+    weight_decay=0.02,
+    max_steps=40,
+    vision_weight=1.0,
+    language_weight=0.5,
+    action_weight=1.0,
+    alignment_weight=0.25,
+    batch_size=16,
+    num_workers=0,
+    log_interval=5,
 )
 
 
@@ -103,6 +121,7 @@ def test_pretrainer_metrics_hold_every_step(data, tmp_path):
 
 # --- ImitationLearningDataset -----------------------------------------------------------------------------------------
 
+
 def _ild(arg):
     from vla_nb.imitation import ImitationLearningDataset
 
@@ -136,6 +155,7 @@ def test_imitation_dataset_item_is_image_command_action(data):
 
 # --- VLAImitationLearner ----------------------------------------------------------------------------------------------
 
+
 def _learner(data, tmp, **kw):
     cfg = ImitationConfig(batch_size=16, warmup_steps=2, eval_every=0, eval_episodes=1, out_dir=str(tmp / 'il'), **kw)
     return VLAImitationLearner(_net(data), data, cfg)
@@ -167,7 +187,8 @@ def test_imitation_learner_train_returns_the_epoch_losses(data, tmp_path):
     assert losses == pytest.approx([np.mean(steps[:per_epoch]), np.mean(steps[per_epoch:])])
 
 
-# --- SyntheticDataGenerator --------------------------------------------------------------------------------------------
+# --- SyntheticDataGenerator -------------------------------------------------------------------------------------------
+
 
 def _gen(root, n=4):
     return SyntheticDataGenerator(DataConfig(root=str(root), num_episodes=n, image_size=48, seed=7))
@@ -239,7 +260,8 @@ def test_generator_generate_dataset_records_n_episodes(tmp_path):
     assert rep['frames'] == ds.num_frames > 0
 
 
-# --- RealDataCollector (ROS 2 replaced by a fake rclpy: the collector's own logic runs) --------------------------------
+# --- RealDataCollector (ROS 2 replaced by a fake rclpy: the collector's own logic runs) -------------------------------
+
 
 class FakeNode:
     def __init__(self, name):
@@ -348,6 +370,7 @@ def test_collector_main(fake_ros, in_tmp):
 
 # --- OptimizedVLAInference -------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope='module')
 def policy():
     tok = CommandTokenizer.build(command_corpus())
@@ -418,6 +441,7 @@ def test_runtime_get_performance_metrics_has_avg_time_ms(art, obs):
 
 # --- EdgeVLADeployer -------------------------------------------------------------------------------------------------
 
+
 def test_edge_constructor_use_quantized(art):
     assert EdgeVLADeployer(art, use_quantized=True).runtime.backend == 'ort_int8'
     assert EdgeVLADeployer(art, use_quantized=False).runtime.backend == 'ort_fp32'
@@ -451,7 +475,9 @@ def test_edge_submit_input_takes_a_frame_and_a_command(art, obs):
     finally:
         edge.stop()
     edge._thread = SimpleNamespace(is_alive=lambda: True)  # a thread that never takes requests: the queue fills
-    oks = [edge.submit_input(obs['image'], obs['command'], proprio=obs['proprio']) for _ in range(edge.cfg.queue_size + 2)]
+    oks = [
+        edge.submit_input(obs['image'], obs['command'], proprio=obs['proprio']) for _ in range(edge.cfg.queue_size + 2)
+    ]
     assert oks == [True] * edge.cfg.queue_size + [False, False] and edge.dropped == 2
     edge._thread = None
 
@@ -491,6 +517,7 @@ def test_edge_preprocess_command(art, obs):
 
 
 # --- HardwareOptimizer -----------------------------------------------------------------------------------------------
+
 
 def test_hardware_optimize_for_cpu_takes_a_model(policy):
     sess, report = HardwareOptimizer.optimize_for_cpu(policy.net, calls=5)
