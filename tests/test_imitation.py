@@ -85,7 +85,7 @@ def test_keypoint_loss(data):
 def test_learning_reduces_validation_loss_and_selects_by_success(data, tmp_path):
     learner = _learner(data, tmp_path, eval_every=2)
     before = learner.keypoint_rmse('train')
-    h = learner.train_imitation(4)
+    learner.train_imitation(4); h = learner.history
     assert h['val_loss'][-1] < h['val_loss'][0] and len(h['success']) == 2
     assert learner.keypoint_rmse('train') < before                 # the keypoint loss localizes the objects
     assert learner.best_path.exists() and learner.best_success == max(h['success'])

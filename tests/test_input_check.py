@@ -79,9 +79,7 @@ def test_policy_runtime_and_edge_raise_the_same_error(case, policy, runtime, edg
     assert got['VLAPolicy'] == ref
 
 
-@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=(
-    "VLAPolicy.select_action pre-checks np.ndim(image) != 3 and calls a grey (H, W) frame a batch")))
-    if c == 'grey image' else c for c in BAD])
+@pytest.mark.parametrize('case', list(BAD))
 def test_policy_select_action_raises_the_same_error(case, policy, obs):
     spoil, _ = BAD[case]
     bad = spoil(obs)

@@ -175,7 +175,7 @@ def demo_data(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
 
 # %% ../nbs/99_cli.ipynb #c013
 def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
-    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
+    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding), plot; the policy is out/policy."
     ds = data.EpisodeDataset(out / 'data')
     seed_everything(seed)
     lang = language.command_encoder(cfg.text_encoder, cfg.text_augment > 0)
@@ -191,7 +191,8 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
             pretraining.PretrainDataset(ds, language=lang),
             pretraining.PretrainConfig(seed=seed, out_dir=str(out / 'pretrain'), tensorboard=False),
         )
-        pre = {k: round(v[-1], 4) for k, v in pt.pretrain(cfg.pretrain_epochs).items() if k.endswith('_loss')}
+        pt.pretrain(cfg.pretrain_epochs)
+        pre = {k: round(v[-1], 4) for k, v in pt.metrics.items() if k.endswith('_loss')}
     t1 = time.time()
     icfg = imitation.ImitationConfig(
         seed=seed,
@@ -203,7 +204,8 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         text_augment=cfg.text_augment,
     )
     learner = imitation.VLAImitationLearner(net, ds, icfg)
-    hist = learner.train_imitation(cfg.epochs)
+    learner.train_imitation(cfg.epochs)
+    hist = learner.history
     tb = time.time()
     dag = (
         imitation.run_dagger(
@@ -403,7 +405,8 @@ def demo_main(argv=None):
     s = run_demo(a.out, a.seed, cfg)
     t = s['stages']['policy']['test']
     print(
-        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
+        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); "
+        f"expert success: {s['stages']['sim']['expert_success']}; "
         f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
         f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}"
     )

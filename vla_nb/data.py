@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, atomic_write, ensure_dir, progress, by_profile
 from .language import CommandTokenizer, default_tokenizer
+from .core import derive_seed
+from dataclasses import asdict
 from . import sim
 
 # %% auto #0
@@ -22,7 +24,7 @@ __all__ = ['IMAGE', 'WRIST_IMAGE', 'PROPRIO', 'ACTION', 'SUCCESS', 'TIMESTAMP', 
            'OBJ_XY', 'OBJ_MASK', 'FRAME_KEYS', 'PIXEL_KEYS', 'SCHEMA_VERSION', 'EPISODES_PER_CHUNK', 'STD_EPS',
            'OBJECT_NAMES', 'XY_CENTER', 'XY_SCALE', 'encode_episode', 'EpisodeWriter', 'EpisodeDataset',
            'compute_stats', 'validate_dataset', 'DataConfig', 'plan_episodes', 'record_episode',
-           'SyntheticDataGenerator', 'stat_arrays', 'Normalizer', 'ArrayNormalizer', 'split_episodes',
+           'SyntheticDataGenerator', 'stat_arrays', 'Normalizer', 'ArrayNormalizer', 'split_episodes', 'check_pixels',
            'check_observation', 'scene_targets', 'object_targets', 'cut_chunks', 'augment_images', 'ChunkDataset',
            'plot_samples', 'plot_episode', 'plot_stats', 'bench_data']
 
@@ -80,7 +82,7 @@ def _append_jsonl(path, rec):
 
 # %% ../nbs/02_data.ipynb #c016
 def _npz_features(data: bytes) -> tuple:
-    "({key: {dtype, shape}}, length) of an encoded episode, read from the array headers alone (nothing is decompressed)."
+    "({key: {dtype, shape}}, length) of an encoded episode, from the array headers alone (nothing is decompressed)."
     feats, lengths = {}, set()
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for name in zf.namelist():
@@ -427,6 +429,11 @@ class DataConfig(Config):
     wrist_size: int | None = None  # side of the wrist image (None: image_size)
     workers: int = 1  # worker processes
 
+    # other common names: every episode is one randomized scene, and the cameras render square images
+    aliases = dict(
+        num_scenes='num_episodes', image_height='image_size', image_width='image_size', num_workers='workers'
+    )
+
     def __post_init__(self):
         check_range('num_episodes', self.num_episodes, 1, 10_000_000, integer=True)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
@@ -455,7 +462,7 @@ def _combos(fam):
 
 
 def plan_episodes(cfg: DataConfig) -> list:
-    "The episode schedule: index, seed, task and command template of every episode, balanced over families and combinations."
+    "The episode schedule: index, seed, task and command template of every episode, balanced over families and pairs."
     rng, pairs, held_t = np.random.default_rng(cfg.seed), set(cfg.heldout_pairs), set(cfg.heldout_templates)
     pools, plan = {}, []
     for fam in cfg.families:
@@ -556,8 +563,9 @@ def _results(jobs, workers):
 class SyntheticDataGenerator:
     "Records expert demonstrations in the randomized simulator into an episode dataset."
 
-    def __init__(self, config: DataConfig):
-        self.config = config
+    def __init__(self, config=None):  # a DataConfig, a dict, or any object with (aliased) attributes
+        self.config = DataConfig.from_any(config)
+        self.rng, self._env = np.random.default_rng(derive_seed(self.config.seed, 'generator-samples')), None
 
     def generate_dataset(self, num_samples: int | None = None, progress_bar: bool = True) -> dict:
         "Record `num_samples` episodes (default: config.num_episodes) into config.root; returns a report."
@@ -586,6 +594,79 @@ class SyntheticDataGenerator:
             seconds=round(time.time() - t0, 2),
             frames_per_s=round(n_frames / max(time.time() - t0, 1e-9), 1),
         )
+
+# %% ../nbs/02_data.ipynb #n1018512
+@patch
+def generate_objects(self: SyntheticDataGenerator) -> list:
+    "The object catalogue: name, shape, size (m), nominal colour, mass range and colour jitter of every named object."
+    return [asdict(o) for o in sim.OBJECTS.values()]
+
+
+@patch
+def generate_scenes(self: SyntheticDataGenerator) -> list:
+    "The scene of every planned episode (`num_episodes`), exactly as `generate_dataset` records it, with an id."
+    plan, S = plan_episodes(self.config), self.config.sim
+    scene = lambda s: sim.sample_scene(
+        np.random.default_rng(s['seed']), sim.Task(**s['task']), S
+    )  # as env.reset draws it
+    return [dict(id=f"episode_{s['episode_index']:06d}", **scene(s)) for s in plan]
+
+
+@patch
+def generate_lighting_conditions(self: SyntheticDataGenerator) -> dict:
+    "A random light as the simulator draws it: direction, intensity, colour temperature and RGB, ambient, shadows."
+    return sim.sample_light(self.rng, self.config.sim.randomize)
+
+# %% ../nbs/02_data.ipynb #nad1d03b
+@patch
+def _random_spec(self: SyntheticDataGenerator) -> dict:
+    "A random plan entry of this generator's split: seed, task, command template (held-out ones stay out of 'train')."
+    cfg = self.config
+    plan = plan_episodes(cfg.replace(num_episodes=len(cfg.families), seed=int(self.rng.integers(2**31 - 1))))
+    return plan[int(self.rng.integers(len(plan)))]
+
+
+@patch
+def _reset(self: SyntheticDataGenerator, spec: dict) -> tuple:
+    "Reset the helpers' own simulator to the episode `spec`: (obs, info)."
+    if self._env is None:
+        self._env = sim.TabletopEnv(self.config.sim)
+    cmd = sim.make_command(sim.Task(**spec['task']), template=spec['template'])
+    return self._env.reset(seed=spec['seed'], options=dict(command=cmd))
+
+
+@patch
+def generate_command(self: SyntheticDataGenerator) -> str:
+    "A random command of this generator's split."
+    s = self._random_spec()
+    return sim.make_command(sim.Task(**s['task']), template=s['template'])
+
+
+@patch
+def render_scene(self: SyntheticDataGenerator) -> np.ndarray:
+    "The camera image (S, S, 3) uint8 of a fresh random scene of this generator's split."
+    return self._reset(self._random_spec())[0][IMAGE]
+
+
+@patch
+def generate_synthetic_sample(self: SyntheticDataGenerator) -> dict:
+    "One labelled frame: a random episode's first image, its command, the expert's clean action, the state, metadata."
+    spec = self._random_spec()
+    obs, info = self._reset(spec)
+    expert = sim.ScriptedExpert(self._env, seed=spec['seed'])
+    expert.select_action(obs)
+    meta = dict(seed=spec['seed'], task=spec['task'], template=spec['template'], scene=info['scene'])
+    return dict(
+        image=obs[IMAGE], command=info['command'], action=expert.last_clean_action, proprio=obs[PROPRIO], metadata=meta
+    )
+
+
+@patch
+def close(self: SyntheticDataGenerator):
+    "Close the simulator the sample helpers opened (`generate_dataset` records in its own)."
+    if self._env is not None:
+        self._env.close()
+        self._env = None
 
 # %% ../nbs/02_data.ipynb #c044
 STD_EPS = 1e-3  # floor of a feature's std: a constant dimension must not divide by ~0
@@ -656,7 +737,7 @@ def split_episodes(n: int, val_frac: float = 0.1, seed: int = 0):
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 # %% ../nbs/02_data.ipynb #nca00d1b
-def _pixels(x, S: int, name: str) -> np.ndarray:
+def check_pixels(x, S: int, name: str) -> np.ndarray:
     "Camera frame(s) (H, W, 3) or (N, H, W, 3) uint8 of any size -> (N, S, S, 3) uint8."
     x = np.asarray(x)
     if x.dtype != np.uint8:
@@ -702,7 +783,7 @@ def check_observation(
         hint = f": this policy reads a {wrist_size}-pixel wrist camera" if 'wrist_image' in missing else ''
         raise ValueError(f"obs lacks {missing}{hint}")
     single = np.ndim(obs['image']) == 3
-    image = _pixels(obs['image'], image_size, 'image')
+    image = check_pixels(obs['image'], image_size, 'image')
     n = len(image)
     cmds = [obs['command']] if single else obs['command']
     if not single and (not isinstance(cmds, (list, tuple)) or len(cmds) != n):
@@ -717,7 +798,7 @@ def check_observation(
         unknown=np.array([u for _, u in text]),
     )
     if wrist_size:
-        out['wrist_image'] = _pixels(obs['wrist_image'], wrist_size, 'wrist_image')
+        out['wrist_image'] = check_pixels(obs['wrist_image'], wrist_size, 'wrist_image')
         if len(out['wrist_image']) != n:
             raise ValueError(f"batch sizes differ: image {n}, wrist_image {len(out['wrist_image'])}")
     elif 'wrist_image' in obs:
@@ -862,7 +943,7 @@ def extend(self: ChunkDataset, ds: EpisodeDataset, episodes=None):
 # %% ../nbs/02_data.ipynb #nf844ef4
 @patch
 def batch(self: ChunkDataset, idx, gen: torch.Generator | None = None, augment: bool | None = None) -> dict:
-    "A normalized training batch of the samples `idx` (B,); `augment` (default: the dataset's setting) draws from `gen`."
+    "A normalized training batch of the samples `idx` (B,); `augment` (default: the dataset's) draws from `gen`."
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
     c = {k: v[idx] for k, v in self.cols.items()}
     raw = {k: [] for k in (IMAGE, PROPRIO, ACTION, ACTION_PAD, WRIST_IMAGE)}

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, atomic_write, ensure_dir, seed_everything, by_profile
-from .core import derive_seed
+from .core import derive_seed, get_device
 from .language import MAX_COMMAND_CHARS, command_language
-from .data import IMAGE, WRIST_IMAGE, PROPRIO, ACTION, ArrayNormalizer, check_observation
+from .data import IMAGE, WRIST_IMAGE, PROPRIO, ACTION, ArrayNormalizer, check_observation, check_pixels
 from .model import ModelConfig, VLANet, VLAPolicy, bounds_stats, load_weights, text_key
 from . import sim
 
@@ -88,15 +88,26 @@ def __call__(self: Preprocessor, obs: dict) -> dict:
     if chk['single'] is False:
         raise ValueError("the runtime takes one observation at a time (image (H, W, 3))")
     self.unknown_word_commands += int(chk['unknown'].any())
-    pixels = lambda x, key: self.norm.normalize(key, x.transpose(0, 3, 1, 2).astype(np.float32) * (1 / 255))
     feed = dict(
-        image=pixels(chk['image'], IMAGE),
+        image=self.pixels(chk['image'], IMAGE),
         **{self.text_key: chk['text']},
         proprio=self.norm.normalize(PROPRIO, chk['proprio']),
     )
     if self.W:
-        feed['wrist_image'] = pixels(chk['wrist_image'], WRIST_IMAGE)
+        feed['wrist_image'] = self.pixels(chk['wrist_image'], WRIST_IMAGE)
     return feed
+
+
+@patch
+def pixels(self: Preprocessor, x: np.ndarray, key: str = IMAGE) -> np.ndarray:
+    "Checked frames (N, S, S, 3) uint8 -> normalized graph input (N, 3, S, S) float32."
+    return self.norm.normalize(key, x.transpose(0, 3, 1, 2).astype(np.float32) * (1 / 255))
+
+
+@patch
+def image(self: Preprocessor, frame) -> np.ndarray:
+    "One camera frame (H, W, 3) uint8 of any size -> the graph's image input (3, S, S), checked, resized, normalized."
+    return self.pixels(check_pixels(frame, self.S, 'image'), IMAGE)[0]
 
 
 @patch
@@ -174,9 +185,14 @@ _GRAPH_OPT = dict(
 
 
 def ort_session(
-    path, threads: int = 2, graph_opt: str = 'all', execution_mode: str = 'sequential', optimized_path=None
+    path,
+    threads: int = 2,
+    graph_opt: str = 'all',
+    execution_mode: str = 'sequential',
+    optimized_path=None,
+    device: str = 'cpu',  # 'cuda': the CUDA provider first (needs the onnxruntime-gpu package)
 ) -> ort.InferenceSession:
-    "An ONNX Runtime CPU session with explicit threads, graph optimization level and execution mode."
+    "An ONNX Runtime session with explicit threads, graph optimization level and execution mode."
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.graph_optimization_level = getattr(
@@ -190,11 +206,19 @@ def ort_session(
         so.optimized_model_filepath = str(optimized_path)
         if str(optimized_path).endswith('.ort'):
             so.add_session_config_entry('session.save_model_format', 'ORT')
-    return ort.InferenceSession(str(path), so, providers=['CPUExecutionProvider'])
+    providers = ['CPUExecutionProvider']
+    if device == 'cuda':
+        if 'CUDAExecutionProvider' not in ort.get_available_providers():
+            raise RuntimeError(
+                "this onnxruntime has no CUDA provider: pip install onnxruntime-gpu, or run the 'eager' or "
+                "'torchscript' backend on CUDA"
+            )
+        providers.insert(0, 'CUDAExecutionProvider')
+    return ort.InferenceSession(str(path), so, providers=providers)
 
 
 def parity(net: VLANet, backends: dict, B: int = 3, seed: int = 1) -> dict:
-    "Max |difference| from eager of each backend's (actions, confidence) on a fixed batch; backends: name -> callable or ORT session."
+    "Max |difference| from eager of each backend's (actions, confidence) on a fixed batch; backends: name -> runner."
     x = example_inputs(net.cfg, B=B, seed=seed)
     with torch.inference_mode():
         ref = [t.numpy() for t in net.eval()(*x)]
@@ -273,7 +297,8 @@ def _input_spec(cfg: ModelConfig) -> dict:
                     dtype='float32',
                     shape=['batch', 3, cfg.wrist_size, cfg.wrist_size],
                     source='uint8 RGB wrist-camera frame (H, W, 3), any size',
-                    preprocessing='cv2.resize INTER_AREA to W x W, /255, (x - stats.wrist_image.mean) / stats.wrist_image.std',
+                    preprocessing='cv2.resize INTER_AREA to W x W, /255, '
+                    '(x - stats.wrist_image.mean) / stats.wrist_image.std',
                 )
             }
             if cfg.wrist_size
@@ -294,7 +319,7 @@ def _output_spec(cfg: ModelConfig) -> dict:
 
 # %% ../nbs/08_deployment.ipynb #c027
 def prune_l1(net: VLANet, amount: float) -> dict:
-    "L1 unstructured pruning of every Conv2d/Linear weight of `net`, in place and made permanent; returns the real sparsity."
+    "L1 unstructured pruning of every Conv2d/Linear weight of `net`, in place and permanent; returns the real sparsity."
     import torch.nn.utils.prune as prune
 
     mods = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -325,7 +350,7 @@ class _DropAlreadyQuantized(logging.Filter):
 
 
 def quantize_int8(fp32_path, out_path, feeds: list, recipe: str = 'mixed') -> Path:
-    "Write an int8 model. recipe 'mixed': static QDQ per-channel Conv+Gather, then dynamic MatMul/Gemm; 'dynamic': everything dynamic."
+    "Write an int8 model: 'mixed' is static QDQ per-channel Conv+Gather, then dynamic MatMul/Gemm; 'dynamic' is all."
     check_choice('recipe', recipe, ('mixed', 'dynamic'))
     work, quiet = Path(tempfile.mkdtemp()), _DropAlreadyQuantized()
     logging.getLogger().addFilter(
@@ -363,7 +388,7 @@ def quantize_int8(fp32_path, out_path, feeds: list, recipe: str = 'mixed') -> Pa
 
 # %% ../nbs/08_deployment.ipynb #c030
 def export_artifact(policy: VLAPolicy, out_dir, cfg: DeployConfig | None = None, calib: list | None = None) -> Path:
-    "Write a self-contained deployment directory for `policy`: ONNX fp32 (+ int8), safetensors weights and `deploy.json`."
+    "Write a self-contained deployment directory for `policy`: ONNX fp32 (+ int8), safetensors weights, `deploy.json`."
     cfg, out = cfg or DeployConfig(), ensure_dir(out_dir)
     (out / 'deploy.json').unlink(missing_ok=True)  # the sidecar goes last: no sidecar = incomplete artifact
     net = VLANet(policy.cfg)
@@ -464,7 +489,7 @@ BACKENDS = ('ort_fp32', 'ort_int8', 'torchscript', 'eager')
 
 
 class OptimizedVLAInference:
-    "A deployment artifact on one backend: preprocessing, model, postprocessing, latency statistics, and the policy interface."
+    "A deployment artifact on one backend: preprocessing, model, postprocessing, latency statistics, policy interface."
 
     def __init__(
         self,
@@ -475,6 +500,7 @@ class OptimizedVLAInference:
         n_action_steps: int | None = None,
         history: int = 10_000,
         allow_unknown_words: bool = False,  # read unknown command words as <unk> (counted in the metrics)
+        device: str = 'cpu',  # 'cpu', 'cuda' or 'auto' (see `get_device`)
     ):
         check_choice('backend', backend, BACKENDS + ('auto',))
         check_range('threads', threads, 1, 256, integer=True)
@@ -485,14 +511,18 @@ class OptimizedVLAInference:
         self.cfg = ModelConfig.from_dict(self.meta['config'])
         n = n_action_steps or self.meta.get('n_action_steps') or self.cfg.chunk_size
         self.n_action_steps = check_range('n_action_steps', n, 1, self.cfg.chunk_size, integer=True)
-        self._times = deque(maxlen=history)
-        self.calls = 0
+        self.device, self._times, self.mean_proprio_calls = get_device(device), deque(maxlen=history), 0
         self._run = self._ort() if backend.startswith('ort') else self._torch()
+        self.reset_stats()
         for _ in range(warmup):
             self.infer(self._dummy())
-        self._times.clear()
-        self.calls = 0
+        self.reset_stats()
         self.reset()
+
+    def reset_stats(self):
+        "Forget the latencies and call counts (done after the warm-up)."
+        self._times.clear()
+        self.calls, self.total_time, self.max_time, self.min_time = 0, 0.0, 0.0, float('inf')
 
     def reset(self):
         self._queue, self.last_confidence = deque(), None
@@ -507,7 +537,8 @@ def _ort(self: OptimizedVLAInference):
     if key not in self.meta['files']:
         raise ValueError(f"artifact {self.path} has no {key} (export it with DeployConfig(int8=True))")
     d = DeployConfig.from_dict(self.meta['deploy']) if 'deploy' in self.meta else DeployConfig()
-    sess = ort_session(self.path / self.meta['files'][key]['path'], self.threads, d.graph_opt, d.execution_mode)
+    path = self.path / self.meta['files'][key]['path']
+    sess = ort_session(path, self.threads, d.graph_opt, d.execution_mode, device=self.device.type)
     check_onnx_io(sess, self.meta, key)
     self.session = sess
     return lambda feed: sess.run(list(OUTPUT_NAMES), feed)
@@ -516,18 +547,20 @@ def _ort(self: OptimizedVLAInference):
 @patch
 def _torch(self: OptimizedVLAInference):
     tensors = safetensors.torch.load((self.path / self.meta['files']['weights']['path']).read_bytes())
-    net = load_weights(VLANet(self.cfg), tensors).eval()
-    mod = export_torchscript(net) if self.backend == 'torchscript' else net
+    dev = self.device
+    net = load_weights(VLANet(self.cfg), tensors).eval().to(dev)
+    example = tuple(t.to(dev) for t in example_inputs(self.cfg))
+    mod = export_torchscript(net, example) if self.backend == 'torchscript' else net
 
     def run(feed):
         prev = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                out = mod(*(torch.from_numpy(feed[k]) for k in input_names(self.cfg)))
+                out = mod(*(torch.from_numpy(feed[k]).to(dev) for k in input_names(self.cfg)))
         finally:
             torch.set_num_threads(prev)
-        return [t.numpy() for t in out]
+        return [t.cpu().numpy() for t in out]
 
     return run
 
@@ -545,13 +578,14 @@ def _dummy(self: OptimizedVLAInference) -> dict:
 
 @patch
 def run_feed(self: OptimizedVLAInference, feed: dict, t0: float | None = None) -> dict:
-    "A checked input feed (`self.pre(obs)`) -> raw actions (H, A), confidence, and the latency since `t0` (default: now)."
+    "A checked input feed (`self.pre(obs)`) -> raw actions (H, A), confidence, and the latency since `t0` (or now)."
     t0 = time.perf_counter() if t0 is None else t0
     act, conf = self._run(feed)
     out = dict(actions=self.pre.postprocess(act[0]), confidence=float(conf[0]))
     dt = time.perf_counter() - t0
     self._times.append(dt)
-    self.calls += 1
+    self.calls, self.total_time = self.calls + 1, self.total_time + dt
+    self.max_time, self.min_time = max(self.max_time, dt), min(self.min_time, dt)
     out['latency_ms'] = 1000 * dt
     return out
 
@@ -598,7 +632,7 @@ def latency_stats(seconds) -> dict:
 
 @patch
 def get_performance_metrics(self: OptimizedVLAInference) -> dict:
-    "Latency percentiles (ms) and FPS over the calls since warm-up (the last `history` of them)."
+    "Latency percentiles (ms) and FPS over the last `history` calls since warm-up; `avg_time_ms` over all of them."
     enc = getattr(self.pre.language, 'encoder', None)  # a sentence backbone: its embeddings are timed apart
     text = (
         {}
@@ -607,16 +641,19 @@ def get_performance_metrics(self: OptimizedVLAInference) -> dict:
     )
     return dict(
         backend=self.backend,
+        device=self.device.type,
         threads=self.threads,
         total_calls=self.calls,
+        avg_time_ms=1000 * self.total_time / self.calls if self.calls else 0.0,
         unknown_word_commands=self.pre.unknown_word_commands,
+        mean_proprio_calls=self.mean_proprio_calls,
         **text,
         **latency_stats(self._times),
     )
 
 # %% ../nbs/08_deployment.ipynb #c044
 def _interleaved(fns: dict, feed_fn, calls: int, warmup: int = 10) -> dict:
-    "Run every callable `calls` times, interleaved (so load on the machine hits all of them alike); seconds per call by name."
+    "Run every callable `calls` times, interleaved (load on the machine hits all alike); seconds per call by name."
     for f in fns.values():
         for _ in range(warmup):
             f(feed_fn())
@@ -635,18 +672,21 @@ def _feed(cfg: ModelConfig, B: int = 1, seed: int = 0) -> dict:
 
 
 class HardwareOptimizer:
-    "Target-specific optimization of a `VLANet`: CPU (ONNX Runtime), mobile (ORT format), compression (pruning, int8), Jetson (TensorRT)."
+    "Target-specific optimization of a `VLANet`: CPU (ONNX Runtime), mobile (ORT format), compression, Jetson."
 
     @staticmethod
-    def optimize_for_cpu(onnx_path, threads: int = 2, calls: int = 100) -> tuple:
-        "Measure ONNX Runtime settings (graph optimization level, 1..`threads` threads, execution mode), interleaved: (fastest session, report)."
+    def optimize_for_cpu(model, threads: int = 2, calls: int = 100) -> tuple:
+        "ONNX Runtime settings of `model` (a VLANet or its ONNX file) measured, interleaved: (fastest session, report)."
+        if isinstance(model, nn.Module):  # measure its ONNX export; the sessions keep the graph in memory
+            with tempfile.TemporaryDirectory() as d:
+                return HardwareOptimizer.optimize_for_cpu(export_onnx(model, Path(d) / 'model.onnx'), threads, calls)
         opts = {
             f'{lvl}/t{t}/sequential': (t, lvl, 'sequential')
             for lvl in ('disable', 'basic', 'all')
             for t in sorted({1, threads})
         }
         opts[f'all/t{threads}/parallel'] = (threads, 'all', 'parallel')
-        sessions = {k: ort_session(onnx_path, t, lvl, mode) for k, (t, lvl, mode) in opts.items()}
+        sessions = {k: ort_session(model, t, lvl, mode) for k, (t, lvl, mode) in opts.items()}
         shp = {i.name: i.shape for i in next(iter(sessions.values())).get_inputs()}
         text = (
             dict(max_tokens=shp['token_ids'][1], vocab_size=2)
@@ -663,9 +703,9 @@ class HardwareOptimizer:
         return sessions[best], dict(best=best, threads=threads, latency_ms=stats)
 
 # %% ../nbs/08_deployment.ipynb #c045
-def optimize_for_mobile(net: VLANet, out_dir, opset: int = 17) -> tuple:
-    "Export ONNX, save the fully optimized graph in ORT format, and load it: (session, path of the .ort file)."
-    out = ensure_dir(out_dir)
+def optimize_for_mobile(net: VLANet, out_dir=None, opset: int = 17) -> tuple:
+    "Export ONNX, save the optimized graph as ORT format in `out_dir` (default: a new temporary one): (session, path)."
+    out = ensure_dir(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix='vla-mobile-'))
     onnx_path = export_onnx(net, out / 'mobile.onnx', opset)
     ort_session(onnx_path, 1, 'all', optimized_path=out / 'mobile.ort')  # writes mobile.ort as a side effect
     sess = ort_session(out / 'mobile.ort', 1, 'all')
@@ -676,16 +716,18 @@ HardwareOptimizer.optimize_for_mobile = staticmethod(optimize_for_mobile)
 
 
 def optimize_for_jetson(net: VLANet, batch: int = 1):
-    "Compile `net` with torch-tensorrt in fp16 for an NVIDIA GPU (Jetson or desktop); clear errors when CUDA or torch-tensorrt is missing."
+    "Compile `net` with torch-tensorrt in fp16 for an NVIDIA GPU (Jetson or desktop); says what is missing otherwise."
     if not torch.cuda.is_available():
         raise RuntimeError(
-            "optimize_for_jetson needs a CUDA device (torch.cuda.is_available() is False); use optimize_for_cpu on this machine"
+            "optimize_for_jetson needs a CUDA device (torch.cuda.is_available() is False); "
+            "use optimize_for_cpu on this machine"
         )
     try:
         import torch_tensorrt
     except ImportError:
         raise RuntimeError(
-            "optimize_for_jetson needs torch-tensorrt: pip install 'vla_nb[gpu]' (torch-tensorrt matching your torch and CUDA)"
+            "optimize_for_jetson needs torch-tensorrt: pip install 'vla_nb[gpu]' "
+            "(torch-tensorrt matching your torch and CUDA)"
         ) from None
     cfg, dev = net.cfg, torch.device('cuda')
     x = tuple(t.to(dev) for t in example_inputs(cfg, batch))
@@ -704,9 +746,17 @@ def _gz(path) -> int:
 
 
 def apply_model_compression(
-    net: VLANet, calib_feeds: list, out_dir, prune_amount: float = 0.5, threads: int = 2, calls: int = 100
+    net: VLANet,
+    calib_feeds: list | None = None,  # graph feeds of real observations for the static int8 ranges; None: no int8_mixed
+    out_dir=None,  # where the variants are written; None: a temporary directory, removed afterwards
+    prune_amount: float = 0.5,
+    threads: int = 2,
+    calls: int = 100,
 ) -> dict:
-    "Prune (L1, permanent) and int8-quantize copies of `net`; size, gzip size, latency p50 and max |diff| vs fp32 of each variant."
+    "Prune (L1) and int8-quantize copies of `net`; each variant's size, gzip size, p50 latency, max |diff| vs fp32."
+    if out_dir is None:
+        with tempfile.TemporaryDirectory() as d:
+            return apply_model_compression(net, calib_feeds, d, prune_amount, threads, calls)
     out = ensure_dir(out_dir)
     net = net.eval()
     pruned = VLANet(net.cfg)
@@ -714,7 +764,8 @@ def apply_model_compression(
     pruned.eval()
     sparsity = prune_l1(pruned, prune_amount)
     paths = dict(fp32=export_onnx(net, out / 'fp32.onnx'), pruned_fp32=export_onnx(pruned, out / 'pruned.onnx'))
-    paths['int8_mixed'] = quantize_int8(paths['fp32'], out / 'int8_mixed.onnx', calib_feeds, 'mixed')
+    if calib_feeds is not None:  # static ranges need real inputs
+        paths['int8_mixed'] = quantize_int8(paths['fp32'], out / 'int8_mixed.onnx', calib_feeds, 'mixed')
     paths['int8_dynamic'] = quantize_int8(paths['fp32'], out / 'int8_dynamic.onnx', [], 'dynamic')
     sess = {k: ort_session(p, threads) for k, p in paths.items()}
     feeds = [_feed(net.cfg, 1, s) for s in range(8)]
@@ -759,9 +810,15 @@ class EdgeConfig(Config):
 
 # %% ../nbs/08_deployment.ipynb #c056
 class EdgeVLADeployer:
-    "Threaded edge runtime over a deployment artifact: bounded queues, per-frame errors, chunked actions, deadline misses held safely."
+    "Threaded edge runtime over an artifact: bounded queues, per-frame errors, chunked actions, missed deadlines held."
 
-    def __init__(self, model_path, cfg: EdgeConfig | None = None):
+    def __init__(self, model_path, cfg: EdgeConfig | None = None, use_quantized: bool | None = None):
+        if isinstance(cfg, bool):  # EdgeVLADeployer(path, True): the second argument read as `use_quantized`
+            cfg, use_quantized = None, cfg
+        if use_quantized is not None:  # the int8 graph or the fp32 one, both on ONNX Runtime
+            if cfg is not None:
+                raise ValueError("give either cfg (with its backend) or use_quantized, not both")
+            cfg = EdgeConfig(backend='ort_int8' if use_quantized else 'ort_fp32')
         self.cfg = cfg = cfg or EdgeConfig()
         self.runtime = OptimizedVLAInference(model_path, cfg.backend, cfg.threads, cfg.warmup)
         if cfg.n_action_steps > self.runtime.cfg.chunk_size:
@@ -776,11 +833,11 @@ class EdgeVLADeployer:
         self.reset()
 
     def reset_stats(self):
-        "Zero the control-loop statistics (ticks, tick intervals, deadline misses); they accumulate over episodes otherwise."
+        "Zero the control-loop statistics (ticks, tick intervals, deadline misses), which accumulate over episodes."
         self.ticks, self.misses, self._tick_times = 0, 0, deque(maxlen=100_000)
 
     def reset(self):
-        "Start of an episode: forget queued actions and pending results (a result still in flight is ignored when it arrives)."
+        "Start of an episode: forget queued actions and pending results (one in flight is ignored when it arrives)."
         self.actions, self.pending, self.tick, self._last_grip, self._t_last = deque(), None, 0, 0.0, None
         while True:
             try:
@@ -857,17 +914,17 @@ def submit(self: EdgeVLADeployer, obs: dict, tick: int | None = None) -> int:
 
 
 @patch
-def get_result(self: EdgeVLADeployer, timeout: float | None = None) -> dict | None:
-    "The next result dict (frame, tick, actions, confidence, latency_ms, error), or None after `timeout` seconds."
+def get_result(self: EdgeVLADeployer, timeout: float | None = 1.0) -> dict | None:
+    "The next result (frame, tick, actions, confidence, latency_ms, error), waiting up to `timeout` s (0: not at all)."
     try:
-        return self.outq.get(timeout=timeout) if timeout else self.outq.get_nowait()
+        return self.outq.get_nowait() if timeout == 0 else self.outq.get(timeout=timeout)
     except queue.Empty:
         return None
 
 # %% ../nbs/08_deployment.ipynb #c060
 @patch
 def _accept(self: EdgeVLADeployer, res: dict):
-    "Take a result for the pending request: fill the action queue, skipping the ticks that passed since its observation."
+    "Take the pending request's result: fill the action queue, skipping the ticks that passed since its observation."
     if res['frame'] != self.pending:
         return  # a stale result from before a reset
     self.pending = None
@@ -892,7 +949,7 @@ def select_action(self: EdgeVLADeployer, obs: dict) -> np.ndarray:
     if self._t_last is not None:
         self._tick_times.append(t0 - self._t_last)
     self._t_last = t0
-    for res in iter(self.get_result, None):
+    for res in iter(lambda: self.get_result(timeout=0), None):
         self._accept(res)
     if self.pending is None and len(self.actions) <= self.cfg.refill_at:
         self.pending = self.submit(obs)
@@ -926,6 +983,72 @@ def get_performance_metrics(self: EdgeVLADeployer) -> dict:
         errors=self.errors,
         inference=self.runtime.get_performance_metrics(),
     )
+
+# %% ../nbs/08_deployment.ipynb #n0f7202c
+@patch
+def observation(self: OptimizedVLAInference, image, command, proprio=None, wrist_image=None) -> dict:
+    "An observation from its parts; without `proprio` the arm is taken at its training mean, counted in the metrics."
+    if proprio is None:
+        proprio = self.pre.norm.mean[PROPRIO].copy()
+        self.mean_proprio_calls += 1
+    obs = dict(image=image, proprio=proprio, command=command)
+    return obs if wrist_image is None else dict(obs, wrist_image=wrist_image)
+
+
+@patch
+def inference(self: OptimizedVLAInference, image, text, proprio=None, wrist_image=None) -> dict:
+    "A camera frame and a command -> {'result': actions (H, A) and confidence, 'inference_time': s, 'stats': totals}."
+    r = self.infer(self.observation(image, text, proprio, wrist_image))
+    stats = dict(
+        total_calls=self.calls,
+        total_time=self.total_time,
+        avg_time=self.total_time / self.calls,
+        max_time=self.max_time,
+        min_time=self.min_time,
+    )
+    result = dict(actions=r['actions'], confidence=r['confidence'])
+    return dict(result=result, inference_time=self._times[-1], stats=stats)
+
+
+@patch
+def get_example_inputs(self: OptimizedVLAInference, batch: int = 1) -> tuple:
+    "Seeded normalized graph inputs (image, token_ids, proprio[, wrist_image]) on `device`, to trace or time the net."
+    return tuple(t.to(self.device) for t in example_inputs(self.cfg, batch))
+
+# %% ../nbs/08_deployment.ipynb #n5f5899a
+@patch
+def start_processing_thread(self: EdgeVLADeployer):
+    "`start` under its other common name."
+    return self.start()
+
+
+@patch
+def submit_input(self: EdgeVLADeployer, image, command, proprio=None, wrist_image=None) -> bool:
+    "Check and queue a frame and a command (`proprio`: default the training mean); False if a request was dropped."
+    dropped = self.dropped
+    self.submit(self.runtime.observation(image, command, proprio, wrist_image))
+    return self.dropped == dropped
+
+
+@patch
+def process_input(self: EdgeVLADeployer, input_data: dict) -> dict:
+    "One observation (image, command[, proprio, wrist_image]) run now, in the caller's thread: actions and confidence."
+    if not isinstance(input_data, dict) or not {'image', 'command'} <= set(input_data):
+        raise ValueError("input_data must be a dict with 'image' and 'command' (optionally 'proprio', 'wrist_image')")
+    get = input_data.get
+    return self.runtime.inference(get('image'), get('command'), get('proprio'), get('wrist_image'))['result']
+
+
+@patch
+def preprocess_image(self: EdgeVLADeployer, image) -> np.ndarray:
+    "A camera frame (H, W, 3) uint8 -> the graph's image input (3, S, S): checked, resized, normalized."
+    return self.runtime.pre.image(image)
+
+
+@patch
+def preprocess_command(self: EdgeVLADeployer, command: str) -> np.ndarray:
+    "A command -> its token ids (T,) int64, through the tokenizer's checks."
+    return self.runtime.pre.command(command)
 
 # %% ../nbs/08_deployment.ipynb #c068
 def edge_rollout(env: sim.TabletopEnv, edge: EdgeVLADeployer, seed: int, options: dict | None = None) -> dict:

@@ -27,9 +27,9 @@ from .evaluation import evaluate_policy, env_for, torch_threads
 from . import sim
 
 # %% auto #0
-__all__ = ['SNAPSHOT_SEED', 'render_snapshots', 'ImitationConfig', 'VLAImitationLearner', 'init_from_checkpoint', 'masked_mse',
-           'BCObjective', 'plot_history', 'dagger_rollouts', 'run_dagger', 'train_and_evaluate', 'run_imitation',
-           'imitate_main']
+__all__ = ['SNAPSHOT_SEED', 'render_snapshots', 'ImitationConfig', 'ImitationLearningDataset', 'VLAImitationLearner',
+           'init_from_checkpoint', 'masked_mse', 'BCObjective', 'plot_history', 'dagger_rollouts', 'run_dagger',
+           'train_and_evaluate', 'run_imitation', 'imitate_main']
 
 # %% ../nbs/06_imitation.ipynb #c013
 SNAPSHOT_SEED = 2**30
@@ -90,6 +90,15 @@ class ImitationConfig(Config):
     seed: int = 0  # data order, augmentation, dropout
     device: str = 'auto'  # 'auto', 'cpu', 'cuda'
 
+    aliases = dict(
+        il_learning_rate='lr',
+        log_interval='log_every',
+        num_workers=(
+            0,
+            'each batch is one gather from memory-mapped frames in the training process, there are no loader workers',
+        ),
+    )
+
     def __post_init__(self):
         check_range('lr', self.lr, 0, 10)
         check_range('weight_decay', self.weight_decay, 0, 10)
@@ -113,16 +122,45 @@ class ImitationConfig(Config):
             **{**dict(batch_size=64, lr=1e-3, warmup_steps=300, patience=6, eval_every=3, eval_episodes=10), **kw}
         )
 
+# %% ../nbs/06_imitation.ipynb #n99412fa
+class ImitationLearningDataset(torch.utils.data.Dataset):
+    "Recorded demonstrations, one sample per frame: image, the episode's command, the expert's action, the state."
+
+    def __init__(self, demonstrations):  # an EpisodeDataset or its directory
+        if isinstance(demonstrations, (str, Path)):
+            demonstrations = EpisodeDataset(demonstrations)
+        if not isinstance(demonstrations, EpisodeDataset):
+            raise ValueError(
+                f"ImitationLearningDataset reads recorded episodes (an EpisodeDataset or its directory), not a "
+                f"{type(demonstrations).__name__}: learning action chunks needs the frames that follow each sample"
+            )
+        self.dataset, self.frames = demonstrations, demonstrations.frames()
+        lengths = [e['length'] for e in demonstrations.episodes]
+        self.episode = np.repeat(np.arange(len(lengths)), lengths)  # (N,) episode of every frame
+
+    def __len__(self):
+        return len(self.episode)
+
+    def __getitem__(self, i: int) -> dict:
+        i = range(len(self))[i]  # negative indices count from the end; IndexError past it
+        f = self.frames
+        return dict(
+            image=torch.from_numpy(np.array(f[IMAGE][i])).permute(2, 0, 1).float() / 255,  # (3, S, S) in [0, 1]
+            command=self.dataset.episodes[self.episode[i]]['command'],
+            action=torch.from_numpy(np.array(f[ACTION][i])),  # (7,) the expert's clean action
+            proprio=torch.from_numpy(np.array(f[PROPRIO][i])),
+        )
+
 # %% ../nbs/06_imitation.ipynb #c021
 class VLAImitationLearner(Trainer):
-    "Behaviour cloning of action chunks, early stopping on validation loss, selection by closed-loop success; resumable."
+    "Behaviour cloning of action chunks, early stopping on validation loss, selection by closed-loop success."
 
     kind = 'vla_nb.VLAImitationLearner'
 
-    def __init__(
-        self, model: VLANet, dataset: EpisodeDataset, config: ImitationConfig | None = None, resume=None, episodes=None
-    ):
-        cfg = config if config is not None else ImitationConfig()
+    def __init__(self, model: VLANet, dataset: EpisodeDataset, config=None, resume=None, episodes=None):
+        cfg = ImitationConfig.from_any(config)  # an ImitationConfig, a dict, or any object with (aliased) attributes
+        if isinstance(dataset, ImitationLearningDataset):
+            dataset = dataset.dataset
         pool = list(range(len(dataset))) if episodes is None else sorted(episodes)  # `episodes`: train on a subset only
         tr, va = split_episodes(len(pool), cfg.val_frac, cfg.seed)
         tr, va = [pool[i] for i in tr], [pool[i] for i in va]
@@ -153,13 +191,19 @@ class VLAImitationLearner(Trainer):
         self.model, self.dataset, self.objective = model, dataset, self.module
         self.extra_roots, self.stopped = [], False  # DAgger datasets appended with `add_data`
         self.best_val, self.bad_epochs, self.best_success = float('inf'), 0, -1.0
-        self.history = dict(step=[], train_loss=[], learning_rate=[], epoch=[], val_loss=[], eval_epoch=[], success=[])
+        keys = ('step', 'train_loss', 'learning_rate', 'epoch', 'epoch_train_loss', 'val_loss', 'eval_epoch', 'success')
+        self.history = {k: [] for k in keys}
         if resume:
             self.load_state(self.ckpt_path if resume is True else resume)
 
     @property
     def best_path(self) -> Path:
         return self.out_dir / 'best_policy.safetensors'
+
+    @property
+    def imitation_losses(self) -> list:
+        "Mean training loss of every finished epoch."
+        return self.history['epoch_train_loss']
 
 # %% ../nbs/06_imitation.ipynb #c023
 @patch
@@ -250,7 +294,7 @@ def validate(self: VLAImitationLearner, batch_size: int = 256) -> float:
 @patch
 @torch.no_grad()
 def keypoint_rmse(self: VLAImitationLearner, split: str = 'val', max_frames: int = 2000) -> float:
-    "RMS error (cm, per coordinate) of the objects' table positions read from the keypoints, on 'train' or 'val' frames."
+    "RMS error (cm, per coordinate) of the objects' table positions read from the keypoints, on 'train' or 'val'."
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data = self.val_data if split == 'val' else self.train_data
@@ -288,6 +332,7 @@ def load_extra(self: VLAImitationLearner, tensors: dict, meta: dict):
     self.stopped, self.bad_epochs, self.best_success = meta['stopped'], meta['bad_epochs'], meta['best_success']
     self.best_val = float('inf') if meta['best_val'] is None else meta['best_val']
     self.history = {k: list(v) for k, v in meta['history'].items()}
+    self.history.setdefault('epoch_train_loss', [])  # checkpoints written before it was recorded
     for r in meta['extra_roots']:
         if r not in self.extra_roots:
             self.add_data(EpisodeDataset(r))
@@ -295,7 +340,7 @@ def load_extra(self: VLAImitationLearner, tensors: dict, meta: dict):
 
 @patch
 def add_data(self: VLAImitationLearner, dataset: EpisodeDataset):
-    "Append every episode of `dataset` (DAgger relabels) to the training frames; statistics stay those of the base data."
+    "Append every episode of `dataset` (DAgger relabels) to the training frames; the statistics stay the base data's."
     self.train_data.extend(dataset)
     self.extra_roots.append(str(dataset.root))
     return self
@@ -315,8 +360,10 @@ def evaluate(
 # %% ../nbs/06_imitation.ipynb #c030
 @patch
 def _end_epoch(self: VLAImitationLearner, num_epochs: int, env) -> dict:
-    "Validation loss, early-stopping counter, periodic closed-loop evaluation and best-policy selection at an epoch boundary."
+    "At an epoch boundary: validation loss, early-stopping counter, periodic closed-loop evaluation, best policy."
     cfg, rec = self.config, dict(epoch=self.epoch, step=self.step)
+    per_epoch = self.steps_per_epoch(len(self.train_data))
+    rec['epoch_train_loss'] = float(np.mean(self.history['train_loss'][-per_epoch:]))
     rec['val_loss'] = v = self.validate()
     if v < self.best_val - cfg.min_delta:
         self.best_val, self.bad_epochs = v, 0
@@ -332,14 +379,15 @@ def _end_epoch(self: VLAImitationLearner, num_epochs: int, env) -> dict:
             ensure_dir(self.out_dir)
             self.policy().save(self.best_path)  # ties go to the later, longer-trained weights
     self.history['epoch'].append(self.epoch)
+    self.history['epoch_train_loss'].append(rec['epoch_train_loss'])
     self.history['val_loss'].append(v)
     self.stopped = self.bad_epochs >= cfg.patience
     return rec
 
 # %% ../nbs/06_imitation.ipynb #c032
 @patch
-def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int | None = None) -> dict:
-    "Train for up to `num_epochs` epochs (or `max_steps` steps), stopping early on the validation loss; the history."
+def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int | None = None) -> list:
+    "Train up to `num_epochs` epochs (or `max_steps` steps), stopping early on validation loss; each epoch's mean loss."
     cfg, n = self.config, len(self.train_data)
     per_epoch = self.steps_per_epoch(n)
     self.total_steps = max(self.total_steps, num_epochs * per_epoch)
@@ -375,7 +423,7 @@ def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int |
         if env is not None:
             env.close()
     self.save_state()
-    return self.history
+    return list(self.imitation_losses)
 
 # %% ../nbs/06_imitation.ipynb #c035
 def plot_history(history: dict, title: str = 'behaviour cloning'):
@@ -400,6 +448,12 @@ def plot_history(history: dict, title: str = 'behaviour cloning'):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/06_imitation.ipynb #n88b44ec
+@patch
+def imitation_learning_step(self: VLAImitationLearner, batch: dict) -> float:
+    "`train_step` under its other common name: one behaviour-cloning update on `batch`, the loss as a float."
+    return self.train_step(batch)
+
 # %% ../nbs/06_imitation.ipynb #c047
 def dagger_rollouts(
     policy,
@@ -410,7 +464,7 @@ def dagger_rollouts(
     data_config: DataConfig | None = None,
     env: sim.TabletopEnv | None = None,
 ) -> dict:
-    "Let `policy` act (the expert's action with probability `beta`); record every visited state with the expert's label."
+    "Let `policy` act (the expert's action with probability `beta`); record every visited state with the expert's."
     dc = (data_config or DataConfig()).replace(
         root=str(root), num_episodes=n_episodes, seed=seed, split='train', noise_std=0.0
     )
@@ -455,7 +509,7 @@ def run_dagger(
     test_episodes: int = 5,
     seed: int = 0,
 ) -> list:
-    "DAgger rounds on top of a trained `learner`; returns [{round, frames, policy_success, success}], round 0 = before DAgger."
+    "DAgger rounds on a trained `learner`; returns [{round, frames, policy_success, success}], round 0 before DAgger."
     check_range('rounds', rounds, 1, 1000, integer=True)
     check_range('test_episodes', test_episodes, 0, 10**5, integer=True)
     env = env_for(learner.policy())
