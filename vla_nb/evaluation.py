@@ -19,7 +19,7 @@ from . import sim
 __all__ = ['EVAL_SEED_OFFSET', 'PARAPHRASES', 'NONSENSE', 'wilson_interval', 'EvalConfig', 'eval_episodes', 'check_disjoint',
            'torch_threads', 'env_for', 'EvalResult', 'evaluate', 'rollout_strips', 'save_gif', 'plot_success',
            'evaluate_policy', 'paraphrase', 'language_check', 'grounding_pairs', 'grounding_check',
-           'CommandBlindExpert', 'bench_policy']
+           'CommandBlindExpert', 'bench_policy', 'model_card']
 
 # %% ../nbs/05_evaluation.ipynb #c005
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
@@ -486,3 +486,45 @@ def bench_policy(
         test=drop(test),
         wall_s=round(time.time() - t0, 1),
     )
+
+# %% ../nbs/05_evaluation.ipynb #n8580958
+def model_card(bench: dict, training: dict) -> str:
+    "A policy's model card (markdown) from its `bench_policy` result and its training run's record (data, command, times)."
+    ci = lambda r: f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] ({r['k']}/{r['n']})"
+    rows = [f"| {f} | {ci(r)} |" for f, r in bench['success'].items()]
+    g, h, p, lc = bench['grounding'], bench['heldout'], bench['paraphrase'], bench['language_check']
+    lines = [
+        f"# {training['name']}",
+        '',
+        training['description'],
+        '',
+        '## Training',
+        '',
+        f"- Data: {training['episodes']} scripted-expert demonstrations ({training['frames']} frames), recorded with "
+        f"`{training['data_command']}`.",
+        f"- Command: `{training['command']}`.",
+        f"- Time on {training['machine']}: "
+        + ', '.join(f"{k} {v:.0f} s" for k, v in training['seconds'].items())
+        + '.',
+        f"- Model: {training['model']}.",
+        '',
+        f"## Closed loop (`{bench['command']}`)",
+        '',
+        '| family | success [95% Wilson CI] |',
+        '|---|---|',
+        *rows,
+        f"| **mean over families** | **{bench['mean_success']:.3f}** |",
+        f"| held-out split (mean, {h['episodes']} episodes) | {h['mean_success']:.3f} |",
+        f"| paraphrase split (mean, {p['episodes']} episodes) | {p['mean_success']:.3f} |",
+        f"| grounding: new-command success | {ci(g['new_command_success'])} |",
+        f"| grounding: old-task rate | {ci(g['old_task_rate'])} |",
+        '',
+        f"Language check: {lc['false_reject']:.1%} of {lc['paraphrases']} valid paraphrases refused; "
+        f"{lc['false_accept']:.1%} of nonsense commands accepted.",
+        '',
+        '## Use and limits',
+        '',
+        training['limits'],
+        '',
+    ]
+    return '\n'.join(lines)

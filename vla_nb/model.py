@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, time
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -20,11 +21,11 @@ from .data import IMAGE, WRIST_IMAGE, TOKENS, TEXT_EMB, PROPRIO, ACTION, ACTION_
 from . import sim
 
 # %% auto #0
-__all__ = ['ModelConfig', 'TextBlock', 'TextEncoder', 'SentenceProjection', 'text_key', 'FiLM', 'SpatialSoftmax', 'VisionEncoder',
-           'VLANet', 'ContinuousHead', 'bin_centers', 'bin_actions', 'unbin_actions', 'DiscreteHead', 'action_error',
-           'action_loss', 'confidence_target', 'discrete_action_loss', 'chunk_loss', 'vla_loss', 'model_report',
-           'check_inputs', 'TemporalEnsembler', 'bounds_stats', 'VLAPolicy', 'load_weights', 'VLAFeaturesExtractor',
-           'FirstActionMean']
+__all__ = ['PRETRAINED', 'ModelConfig', 'TextBlock', 'TextEncoder', 'SentenceProjection', 'text_key', 'FiLM', 'SpatialSoftmax',
+           'VisionEncoder', 'VLANet', 'ContinuousHead', 'bin_centers', 'bin_actions', 'unbin_actions', 'DiscreteHead',
+           'action_error', 'action_loss', 'confidence_target', 'discrete_action_loss', 'chunk_loss', 'vla_loss',
+           'model_report', 'check_inputs', 'TemporalEnsembler', 'bounds_stats', 'VLAPolicy', 'load_weights',
+           'load_pretrained', 'pretrained_card', 'VLAFeaturesExtractor', 'FirstActionMean']
 
 # %% ../nbs/03_model.ipynb #c005
 @dataclass
@@ -613,6 +614,28 @@ def load(cls: VLAPolicy, path, config: ModelConfig | None = None, **kw):
         temporal_ensemble_coeff=meta['temporal_ensemble_coeff'],
     )
     return cls(net, Normalizer(meta['stats']), command_language(meta['tokenizer']), **{**settings, **kw})
+
+# %% ../nbs/03_model.ipynb #n294d215
+PRETRAINED = {'tabletop': 'policies/tabletop'}  # name -> path under vla_nb/assets (.safetensors, .json, .md)
+
+
+def _pretrained_path(name: str) -> Path:
+    if name not in PRETRAINED:
+        raise ValueError(f"no shipped policy named {name!r}; available: {sorted(PRETRAINED)}")
+    return Path(__file__).parent / 'assets' / PRETRAINED[name]
+
+
+def load_pretrained(name: str = 'tabletop', **kw) -> VLAPolicy:
+    "A policy shipped with the package, ready to act (`kw`: VLAPolicy settings such as n_action_steps)."
+    path = _pretrained_path(name).with_suffix('.safetensors')
+    if not path.exists():
+        raise FileNotFoundError(f"the shipped policy {name!r} is missing from this install ({path}); reinstall vla_nb")
+    return VLAPolicy.load(path, **kw)
+
+
+def pretrained_card(name: str = 'tabletop') -> str:
+    "The model card (markdown) of a shipped policy: data, training command and time, closed-loop results."
+    return _pretrained_path(name).with_suffix('.md').read_text(encoding='utf-8')
 
 # %% ../nbs/03_model.ipynb #c068
 class VLAFeaturesExtractor(BaseFeaturesExtractor):
