@@ -125,7 +125,7 @@ def input_names(cfg: ModelConfig) -> tuple:
 
 
 def example_inputs(cfg: ModelConfig, B: int = 2, seed: int = 0) -> tuple:
-    "Seeded normalized inputs in `input_names(cfg)` order for tracing and parity checks (6 real words, or a unit vector)."
+    "Seeded normalized inputs in `input_names(cfg)` order for tracing and parity checks."
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, cfg.vocab_size, (B, cfg.max_tokens), generator=g)
     ids[:, 6:] = 0
