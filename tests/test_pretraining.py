@@ -167,3 +167,16 @@ def test_bench_train_reports_throughput():
     r = bench_train(batch_size=4, steps=1, model_config=ModelConfig(**SMALL))
     for k in ('train_samples_per_s', 'gflops_per_sample', 'achieved_gflops_per_s', 'matmul_peak_gflops_per_s'): assert r[k] > 0, (k, r)
     assert r['achieved_gflops_per_s'] < 1.5 * r['matmul_peak_gflops_per_s']
+
+
+def test_vla_bench_train_reports_peak_rss(monkeypatch, tmp_path, capsys):
+    "`vla-bench train` writes and prints peak_rss_mb, the process's peak resident memory (never below what it holds now)."
+    import functools, vla_nb.pretraining as pt
+    from vla_nb.cli import bench_main
+    small = functools.partial(pt.bench_train, batch_size=2, steps=1, model_config=ModelConfig(**SMALL))
+    monkeypatch.setattr(pt, 'bench_train', small)                        # the CLI looks it up at call time
+    assert bench_main(['train', '--out', str(tmp_path/'train.json')]) == 0
+    rss_mb = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) / 1024
+    r = json.loads((tmp_path/'train.json').read_text())
+    assert rss_mb * 0.99 <= r['peak_rss_mb'] < 64_000, (rss_mb, r['peak_rss_mb'])   # MiB, not KiB or bytes
+    assert json.loads(capsys.readouterr().out)['peak_rss_mb'] == r['peak_rss_mb']
