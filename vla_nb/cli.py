@@ -335,10 +335,11 @@ def _report_md(summary: dict) -> str:
         d = summary['stages']['deploy']
         lines += [
             "",
-            "## Deployment (batch 1, 2 threads)",
+            f"## Deployment (batch 1, {d.get('runtime_threads', 1)} thread(s))",
             "",
             f"Artifact: `{d['artifact']}`; recommended backend `{d['recommended_backend']}` "
-            f"(int8 kept: {d['int8_kept']}); ONNX Runtime fp32 is {d['speedup_ort_fp32_vs_eager']:.1f}x eager; policy step p90 "
+            f"(int8 kept: {d['int8_kept']}); ONNX Runtime fp32 is {d['speedup_ort_fp32_vs_eager']:.1f}x eager; "
+            f"policy step p90 "
             f"{d['policy_step_p90_ms']:.2f} ms; edge control loop {d['control_loop_hz']:.1f} Hz.",
             "",
             d['table'],

@@ -1194,7 +1194,7 @@ def _bench_speed(res: dict, art: Path, policy: VLAPolicy, calib: list, calls: in
 
 # %% ../nbs/08_deployment.ipynb #c078
 def _bench_loop(res: dict, art: Path, mcfg: ModelConfig, n_action_steps: int, n: int, seed: int):
-    "Closed-loop success of every backend and of the edge loop on the same seeded episodes (if n > 0), and the edge control rate."
+    "Closed-loop success of every backend and of the edge loop on the same seeded episodes; the edge control rate."
     from vla_nb.evaluation import env_for
 
     k = n_action_steps  # env_for(mcfg): a simulator with the model's cameras
@@ -1334,7 +1334,7 @@ def deploy_summary(res: dict) -> dict:
 
 
 def deploy_report(policy_path, out_dir, calls: int | None = None, seed: int = 0) -> dict:
-    "The demo's deployment stage: export `policy_path` into `out_dir`/artifact, benchmark briefly, write deploy_bench.json; the summary."
+    "The demo's deployment stage: export `policy_path` into out_dir/artifact, benchmark, write deploy_bench.json."
     out = ensure_dir(out_dir)
     res = bench_deploy(
         policy_path,
