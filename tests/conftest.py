@@ -11,3 +11,15 @@ def tiny_data(tmp_path_factory):
     cfg = DataConfig(root=str(root), num_episodes=6, image_size=48, seed=7)
     SyntheticDataGenerator(cfg).generate_dataset(progress_bar=False)
     return EpisodeDataset(root)
+
+
+@pytest.fixture(autouse=True)
+def _profile_left_as_found():
+    "No test leaks a run profile into the next: VLA_PROFILE is restored (or removed) after each test."
+    import os
+    before = os.environ.get('VLA_PROFILE')
+    yield
+    if before is None:
+        os.environ.pop('VLA_PROFILE', None)
+    else:
+        os.environ['VLA_PROFILE'] = before

@@ -53,7 +53,7 @@ def test_killed_run_resumes_to_the_same_dataset(small, tmp_path):
             ".generate_dataset(progress_bar=False)")
     proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     index, t0 = root/'meta/episodes.jsonl', time.time()
-    while time.time() - t0 < 120 and not (index.exists() and index.read_bytes().count(b'\n') >= 3): time.sleep(0.05)
+    while time.time() - t0 < 600 and not (index.exists() and index.read_bytes().count(b'\n') >= 3): time.sleep(0.05)
     proc.send_signal(signal.SIGKILL); proc.wait()
     n_before = index.read_bytes().count(b'\n')
     assert 3 <= n_before < 8, n_before
@@ -368,8 +368,8 @@ def test_check_observation_returns_checked_arrays():
     assert c['single'] is True and c['image'].shape == (1, 16, 16, 3) and c['image'].dtype == np.uint8
     np.testing.assert_array_equal(c['image'][0], cv2.resize(o['image'], (16, 16), interpolation=cv2.INTER_AREA))
     np.testing.assert_array_equal(c['proprio'], o['proprio'][None])
-    np.testing.assert_array_equal(c['token_ids'], tok.encode(o['command'])[0][None])
-    assert c['wrist_image'] is None and c['token_ids'].dtype == np.int64
+    np.testing.assert_array_equal(c['text'], tok.encode(o['command'])[0][None])
+    assert c['wrist_image'] is None and c['text'].dtype == np.int64 and c['unknown'].tolist() == [False]
     same = check_observation({**o, 'image': o['image'][:16, :16]}, 16, 15, tok)
     np.testing.assert_array_equal(same['image'][0], o['image'][:16, :16])   # the right size is passed through untouched
     lst = check_observation({**o, 'proprio': o['proprio'].tolist()}, 16, 15, tok)   # any sequence of 15 numbers
@@ -377,11 +377,11 @@ def test_check_observation_returns_checked_arrays():
     b = check_observation({'image': np.stack([o['image']] * 2), 'proprio': np.stack([o['proprio']] * 2),
                            'command': ['find the book', 'navigate to the office']}, 16, 15, tok)
     assert b['single'] is False and b['image'].shape == (2, 16, 16, 3) and b['proprio'].shape == (2, 15)
-    np.testing.assert_array_equal(b['token_ids'][1], tok.encode('navigate to the office')[0])
+    np.testing.assert_array_equal(b['text'][1], tok.encode('navigate to the office')[0])
     w = check_observation({**o, 'wrist_image': o['image']}, 16, 15, tok, wrist_size=8)
     np.testing.assert_array_equal(w['wrist_image'][0], cv2.resize(o['image'], (8, 8), interpolation=cv2.INTER_AREA))
     u = check_observation({**o, 'command': 'pick up the xyzzy cup'}, 16, 15, tok, allow_unknown=True)
-    assert (u['token_ids'] == tok.unk_id).sum() == 1
+    assert (u['text'] == tok.unk_id).sum() == 1 and u['unknown'].tolist() == [True]
 
 
 @pytest.mark.parametrize('change,msg,kw', [

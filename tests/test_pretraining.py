@@ -23,7 +23,9 @@ def data(tmp_path_factory):
     return EpisodeDataset(root)
 
 
-def _mcfg(eds, **kw): return ModelConfig(**{**SMALL, **kw}, vocab_size=eds.tokenizer.vocab_size, max_tokens=eds.tokenizer.max_len)
+def _mcfg(eds, **kw):
+    tok = getattr(eds, 'language', None) or eds.tokenizer          # an EpisodeDataset or a ChunkDataset view of one
+    return ModelConfig(**{**SMALL, **kw}, vocab_size=tok.vocab_size, max_tokens=tok.max_len)
 
 
 def _trainer(eds, out, **kw):

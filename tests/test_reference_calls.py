@@ -512,7 +512,7 @@ def test_edge_preprocess_image(art, obs):
 def test_edge_preprocess_command(art, obs):
     edge = EdgeVLADeployer(art)
     ids = edge.preprocess_command(obs['command'])
-    assert ids.dtype == np.int64 and ids.tolist() == edge.runtime.pre.tokenizer.encode(obs['command'])[0].tolist()
+    assert ids.dtype == np.int64 and ids.tolist() == edge.runtime.pre.language.encode(obs['command'])[0].tolist()
     assert ids[0] > 0 and ids[-1] == 0
 
 

@@ -295,6 +295,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'vla_nb.evaluation._rate': ('evaluation.html#_rate', 'vla_nb/evaluation.py'),
                                    'vla_nb.evaluation.bench_policy': ('evaluation.html#bench_policy', 'vla_nb/evaluation.py'),
                                    'vla_nb.evaluation.check_disjoint': ('evaluation.html#check_disjoint', 'vla_nb/evaluation.py'),
+                                   'vla_nb.evaluation.compare_benches': ('evaluation.html#compare_benches', 'vla_nb/evaluation.py'),
                                    'vla_nb.evaluation.env_for': ('evaluation.html#env_for', 'vla_nb/evaluation.py'),
                                    'vla_nb.evaluation.eval_episodes': ('evaluation.html#eval_episodes', 'vla_nb/evaluation.py'),
                                    'vla_nb.evaluation.evaluate': ('evaluation.html#evaluate', 'vla_nb/evaluation.py'),

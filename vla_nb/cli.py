@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json, time
+import argparse, json, shlex, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -449,6 +449,7 @@ def bench_main(argv=None):
     if a.profile:
         set_profile(a.profile)
     res = BENCHES[a.what](a)
+    res['command'] = shlex.join(['vla-bench', *(sys.argv[1:] if argv is None else argv)])  # how to reproduce it
     atomic_write(a.out, json.dumps(res, indent=1, default=str))
     print(
         json.dumps(

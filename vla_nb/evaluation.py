@@ -19,7 +19,7 @@ from . import sim
 __all__ = ['EVAL_SEED_OFFSET', 'PARAPHRASES', 'NONSENSE', 'wilson_interval', 'EvalConfig', 'eval_episodes', 'check_disjoint',
            'torch_threads', 'env_for', 'EvalResult', 'evaluate', 'rollout_strips', 'save_gif', 'plot_success',
            'evaluate_policy', 'paraphrase', 'language_check', 'grounding_pairs', 'grounding_check',
-           'CommandBlindExpert', 'bench_policy', 'model_card']
+           'CommandBlindExpert', 'bench_policy', 'model_card', 'compare_benches']
 
 # %% ../nbs/05_evaluation.ipynb #c005
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
@@ -528,3 +528,25 @@ def model_card(bench: dict, training: dict) -> str:
         '',
     ]
     return '\n'.join(lines)
+
+# %% ../nbs/05_evaluation.ipynb #ncmp002
+def compare_benches(benches: dict) -> str:
+    "Markdown table of `bench_policy` results by name: success per split and family, grounding, language check."
+    names = list(benches)
+    rate = lambda r: f"{r['rate']:.2f} ({r['k']}/{r['n']})"
+    rows = [('test (template commands), mean', lambda b: f"{b['mean_success']:.3f}")]
+    fams = list(next(iter(benches.values()))['success'])
+    rows += [(f'test: {f}', lambda b, f=f: rate(b['success'][f])) for f in fams]
+    rows += [
+        ('held-out split, mean', lambda b: f"{b['heldout']['mean_success']:.3f}"),
+        ('paraphrase split (same episodes as test), mean', lambda b: f"{b['paraphrase']['mean_success']:.3f}"),
+        ('paraphrase gap (test - paraphrase)', lambda b: f"{b['paraphrase']['gap']:+.3f}"),
+        ('paraphrase commands not understood', lambda b: str(b['paraphrase']['not_understood'])),
+        ('grounding: new-command success', lambda b: rate(b['grounding']['new_command_success'])),
+        ('grounding: old-task rate', lambda b: rate(b['grounding']['old_task_rate'])),
+        ('language check: valid paraphrases refused', lambda b: f"{b['language_check']['false_reject']:.1%}"),
+        ('language check: nonsense accepted', lambda b: f"{b['language_check']['false_accept']:.1%}"),
+    ]
+    head = ['| | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+    return '\n'.join(head + [f"| {k} | " + ' | '.join(fn(benches[n]) for n in names) + ' |' for k, fn in rows])
+
