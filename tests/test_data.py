@@ -9,6 +9,7 @@ from vla_nb.data import (SyntheticDataGenerator, DataConfig, EpisodeDataset, Epi
                          Normalizer, compute_stats, encode_episode, cut_chunks, augment_images, check_observation,
                          validate_dataset, plan_episodes, split_episodes, object_targets, IMAGE, WRIST_IMAGE, PROPRIO, ACTION,
                          ACTION_PAD, TOKENS, SUCCESS, TIMESTAMP, STD_EPS, OBJECT_NAMES)
+from vla_nb.data import _data_scaling
 
 
 def _arrays(root):
@@ -34,7 +35,11 @@ def test_generated_dataset_is_valid_and_balanced(small):
 
 def test_same_dataset_for_one_or_two_workers(small, tmp_path):
     cfg = DataConfig(root=str(tmp_path/'w2'), num_episodes=8, seed=3, workers=2, image_size=48)
-    SyntheticDataGenerator(cfg).generate_dataset(progress_bar=False)
+    rep = SyntheticDataGenerator(cfg).generate_dataset(progress_bar=False)
+    t = rep['timing']                                       # where the time went: start-up, each worker, the parent
+    assert sum(w['episodes'] for w in t['workers']) == 8 and len(t['workers']) == 2
+    assert 0 < t['startup_s'] < t['record_s'] <= rep['seconds'] and t['finalize_s'] > 0
+    assert all(0 < w['busy_fraction'] <= 1 and 0 < w['cpu_per_busy_s'] for w in t['workers'])
     a, b = _arrays(small), _arrays(tmp_path/'w2')
     assert a.keys() == b.keys()
     for i in a:
@@ -426,3 +431,30 @@ def test_object_targets_mask_the_commanded_object_once_grasped():
     xy0, m0 = object_targets({'meta': {}, 'task': None}, acts)              # an episode without a recorded scene
     assert not m0.any() and not xy0.any()
     with pytest.raises(ValueError): object_targets({'meta': {'scene': {'objects': [{'name': 'teapot', 'xy': [0, 0]}]}}}, acts)
+def test_stats_are_exact_over_every_frame(small):
+    "Image statistics (counted by histogram) equal the float computation over every pixel; vectors per dimension."
+    ds = EpisodeDataset(small)
+    eps = [ds.load_episode(k) for k in range(len(ds))]
+    st = compute_stats(ds)
+    img = np.concatenate([e[IMAGE].reshape(-1, 3) for e in eps]).astype(np.float64) / 255
+    prop = np.concatenate([e[PROPRIO] for e in eps]).astype(np.float64)
+    for s, x in ((st[IMAGE], img), (st[PROPRIO], prop)):
+        np.testing.assert_allclose(s['mean'], x.mean(0), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(s['std'], x.std(0), rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(s['min'], x.min(0)); np.testing.assert_array_equal(s['max'], x.max(0))
+        assert s['count'][0] == len(x)
+
+
+def test_scaling_ratio_only_where_startup_is_small():
+    "The 2-vs-1-worker ratio is reported (median of the repeats) only when worker start-up is < 10% of the run."
+    def runs(startup):
+        t1 = dict(startup_s=0.0, finalize_s=0.1, workers=[dict(busy_fraction=0.95, cpu_per_busy_s=1.0)])
+        t2 = dict(startup_s=startup, finalize_s=0.1, workers=[dict(busy_fraction=0.9, cpu_per_busy_s=0.9)] * 2)
+        return [dict(workers=1, seconds=40.0, frames_per_s=f1, timing=t1) for f1 in (100.0, 110.0, 90.0)] + \
+               [dict(workers=2, seconds=20.0, frames_per_s=f2, timing=t2) for f2 in (180.0, 170.0, 200.0)]
+    ok = dict(runs=runs(1.0)); _data_scaling(ok, 0.1)
+    assert ok['scaling_2_vs_1_workers'] == 1.8 and ok['scaling_2_vs_1_workers_runs'] == [1.8, 1.545, 2.222]
+    assert ok['startup_fraction_2_workers'] == 0.05 and ok['frames_per_s_2_workers'] == 180.0
+    bad = dict(runs=runs(2.5)); _data_scaling(bad, 0.1)
+    assert bad['scaling_2_vs_1_workers'] is None and '12%' in bad['scaling_not_reported']
+    assert 'scaling_2_vs_1_workers_runs' not in bad

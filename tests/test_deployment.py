@@ -12,7 +12,7 @@ from vla_nb.model import ModelConfig, VLANet, VLAPolicy, bounds_stats
 from vla_nb.deployment import (DeployConfig, EdgeConfig, Preprocessor, HardwareOptimizer, OptimizedVLAInference, EdgeVLADeployer,
                                export_torchscript, export_onnx, export_program, export_artifact, load_artifact, parity, ort_session,
                                quantize_int8, prune_l1, calibration_observations, edge_rollout, latency_stats, bench_deploy, deploy_summary,
-                               example_inputs, check_onnx_io, BACKENDS)
+                               example_inputs, check_onnx_io, BACKENDS, RUNTIME_THREADS)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8, dropout=0.)
 
@@ -311,3 +311,28 @@ def test_edge_session_stops_the_thread_even_after_an_error(art, obs):
             assert r['frame'] == fid and r['error'] is None
             raise KeyError('boom')
     assert edge._thread is None and edge.processed == 1
+    p50 = lambda b, t: r['latency_ms'][f't{t}_b1'][b]['p50']
+    assert r['best_threads'] == {b: min((1, 2), key=lambda t: p50(b, t)) for b in BACKENDS}   # each at its fastest count
+    best = r['best_threads']
+    assert r['speedup_ort_fp32_vs_eager'] == pytest.approx(p50('eager', best['eager']) / p50('ort_fp32', best['ort_fp32']), abs=0.01)
+    assert r['speedup_ort_fp32_vs_eager_by_threads']['t2'] == pytest.approx(p50('eager', 2) / p50('ort_fp32', 2), abs=0.01)
+    assert r['int8_gates']['threads'] == r['runtime_threads'] == RUNTIME_THREADS    # int8 is judged where it will run
+    assert r['policy_step_p90_ms'] == r['policy_step_ms'][f't{RUNTIME_THREADS}']['ort_fp32']['p90']
+    assert {v['n'] for s in r['policy_step_ms'].values() for v in s.values()} == {5}
+    assert all(f'| {b} | {best[b]} |' in summ['table'] for b in BACKENDS)
+
+
+def test_runtime_threads_default(art):
+    assert DeployConfig().threads == EdgeConfig().threads == OptimizedVLAInference(art, warmup=0).threads == RUNTIME_THREADS
+    assert ort_session(art/'model.onnx').get_session_options().intra_op_num_threads == RUNTIME_THREADS
+
+
+@pytest.mark.timing
+def test_runtime_threads_is_the_faster_policy_step(art, obs):
+    "The default thread count's policy-step p90 is no worse than the other count's, measured interleaved in one run."
+    rts = {t: OptimizedVLAInference(art, 'ort_fp32', t, warmup=20) for t in (1, 2)}
+    for i in range(300):
+        for t in ((1, 2) if i % 2 else (2, 1)):
+            rts[t].infer(obs)
+    p90 = {t: rt.get_performance_metrics()['p90'] for t, rt in rts.items()}
+    assert p90[RUNTIME_THREADS] <= 1.25 * p90[3 - RUNTIME_THREADS], p90

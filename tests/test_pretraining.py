@@ -262,3 +262,16 @@ def test_adamw_decays_weight_matrices_only_and_its_state_round_trips():
     fresh = adamw(net, 1e-3, 0.05); restore_optimizer(fresh, {**tensors, 'net.x': torch.ones(1)}, groups)
     step(fresh)                                                              # the restored run's third step
     for k, v in net.state_dict().items(): assert torch.equal(v, after[k]), k
+
+
+def test_vla_bench_train_reports_peak_rss(monkeypatch, tmp_path, capsys):
+    "`vla-bench train` writes and prints peak_rss_mb, the process's peak resident memory (never below what it holds now)."
+    import functools, vla_nb.pretraining as pt
+    from vla_nb.cli import bench_main
+    small = functools.partial(pt.bench_train, batch_size=2, steps=1, model_config=ModelConfig(**SMALL))
+    monkeypatch.setattr(pt, 'bench_train', small)                        # the CLI looks it up at call time
+    assert bench_main(['train', '--out', str(tmp_path/'train.json')]) == 0
+    rss_mb = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) / 1024
+    r = json.loads((tmp_path/'train.json').read_text())
+    assert rss_mb * 0.99 <= r['peak_rss_mb'] < 64_000, (rss_mb, r['peak_rss_mb'])   # MiB, not KiB or bytes
+    assert json.loads(capsys.readouterr().out)['peak_rss_mb'] == r['peak_rss_mb']

@@ -325,7 +325,7 @@ def _report_md(summary: dict) -> str:
         lines += [
             f"| **test: mean over families** | **{t['mean_success']:.2f}** |",
             f"| held-out split (mean) | {h['mean_success']:.2f} |",
-            f"| paraphrase split (mean; words it does not know read as <unk>) | {p['paraphrase']['mean_success']:.2f} |",
+            f"| paraphrase split (mean; unknown words read as <unk>) | {p['paraphrase']['mean_success']:.2f} |",
             f"| grounding: new-command success | {_ci(g['new_command_success'])} |",
             f"| grounding: old-task rate | {_ci(g['old_task_rate'])} |",
             "",

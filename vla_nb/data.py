@@ -319,20 +319,38 @@ def frames(self: EpisodeDataset) -> dict:
     return self._frames
 
 # %% ../nbs/02_data.ipynb #c023
+def _level_stats(hist: np.ndarray) -> dict:
+    "Accumulators (n, s, s2, lo, hi) of uint8 values in [0, 1] from their per-channel histogram (C, 256)."
+    lv, seen = np.arange(256) / 255.0, hist > 0
+    return dict(
+        n=int(hist[0].sum()),
+        s=hist @ lv,
+        s2=hist @ lv**2,
+        lo=lv[seen.argmax(1)],
+        hi=lv[255 - seen[:, ::-1].argmax(1)],
+    )
+
+
 def compute_stats(ds: EpisodeDataset) -> dict:
     "Per-feature mean/std/min/max over every frame of `ds` (images: per channel, in [0, 1])."
-    acc = {}
+    acc, hist = {}, {}
     for k in range(len(ds)):
         ep = ds.load_episode(k)
         for key, v in ep.items():
             if key in (SUCCESS, TIMESTAMP):
                 continue
-            x = v.reshape(-1, v.shape[-1]).astype(np.float64) / (255.0 if v.dtype == np.uint8 else 1.0)
+            C = v.shape[-1]
+            if v.dtype == np.uint8:  # per-channel histogram of the 256 levels: exact, and cheaper than float sums
+                idx = v.reshape(-1, C) + 256 * np.arange(C, dtype=np.int32)  # (N, C): channel c counts in bins 256c..
+                hist[key] = hist.get(key, 0) + np.bincount(idx.ravel(), minlength=256 * C).reshape(C, 256)
+                continue
+            x = v.reshape(-1, C).astype(np.float64)
             a = acc.setdefault(key, dict(n=0, s=0.0, s2=0.0, lo=np.inf, hi=-np.inf))
             a['n'] += len(x)
             a['s'] = a['s'] + x.sum(0)
             a['s2'] = a['s2'] + (x**2).sum(0)
             a['lo'], a['hi'] = np.minimum(a['lo'], x.min(0)), np.maximum(a['hi'], x.max(0))
+    acc.update({key: _level_stats(h) for key, h in hist.items()})
     out = {}
     for key, a in acc.items():
         mean = a['s'] / a['n']
@@ -521,15 +539,22 @@ def record_episode(
 _ENVS = {}  # one simulator per (process, simulator config)
 
 
+def _env(sim_cfg: sim.SimConfig) -> sim.TabletopEnv:
+    key = (os.getpid(), json.dumps(sim_cfg.to_dict(), sort_keys=True))
+    return _ENVS.get(key) or _ENVS.setdefault(key, sim.TabletopEnv(sim_cfg))
+
+
 def _record_planned(spec: dict, sim_cfg: sim.SimConfig, noise_std: float) -> dict:
     "Worker: record one planned expert episode; successful episodes come back compressed (`encode_episode`)."
-    key = (os.getpid(), json.dumps(sim_cfg.to_dict(), sort_keys=True))
-    env = _ENVS.get(key) or _ENVS.setdefault(key, sim.TabletopEnv(sim_cfg))
+    t0, c0 = time.time(), time.process_time()
+    env = _env(sim_cfg)
     r = record_episode(env, spec, sim.ScriptedExpert(env, noise_std=noise_std, seed=spec['seed']))
     meta = dict(seed=spec['seed'], template=spec['template'], noise_std=noise_std, scene=r['scene'])
     data = encode_episode(r['frames']) if r['success'] else None
+    busy = dict(pid=os.getpid(), start=t0, end=time.time(), cpu_s=time.process_time() - c0)  # for the report
     return dict(
-        spec=spec, data=data, frames=len(r['frames'][ACTION]), command=r['command'], success=r['success'], meta=meta
+        spec=spec, data=data, frames=len(r['frames'][ACTION]), command=r['command'], success=r['success'], meta=meta,
+        busy=busy,
     )
 
 
@@ -537,27 +562,55 @@ def _worker(args):
     return _record_planned(*args)
 
 
-def _results(jobs, workers):
+def _init_worker(sim_cfg: sim.SimConfig):
+    "Worker start-up: build the simulator before the first episode, so start-up is over when work begins."
+    _env(sim_cfg)
+
+
+def _results(jobs, workers, sim_cfg):
     "Recorded episodes in completion order; worker processes when `workers` > 1."
     if workers == 1 or len(jobs) < 2:
+        _env(sim_cfg)
         yield from map(_worker, jobs)
         return
     import importlib
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    fn = importlib.import_module(
-        'vla_nb.data'
-    )._worker  # the installed module's function: picklable even from a notebook
-    with ProcessPoolExecutor(
-        workers, mp_context=mp.get_context('spawn')
-    ) as ex:  # a dead worker raises BrokenProcessPool
-        futs = [ex.submit(fn, j) for j in jobs]
+    mod = importlib.import_module('vla_nb.data')  # the installed module's functions: picklable even from a notebook
+    ctx = mp.get_context('spawn')
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=mod._init_worker, initargs=(sim_cfg,)) as ex:
+        futs = [ex.submit(mod._worker, j) for j in jobs]  # a dead worker raises BrokenProcessPool
         try:
             for f in as_completed(futs):
                 yield f.result()
         finally:
             for f in futs:
                 f.cancel()
+
+
+def _timing(busy: list, t0: float, t_rec: float, t_end: float, writer_s: float, parent_cpu_s: float) -> dict:
+    "Where a recording run's time went: start-up, per-worker busy fraction and CPU share, the writer, finalize."
+    rec_s = max(t_rec - t0, 1e-9)
+    by_pid = {}
+    for b in busy:
+        by_pid.setdefault(b['pid'], []).append(b)
+    workers = [
+        dict(
+            episodes=len(bs),
+            startup_s=round(min(b['start'] for b in bs) - t0, 3),  # process start, imports and the simulator
+            busy_fraction=round(sum(b['end'] - b['start'] for b in bs) / rec_s, 3),  # of the recording phase
+            cpu_per_busy_s=round(sum(b['cpu_s'] for b in bs) / max(sum(b['end'] - b['start'] for b in bs), 1e-9), 3),
+        )
+        for bs in by_pid.values()
+    ]
+    return dict(
+        startup_s=max((w['startup_s'] for w in workers), default=0.0),  # until the last worker started recording
+        record_s=round(rec_s, 3),
+        finalize_s=round(t_end - t_rec, 3),  # statistics and metadata, in the parent after the last episode
+        writer_s=round(writer_s, 3),  # the parent writing episodes while the workers record
+        parent_cpu_s=round(parent_cpu_s, 3),
+        workers=workers,
+    )
 
 
 class SyntheticDataGenerator:
@@ -572,18 +625,21 @@ class SyntheticDataGenerator:
         cfg = self.config if num_samples is None else self.config.replace(num_episodes=num_samples)
         w = EpisodeWriter(cfg.root, fps=cfg.sim.control_hz, config=cfg.to_dict())
         todo = [s for s in plan_episodes(cfg) if s['episode_index'] not in w.done_episodes()]
-        t0, n_frames = time.time(), 0
+        t0, c0, n_frames, busy, writer_s = time.time(), time.process_time(), 0, [], 0.0
         jobs = [(s, cfg.sim, cfg.noise_std) for s in todo]
-        for r in progress(
-            _results(jobs, cfg.workers), total=len(jobs), desc='episodes', disable=None if progress_bar else True
-        ):
-            s = r['spec']
+        results = _results(jobs, cfg.workers, cfg.sim)
+        for r in progress(results, total=len(jobs), desc='episodes', disable=None if progress_bar else True):
+            tw, s = time.time(), r['spec']
             if r['success']:
                 w.add_episode(s['episode_index'], r['data'], r['command'], s['task'], r['meta'])
                 n_frames += r['frames']
             else:
                 w.add_failure(s['episode_index'], r['command'], s['task'], r['meta'])
+            writer_s += time.time() - tw
+            busy.append(r['busy'])
+        t_rec = time.time()
         ds = w.finalize(default_tokenizer())
+        t_end = time.time()
         return dict(
             root=str(cfg.root),
             episodes=len(ds),
@@ -591,8 +647,9 @@ class SyntheticDataGenerator:
             new_episodes=len(jobs),
             new_frames=n_frames,
             expert_failures=len(ds.failures),
-            seconds=round(time.time() - t0, 2),
-            frames_per_s=round(n_frames / max(time.time() - t0, 1e-9), 1),
+            seconds=round(t_end - t0, 2),
+            frames_per_s=round(n_frames / max(t_end - t0, 1e-9), 1),
+            timing=_timing(busy, t0, t_rec, t_end, writer_s, time.process_time() - c0),
         )
 
 # %% ../nbs/02_data.ipynb #n1018512
@@ -1065,37 +1122,70 @@ def plot_stats(ds: EpisodeDataset):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/02_data.ipynb #n08909e9
+def _same_episodes(a: EpisodeDataset, b: EpisodeDataset) -> bool:
+    "Whether two datasets hold the same episode indices with identical actions."
+    pos = {e['episode_index']: k for k, e in enumerate(b.episodes)}
+    if set(pos) != {e['episode_index'] for e in a.episodes}:
+        return False
+    return all(
+        np.array_equal(a.load_episode(k)[ACTION], b.load_episode(pos[e['episode_index']])[ACTION])
+        for k, e in enumerate(a.episodes)
+    )
+
+
+def _data_scaling(res: dict, max_startup_fraction: float):
+    "Median rates with 1 and 2 workers, start-up, busy fractions; the 2-vs-1 ratio only where start-up is a small part."
+    runs = {w: [r for r in res['runs'] if r['workers'] == w] for w in (1, 2)}
+    med = lambda w, f: round(float(np.median([f(r) for r in runs[w]])), 3)
+    res['frames_per_s_1_worker'] = med(1, lambda r: r['frames_per_s'])
+    res['frames_per_s_2_workers'] = med(2, lambda r: r['frames_per_s'])
+    res['startup_s_2_workers'] = med(2, lambda r: r['timing']['startup_s'])  # spawn, imports, simulator
+    frac = max(r['timing']['startup_s'] / r['seconds'] for r in runs[2])
+    res['startup_fraction_2_workers'] = round(frac, 3)
+    mean = lambda r, k: np.mean([w[k] for w in r['timing']['workers']])
+    res['busy_fraction_2_workers'] = med(2, lambda r: mean(r, 'busy_fraction'))  # of the recording phase
+    res['cpu_per_busy_s_2_workers'] = med(2, lambda r: mean(r, 'cpu_per_busy_s'))  # < 1: waited for a core
+    res['finalize_s'] = {w: med(w, lambda r: r['timing']['finalize_s']) for w in (1, 2)}
+    ratios = [b['frames_per_s'] / a['frames_per_s'] for a, b in zip(runs[1], runs[2])]
+    if frac < max_startup_fraction:
+        res['scaling_2_vs_1_workers'] = round(float(np.median(ratios)), 2)
+        res['scaling_2_vs_1_workers_runs'] = [round(x, 3) for x in ratios]  # one per repeat: how noisy it is
+    else:  # a ratio dominated by process start-up says nothing about scaling
+        res['scaling_2_vs_1_workers'] = None
+        res['scaling_not_reported'] = (
+            f"worker start-up is {frac:.0%} of the 2-worker run (limit {max_startup_fraction:.0%}): "
+            "record more episodes"
+        )
+
 # %% ../nbs/02_data.ipynb #c055
-def bench_data(num_episodes: int | None = None, root=None, seed: int = 0) -> dict:
-    "Recording rate with 1 and 2 workers, storage per frame, load time per 10k frames, expert failures."
+def bench_data(
+    num_episodes: int | None = None, root=None, seed: int = 0, repeats: int = 1, max_startup_fraction: float = 0.1
+) -> dict:
+    "Recording rate with 1 and 2 workers (where the time went), bytes per frame, load time per 10k frames, failures."
     import tempfile, shutil
 
     n = num_episodes or by_profile(16, 200)
+    check_range('repeats', repeats, 1, 100, integer=True)
     base = Path(root or tempfile.mkdtemp(prefix='vla_bench_data_'))
-    res = dict(episodes=n)
+    res = dict(episodes=n, repeats=repeats, cpu_count=os.cpu_count(), runs=[])
     try:
-        for w in (1, 2):
-            r = SyntheticDataGenerator(
-                DataConfig(root=str(base / f'w{w}'), num_episodes=n, seed=seed, workers=w)
-            ).generate_dataset(progress_bar=False)
-            res[f'frames_per_s_{w}_worker' + ('s' if w > 1 else '')] = r['frames_per_s']
-        ds = EpisodeDataset(base / 'w1')
+        for rep in range(repeats):
+            for w in (1, 2) if rep % 2 == 0 else (2, 1):  # alternating order: a drifting load hits both alike
+                load = os.getloadavg()[0]
+                cfg = DataConfig(root=str(base / f'w{w}_r{rep}'), num_episodes=n, seed=seed, workers=w)
+                r = SyntheticDataGenerator(cfg).generate_dataset(progress_bar=False)
+                keep = ('seconds', 'frames_per_s', 'timing')
+                res['runs'].append(dict(workers=w, repeat=rep, load_avg_1min=round(load, 2), **{k: r[k] for k in keep}))
+        _data_scaling(res, max_startup_fraction)
+        ds = EpisodeDataset(base / 'w1_r0')
         res['frames'] = ds.num_frames
         res['expert_failures'] = len(ds.failures)
         res['bytes_per_frame'] = round(sum(e['nbytes'] for e in ds.episodes) / ds.num_frames, 1)
         t = time.perf_counter()
         ChunkDataset(ds)
         res['load_s_per_10k_frames'] = round((time.perf_counter() - t) / ds.num_frames * 10_000, 3)
-        same = all(
-            np.array_equal(
-                ds.load_episode(k)[ACTION],
-                EpisodeDataset(base / 'w2').load_episode(
-                    [e['episode_index'] for e in EpisodeDataset(base / 'w2').episodes].index(e['episode_index'])
-                )[ACTION],
-            )
-            for k, e in enumerate(ds.episodes)
-        )
-        res['identical_across_worker_counts'] = bool(same)
+        res['identical_across_worker_counts'] = _same_episodes(ds, EpisodeDataset(base / 'w2_r0'))
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)

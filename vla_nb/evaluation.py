@@ -445,7 +445,7 @@ def bench_policy(
     seed: int = 0,
     progress_bar: bool = True,
 ) -> dict:
-    "Closed-loop figures of a saved `VLAPolicy`: test, held-out and paraphrase success (Wilson CIs), grounding, language."
+    "A saved `VLAPolicy` in closed loop: test, held-out, paraphrase success (Wilson CIs), grounding, language."
     from vla_nb.model import VLAPolicy
 
     t0 = time.time()
@@ -489,7 +489,7 @@ def bench_policy(
 
 # %% ../nbs/05_evaluation.ipynb #n8580958
 def model_card(bench: dict, training: dict) -> str:
-    "A policy's model card (markdown) from its `bench_policy` result and its training run's record (data, command, times)."
+    "A policy's model card (markdown) from its `bench_policy` result and its training record."
     ci = lambda r: f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] ({r['k']}/{r['n']})"
     rows = [f"| {f} | {ci(r)} |" for f, r in bench['success'].items()]
     g, h, p, lc = bench['grounding'], bench['heldout'], bench['paraphrase'], bench['language_check']

@@ -466,7 +466,7 @@ def command_language(s: str):
 # %% ../nbs/01a_language.ipynb #n160e08f
 @functools.cache
 def command_encoder(text_encoder: str = 'words', text_augment: bool = False):
-    "The command encoder a policy trains with: the default tokenizer, one that also covers TRAINING_PHRASES, or sentences."
+    "A policy's command encoder: the default tokenizer, one covering TRAINING_PHRASES too, or sentences."
     if text_encoder == 'sentence':
         return SentenceCommands(CommandRecognizer.fit(sentence_encoder()))
     if text_encoder != 'words':

@@ -472,7 +472,7 @@ def bounds_stats(image_mean: float = 0.5, image_std: float = 0.25, action_std: f
 
 # %% ../nbs/03_model.ipynb #c055
 class VLAPolicy:
-    "A `VLANet` with its normalization statistics and command encoder: `reset`, `predict_action_chunk`, `select_action`."
+    "A `VLANet` with its statistics and command encoder: `reset`, `predict_action_chunk`, `select_action`."
 
     def __init__(
         self,

@@ -796,7 +796,7 @@ def _obs(self: TabletopEnv):
 
 @patch
 def reset(self: TabletopEnv, *, seed: int | None = None, options: dict | None = None):
-    "Start an episode: `options` may give a `task`, a `command` (parsed into the task), or both, and a recorded `scene`."
+    "Start an episode: `options` may give a `task`, a `command` (parsed into a task), or both, and a `scene`."
     super(TabletopEnv, self).reset(seed=seed)
     options = dict(options or {})
     unknown = set(options) - {'task', 'command', 'scene'}
