@@ -6,21 +6,21 @@
 from __future__ import annotations
 import hashlib, logging, math, threading, time
 from collections import Counter, deque
-from dataclasses import dataclass
 import numpy as np
+import psutil
 import torch
-import gymnasium as gym
 from fastcore.basics import patch
-from .core import Config, check_range, check_choice, derive_seed, seed_everything
-from .data import IMAGE, WRIST_IMAGE, PROPRIO, ACTION, PIXEL_KEYS, EpisodeDataset, validate_dataset
-from .model import VLANet, ModelConfig, vla_loss
-from .pretraining import batch_to
+from .core import check_range
+from .data import ACTION, IMAGE, PIXEL_KEYS, PROPRIO, STD_EPS, EpisodeDataset, compute_stats
+from .model import VLANet
 from . import sim
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['Monitor', 'robust_z', 'TrainingMonitor', 'part_grad_norms']
+__all__ = ['AXES', 'Monitor', 'robust_z', 'TrainingMonitor', 'part_grad_norms', 'DataChecker', 'frame_hashes', 'longest_run',
+           'mean_shift', 'ResourceMonitor', 'WindowMonitor', 'OutputMonitor', 'frame_features', 'feature_stats',
+           'DriftMonitor', 'Watch', 'StreamRateMonitor', 'token_agreement']
 
 # %% ../nbs/10_best_practices.ipynb #c008
 class Monitor:
@@ -59,8 +59,9 @@ class TrainingMonitor(Monitor):
     def __init__(
         self,
         window: int = 50,  # steps of history behind the running medians
-        min_history: int = 10,  # steps before spike checks start
-        spike_z: float = 8.0,  # robust z-score above which a loss or gradient norm is a spike
+        min_history: int = 5,  # steps before spike checks start
+        spike_z: float = 8.0,  # robust z-score above which a loss or gradient norm is a spike ...
+        spike_ratio: float = 3.0,  # ... if it is also this many times its running median
         align_batch: int | None = None,  # B of the InfoNCE (default: the attached trainer's batch_size)
         align_frac: float = 0.97,  # alignment loss >= align_frac * log(B), averaged over `window` steps: at chance
         align_after: int = 50,  # steps before the alignment check starts (it starts at chance)
@@ -68,7 +69,9 @@ class TrainingMonitor(Monitor):
     ):
         super().__init__()
         self.window, self.min_history = check_range('window', window, 2, 10**6, integer=True), min_history
-        self.spike_z, self.align_frac = check_range('spike_z', spike_z, 1, 1e6), check_range('align_frac', align_frac, 0, 1)
+        self.spike_z = check_range('spike_z', spike_z, 1, 1e6)
+        self.spike_ratio = check_range('spike_ratio', spike_ratio, 1, 1e6)
+        self.align_frac = check_range('align_frac', align_frac, 0, 1)
         self.align_batch, self.align_after, self.patience = align_batch, align_after, patience
         self.steps, self.epochs, self._active, self._attached = [], [], set(), None
 
@@ -84,11 +87,11 @@ def observe(self: TrainingMonitor, step: int, metrics: dict) -> list:
     for key, kind in (('grad_norm', 'grad_spike'), (loss_key, 'loss_spike')):
         past = [r[key] for r in hist if key in r and math.isfinite(r[key])]
         if key in metrics and key not in bad and len(past) >= self.min_history:
-            z = robust_z(metrics[key], past)
-            if z > self.spike_z:
+            z, med = robust_z(metrics[key], past), float(np.median(past))
+            if z > self.spike_z and metrics[key] > self.spike_ratio * med:
                 parts = {k: round(v, 3) for k, v in metrics.items() if k.startswith('grad/')}
                 worst = max(parts, key=parts.get) if parts else None
-                msg = f"{key}={metrics[key]:.4g} at step {step} is {z:.0f} robust sd above its median {np.median(past):.4g}"
+                msg = f"{key}={metrics[key]:.4g} at step {step} is {z:.0f} robust sd above its median {med:.4g}"
                 self.alert(kind, msg + (f"; largest part {worst}" if worst else ''), step=step, value=metrics[key], z=z)
     if 'alignment_loss' in metrics and self.align_batch and step >= self.align_after:
         self._alignment(step, [r['alignment_loss'] for r in hist if 'alignment_loss' in r] + [metrics['alignment_loss']])
@@ -201,3 +204,350 @@ def history(self: TrainingMonitor, key: str) -> tuple:
     "(steps, values) of one recorded metric, e.g. 'grad_norm' or 'grad/net.vision'."
     rows = [r for r in self.steps if key in r]
     return np.array([r['step'] for r in rows]), np.array([r[key] for r in rows])
+
+# %% ../nbs/10_best_practices.ipynb #c026
+AXES = dict(family=sim.TASK_FAMILIES, obj=tuple(sim.OBJECTS), loc=tuple(sim.LOCATIONS))
+
+
+class DataChecker(Monitor):
+    "Checks of a recorded dataset: task balance, the action distribution, frozen or duplicated frames, stats drift."
+
+    def __init__(
+        self,
+        min_frac: float = 0.25,  # a value with fewer than min_frac x its balanced share of episodes is rare
+        min_expected: float = 2.0,  # ... checked only when the balanced share is at least this many episodes
+        min_std: float = 1e-3,  # an action dimension with a smaller std never moves
+        min_run: int = 3,  # identical consecutive frames that count as a frozen camera
+        max_z: float = 0.75,  # drift: |mean shift| in reference standard deviations (leave room for sampling noise)
+    ):
+        super().__init__()
+        self.min_frac, self.min_expected = check_range('min_frac', min_frac, 0, 1), min_expected
+        self.min_std, self.max_z = check_range('min_std', min_std, 0, 1e3), check_range('max_z', max_z, 0, 1e6)
+        self.min_run = check_range('min_run', min_run, 2, 10**6, integer=True)
+
+# %% ../nbs/10_best_practices.ipynb #c027
+@patch
+def balance(self: DataChecker, ds: EpisodeDataset) -> dict:
+    "Episodes per family, object and location (of the tasks that have one); alerts values far below a balanced share."
+    out = {}
+    for axis, values in AXES.items():
+        got = Counter(e['task'].get(axis) for e in ds.episodes if (e.get('task') or {}).get(axis))
+        share = sum(got.values()) / len(values)
+        out[axis] = counts = {v: got.get(v, 0) for v in values}
+        rare = {v: c for v, c in counts.items() if share >= self.min_expected and c < self.min_frac * share}
+        if rare:
+            msg = f"{axis}: {rare} of {sum(got.values())} episodes, where a balanced mix has {share:.1f} each"
+            self.alert('imbalance', msg, axis=axis, rare=rare, share=share)
+    return out
+
+# %% ../nbs/10_best_practices.ipynb #c030
+@patch
+def actions(self: DataChecker, ds: EpisodeDataset, stats: dict | None = None) -> dict:
+    "Per-dimension std and fraction of actions at the ±1 clip bounds; alerts dimensions that never move."
+    act = np.asarray(ds.frames()[ACTION])  # (N, A)
+    std = np.asarray((stats or compute_stats(ds))[ACTION]['std'])
+    dead = [int(i) for i in np.flatnonzero(std < self.min_std)]
+    if dead:
+        self.alert('dead_action_dim', f"action dimensions {dead} never move (std < {self.min_std})", dims=dead)
+    return dict(std=std, saturated=(np.abs(act) >= 1 - 1e-6).mean(0))
+
+# %% ../nbs/10_best_practices.ipynb #c031
+def frame_hashes(images: np.ndarray) -> np.ndarray:
+    "A 16-byte BLAKE2 digest of every frame (T, H, W, C): equal digests are equal frames."
+    return np.array([hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest() for x in images])
+
+
+def longest_run(h: np.ndarray) -> tuple:
+    "(length, start) of the longest run of equal consecutive values in `h`."
+    best, start, i = (1, 0) if len(h) else (0, 0), 0, 1
+    for i in range(1, len(h) + 1):
+        if i == len(h) or h[i] != h[start]:
+            best = max(best, (i - start, start), key=lambda r: r[0])
+            start = i
+    return best
+
+# %% ../nbs/10_best_practices.ipynb #c032
+@patch
+def frames(self: DataChecker, ds: EpisodeDataset, key: str = IMAGE) -> dict:
+    "Longest frozen run of each episode's `key` camera and the frames shared between episodes; alerts both."
+    f, starts = ds.frames()[key], list(ds.starts) + [ds.num_frames]
+    runs, seen, shared = {}, {}, Counter()
+    for k in range(len(ds)):
+        h = frame_hashes(f[starts[k] : starts[k + 1]])
+        runs[k] = longest_run(h)
+        for x in set(h.tolist()):
+            if x in seen:
+                shared[(seen[x], k)] += 1
+            else:
+                seen[x] = k
+    frozen = {k: r for k, r in runs.items() if r[0] >= self.min_run}
+    if frozen:
+        msg = f"{key}: episodes {sorted(frozen)} repeat a frame (length, start): {frozen}; a stalled camera?"
+        self.alert('frozen_frames', msg, episodes=frozen)
+    if shared:
+        self.alert('duplicate_frames', f"{key}: (episode, episode) -> frames shared: {dict(shared)}", pairs=dict(shared))
+    return dict(runs=runs, shared=dict(shared))
+
+# %% ../nbs/10_best_practices.ipynb #c035
+def mean_shift(ref: dict, mean) -> np.ndarray:
+    "|mean - ref['mean']| / ref['std'] per dimension: how far a mean moved, in the reference's standard deviations."
+    m0, s0 = np.asarray(ref['mean'], np.float64), np.asarray(ref['std'], np.float64)
+    return np.abs(np.asarray(mean, np.float64) - m0) / np.maximum(s0, STD_EPS)
+
+
+@patch
+def drift(self: DataChecker, ref: dict, new: dict) -> dict:
+    "The largest mean shift (z, dim) of every feature in both statistics dicts; alerts those above `max_z`."
+    out = {}
+    for k in [k for k in ref if k in new]:
+        z = mean_shift(ref[k], new[k]['mean'])
+        out[k] = (round(float(z.max()), 3), int(z.argmax()))
+    bad = {k: v for k, v in out.items() if v[0] > self.max_z}
+    if bad:
+        self.alert('stats_drift', f"mean shift (z, dim) above {self.max_z}: {bad}", features=bad)
+    return out
+
+# %% ../nbs/10_best_practices.ipynb #c040
+class ResourceMonitor(Monitor):
+    "CPU, resident memory and throughput of this process, sampled by a background thread (`psutil`)."
+
+    def __init__(self, interval: float = 0.05, max_growth_mb: float = 100.0, min_rate: float | None = None):
+        super().__init__()
+        self.interval = check_range('interval', interval, 1e-3, 60)
+        self.max_growth_mb, self.min_rate = max_growth_mb, min_rate
+        self.proc, self.samples, self.items, self._stop, self._thread = psutil.Process(), [], 0, threading.Event(), None
+
+    def _sample(self):
+        self.samples.append((time.perf_counter(), self.proc.cpu_percent(None), self.proc.memory_info().rss / 2**20))
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def tick(self, n: int = 1):
+        "Count `n` finished work items (steps, frames, episodes)."
+        self.items += n
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+# %% ../nbs/10_best_practices.ipynb #c041
+@patch
+def start(self: ResourceMonitor):
+    "Start sampling (a fresh report)."
+    self.samples, self.items, self._stop = [], 0, threading.Event()
+    self.proc.cpu_percent(None)  # the first call only sets the baseline
+    self._sample()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+    return self
+
+
+@patch
+def stop(self: ResourceMonitor) -> dict:
+    "Stop sampling; returns `report()` and raises its alerts."
+    self._stop.set()
+    self._thread.join()
+    self._sample()
+    r = self.report()
+    if r['rss_growth_mb'] > self.max_growth_mb:
+        msg = f"resident memory grew {r['rss_growth_mb']:.0f} MB over {r['seconds']:.1f} s (steadily: a leak?)"
+        self.alert('memory_growth', msg, **r)
+    if self.min_rate is not None and r['items_per_s'] < self.min_rate:
+        self.alert('low_throughput', f"{r['items_per_s']:.2f} items/s, below {self.min_rate}", **r)
+    return r
+
+# %% ../nbs/10_best_practices.ipynb #c042
+@patch
+def report(self: ResourceMonitor) -> dict:
+    "Seconds, items per second, mean CPU percent, peak resident memory and its fitted growth over the run (MB)."
+    t, cpu, rss = np.array(self.samples).T
+    dt = float(t[-1] - t[0])
+    slope = float(np.polyfit(t - t[0], rss, 1)[0]) if len(t) > 2 and dt > 0 else 0.0  # MB/s
+    return dict(
+        seconds=round(dt, 3),
+        items_per_s=round(self.items / dt, 2) if dt else 0.0,
+        cpu_percent=round(float(cpu[1:].mean()), 1) if len(cpu) > 1 else 0.0,
+        rss_peak_mb=round(float(rss.max()), 1),
+        rss_growth_mb=round(slope * dt, 1),
+    )
+
+# %% ../nbs/10_best_practices.ipynb #c046
+class WindowMonitor(Monitor):
+    "A monitor of per-step values whose sliding-window means are checked against limits; one alert per crossing."
+
+    def __init__(self, window: int = 20):
+        super().__init__()
+        self.window = check_range('window', window, 1, 10**6, integer=True)
+        self.values, self.peak, self._active, self.step = {}, {}, set(), 0
+
+    def reset_episode(self):
+        "Start of an episode: forget what only makes sense within one (subclasses)."
+
+    def record(self, key: str, value: float) -> float:
+        "Append one step's `value` of `key`; returns the windowed mean (NaN until the window is full)."
+        v = self.values.setdefault(key, deque(maxlen=self.window))
+        v.append(float(value))
+        return float(np.mean(v)) if len(v) == self.window else float('nan')
+
+    def limit(self, kind: str, value: float, bad: bool, message: str, **info):
+        "Alert `kind` when `bad` becomes true (NaN values never alert); re-arm once it is false again. Keeps extremes."
+        if not math.isnan(value):
+            self.peak[kind] = value if kind not in self.peak else max(self.peak[kind], value, key=abs)
+        if bad and kind not in self._active:
+            self._active.add(kind)
+            self.alert(kind, message, step=self.step, value=value, **info)
+        elif not bad and not math.isnan(value):
+            self._active.discard(kind)
+
+# %% ../nbs/10_best_practices.ipynb #c047
+class OutputMonitor(WindowMonitor):
+    "Quality of a policy's outputs: actions far outside the training range, low confidence, inconsistent chunks."
+
+    def __init__(
+        self,
+        stats: dict,  # the policy's statistics (`policy.norm.stats()`): the action mean and std
+        window: int = 20,
+        range_sd: float = 4.0,  # an action this many training stds from the training mean is out of range
+        max_out: float = 0.05,  # alert when the windowed fraction of out-of-range actions exceeds this
+        min_confidence: float | None = None,  # alert when the windowed mean confidence falls below this
+        max_disagreement: float = 0.5,  # alert above this windowed disagreement of consecutive chunks (in stds)
+    ):
+        super().__init__(window)
+        self.mean, self.std = (np.asarray(stats[ACTION][k], np.float64) for k in ('mean', 'std'))
+        self.range_sd, self.max_out, self.min_confidence = range_sd, max_out, min_confidence
+        self.max_disagreement, self.prev = max_disagreement, None
+
+    def reset_episode(self):
+        self.prev = None
+
+# %% ../nbs/10_best_practices.ipynb #c048
+@patch
+def observe_step(self: OutputMonitor, obs: dict, chunk: np.ndarray, confidence: float, action=None):
+    "Check one step's predicted `chunk` (H, A) and `confidence`."
+    self.step += 1
+    z = (np.asarray(chunk, np.float64) - self.mean) / np.maximum(self.std, STD_EPS)  # (H, A)
+    out = self.record('out_of_range', (np.abs(z) > self.range_sd).mean())
+    msg = f"{out:.1%} of predicted actions lie over {self.range_sd} training stds from the mean"
+    self.limit('out_of_range', out, out > self.max_out, msg)
+    if self.min_confidence is not None:
+        c = self.record('confidence', confidence)
+        msg = f"mean confidence {c:.3f} over {self.window} steps, below {self.min_confidence}"
+        self.limit('low_confidence', c, c < self.min_confidence, msg)
+    if self.prev is not None:
+        d = self.record('disagreement', np.sqrt(np.mean((self.prev[1:] - z[:-1]) ** 2)))
+        msg = f"consecutive chunks disagree by {d:.2f} training stds (RMS over shared steps): the plan keeps changing"
+        self.limit('chunk_disagreement', d, d > self.max_disagreement, msg)
+    self.prev = z
+
+# %% ../nbs/10_best_practices.ipynb #c049
+def frame_features(obs: dict) -> dict:
+    "The per-step inputs a drift monitor tracks: the contrast (per-channel pixel std in [0, 1]) of each camera, proprio."
+    out = {k: np.asarray(obs[k], np.float64).reshape(-1, 3).std(0) / 255 for k in PIXEL_KEYS if k in obs}
+    return {**out, PROPRIO: np.asarray(obs[PROPRIO], np.float64)}
+
+
+def feature_stats(ds: EpisodeDataset) -> dict:
+    "Mean, std, min and max over the frames of `ds` of every per-step feature (`frame_features`, and the action)."
+    f = ds.frames()
+    feats = [frame_features({k: f[k][i] for k in (*PIXEL_KEYS, PROPRIO) if k in f}) for i in range(ds.num_frames)]
+    out = {k: np.stack([x[k] for x in feats]) for k in feats[0]}
+    out[ACTION] = np.asarray(f[ACTION], np.float64)
+    return {k: dict(mean=v.mean(0), std=v.std(0), min=v.min(0), max=v.max(0)) for k, v in out.items()}
+
+# %% ../nbs/10_best_practices.ipynb #c050
+class DriftMonitor(WindowMonitor):
+    "Inputs and actions of a deployed policy against the training data: the share of recent steps outside its range."
+
+    def __init__(self, reference: dict, window: int = 30, margin: float = 0.1, max_frac: float = 0.5):
+        super().__init__(window)  # reference: `feature_stats` of the training data; margin: of each dimension's range
+        self.reference, self.margin = reference, check_range('margin', margin, 0, 100)
+        self.max_frac = check_range('max_frac', max_frac, 0, 1)
+
+    def observe_step(self, obs: dict, chunk=None, confidence=None, action=None):
+        "Check one step's observation and `action` (A,)."
+        self.step += 1
+        feats = {**frame_features(obs), **({} if action is None else {ACTION: np.asarray(action, np.float64)})}
+        for k, x in feats.items():
+            if k not in self.reference:
+                continue
+            lo, hi = (np.asarray(self.reference[k][s], np.float64) for s in ('min', 'max'))
+            pad = self.margin * (hi - lo)
+            frac = self.record(k, ((x < lo - pad) | (x > hi + pad)).any())
+            msg = f"{k}: {frac:.0%} of the last {self.window} steps lie outside the training range"
+            self.limit(f'drift/{k}', frac, frac > self.max_frac, msg)
+
+# %% ../nbs/10_best_practices.ipynb #c051
+class Watch:
+    "A policy that also hands every observation, predicted chunk, confidence and action to `monitors`."
+
+    def __init__(self, policy, *monitors):
+        self.policy, self.monitors, self.cfg = policy, monitors, policy.cfg
+
+    def reset(self):
+        self.policy.reset()
+        for m in self.monitors:
+            m.reset_episode()
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        chunk = self.policy.predict_action_chunk(obs)  # (H, A): the plan from this frame
+        conf = float(np.ravel(self.policy.last_confidence)[0])
+        act = self.policy.select_action(obs)
+        for m in self.monitors:
+            m.observe_step(obs, chunk, conf, act)
+        return act
+
+# %% ../nbs/10_best_practices.ipynb #c055
+class StreamRateMonitor(Monitor):
+    "Rates and gaps of message streams, what `ros2 topic hz` shows, for every topic at once."
+
+    def __init__(self, gap_factor: float = 3.0, min_rate: dict | None = None):  # min_rate: topic -> expected Hz
+        super().__init__()
+        self.gap_factor, self.min_rate = check_range('gap_factor', gap_factor, 1, 1e6), dict(min_rate or {})
+        self.times = {}
+
+    def tick(self, topic: str, t_ns: int):
+        "One message of `topic` received (or logged) at `t_ns` nanoseconds."
+        self.times.setdefault(topic, []).append(int(t_ns))
+
+    @classmethod
+    def from_bag(cls, path, **kw):
+        "A monitor fed with the log time of every message of a rosbag2 directory."
+        from vla_nb.ros import _open_bag
+
+        m, reader = cls(**kw), _open_bag(path)
+        try:
+            for conn, t, _ in reader.messages():
+                m.tick(conn.topic, t)
+        finally:
+            reader.close()
+        return m
+
+# %% ../nbs/10_best_practices.ipynb #c056
+@patch
+def report(self: StreamRateMonitor) -> dict:
+    "Per topic: messages, average rate (Hz), min/median/max/std period (ms), gaps; raises the alerts."
+    out = {}
+    for topic, ts in sorted(self.times.items()):
+        dt = np.diff(np.sort(np.asarray(ts, np.int64))) / 1e6  # (n-1,) periods, ms
+        if not len(dt):
+            continue
+        med, gaps = float(np.median(dt)), dt > self.gap_factor * float(np.median(dt))
+        rate = 1e3 * len(dt) / max(float(dt.sum()), 1e-9)
+        r = dict(n=len(ts), rate_hz=round(rate, 2), min_ms=round(float(dt.min()), 1), median_ms=round(med, 1))
+        out[topic] = r = dict(r, max_ms=round(float(dt.max()), 1), std_ms=round(float(dt.std()), 1), gaps=int(gaps.sum()))
+        if gaps.any():
+            msg = f"{topic}: {r['gaps']} gap(s) over {self.gap_factor} x the median period, longest {r['max_ms']:.0f} ms"
+            self.alert('stream_gap', msg, topic=topic, **r)
+        if topic in self.min_rate and rate < self.min_rate[topic]:
+            self.alert('low_rate', f"{topic}: {rate:.1f} Hz, expected at least {self.min_rate[topic]}", topic=topic, **r)
+    return out
+
+# %% ../nbs/10_best_practices.ipynb #c060
+def token_agreement(a, b, commands) -> float:
+    "Fraction of `commands` that tokenizers `a` and `b` encode to the same ids (unknown words read as <unk>)."
+    same = [np.array_equal(a.encode(c, allow_unknown=True)[0], b.encode(c, allow_unknown=True)[0]) for c in commands]
+    return float(np.mean(same))
