@@ -20,7 +20,7 @@ from vla_nb.core import (
     derive_seed,
     PROFILES,
 )
-from . import sim, data, pretraining, imitation, evaluation, deployment, serving
+from . import sim, data, pretraining, imitation, evaluation, deployment, serving, rl
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -406,6 +406,9 @@ BENCHES = {
         _need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed
     ),
     'serve': lambda a: serving.bench_serve(_need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed),
+    'rl': lambda a: rl.bench_rl(
+        _need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed, out_dir=Path(a.out).with_suffix('.runs')
+    ),
 }
 
 
@@ -433,7 +436,9 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details') and isinstance(v, dict)
+                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details', 'harder')
+                    and isinstance(v, dict)
+                    or k in ('history', 'updates', 'discordant', 'config')
                 )
             },
             indent=1,
