@@ -113,6 +113,17 @@ def test_explore_scale_ramps_after_the_warmup():
     assert explore_scale(0, c.naive()) == 1.0
 
 
+def test_run_variants():
+    "The chapter's runs: the stabilised ones keep the stabilisers, the baselines drop them."
+    c = RLConfig()
+    d, n, s = c.variant('direct'), c.variant('naive'), c.variant('scratch')
+    assert (d.mode, d.log_std_init, d.critic_warmup) == ('direct', c.log_std_init, c.critic_warmup)
+    assert (n.mode, n.log_std_init, n.critic_warmup, n.explore_ramp) == ('residual', 0.0, 0, 0)
+    assert (s.mode, s.log_std_init, s.critic_warmup) == ('scratch', 0.0, 0)
+    with pytest.raises(ValueError, match="'naive'"):
+        c.variant('ppo')
+
+
 def test_bad_inputs_are_refused(tmp_path):
     base = _policy()
     other = VLAPolicy(base.net, base.norm, CommandTokenizer.build(['pick up the book', 'find the bottle']))

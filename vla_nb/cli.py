@@ -444,7 +444,7 @@ def bench_main(argv=None):
         '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)'
     )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy and serve benchmarks)')
+    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve and rl benchmarks)')
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:
         ap.error('--episodes must be >= 1')

@@ -34,17 +34,18 @@ from vla_nb.model import (
     load_weights,
 )
 from .pretraining import optimizer_tensors, restore_optimizer
-from .evaluation import EvalResult, EvalConfig, eval_episodes, evaluate, env_for, torch_threads, wilson_interval
+from .evaluation import EvalResult, EvalConfig, eval_episodes, evaluate, env_for, rollout_strips, torch_threads
+from .evaluation import wilson_interval
 from . import sim
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MODES', 'FULL_TIMESTEPS', 'RESUME_FREE', 'HARDER_CAMERA_SHIFT', 'VLAEnvConfig', 'CameraShift', 'perturbed_env',
-           'VLAEnvironment', 'DetachedCritic', 'VLAActorCritic', 'RLConfig', 'explore_scale', 'Stabilisers',
-           'evaluate_parallel', 'mcnemar_p', 'paired_comparison', 'screen_episodes', 'check_env_matches',
-           'VLAReinforcementTrainer', 'SuccessEval', 'ProgressBar', 'fingerprint', 'plot_updates', 'success_table',
-           'compare_policies', 'bench_rl', 'rl_main', 'plot_curves']
+__all__ = ['MODES', 'FULL_TIMESTEPS', 'RUNS_MODES', 'RESUME_FREE', 'HARDER_CAMERA_SHIFT', 'VLAEnvConfig', 'CameraShift',
+           'perturbed_env', 'VLAEnvironment', 'DetachedCritic', 'VLAActorCritic', 'RLConfig', 'explore_scale',
+           'Stabilisers', 'evaluate_parallel', 'mcnemar_p', 'paired_comparison', 'screen_episodes', 'check_env_matches',
+           'VLAReinforcementTrainer', 'SuccessEval', 'ProgressBar', 'fingerprint', 'plot_updates', 'before_after',
+           'success_table', 'compare_policies', 'bench_rl', 'rl_main', 'plot_curves']
 
 # %% ../nbs/07_rl.ipynb #c009
 @dataclass
@@ -392,6 +393,16 @@ def scratch(self: RLConfig) -> RLConfig:
     "PPO from scratch: a freshly initialized network of the same shape, without the stabilisers."
     return self.naive().replace(mode='scratch')
 
+
+RUNS_MODES = MODES + ('naive',)  # what `vla-rl --mode` and `variant` accept
+
+
+@patch
+def variant(self: RLConfig, mode: str) -> RLConfig:
+    "These settings for one of the chapter's runs: 'residual' or 'direct' (stabilised), 'naive' or 'scratch' (baselines)."
+    check_choice('mode', mode, RUNS_MODES)
+    return self.naive() if mode == 'naive' else self.scratch() if mode == 'scratch' else self.replace(mode=mode)
+
 # %% ../nbs/07_rl.ipynb #c034
 def explore_scale(iteration: int, cfg: RLConfig) -> float:
     "The exploration scale of rollout `iteration` (0-based): `explore_start` through the warm-up, then a linear ramp to 1."
@@ -677,7 +688,7 @@ def evaluate_now(self: VLAReinforcementTrainer, agent_steps: int) -> dict:
         pol.save(self.best_path)
     with open(ensure_dir(self.out_dir) / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps(rec) + '\n')
-    log.info("evaluation at %d simulator steps: mean success %.3f", rec['sim_steps'], rec['mean_success'])
+    _log.info("evaluation at %d simulator steps: mean success %.3f", rec['sim_steps'], rec['mean_success'])
     return rec
 
 
@@ -828,6 +839,25 @@ def plot_updates(updates: list, title: str = 'PPO updates: the critic warms up f
     fig.tight_layout()
     return fig
 
+# %% ../nbs/07_rl.ipynb #nf3473de
+def before_after(
+    base: VLAPolicy,
+    tuned: VLAPolicy,
+    families: tuple = ('pick', 'place'),  # one fixed test episode of each
+    seed: int = 0,
+    camera_shift: float = 0.0,  # the harder setting's camera perturbation
+    n: int = 6,  # frames per strip
+) -> dict:
+    "Filmstrips (`evaluation.rollout_strips`) of the cloned and the fine-tuned policy on the same test episodes."
+    eps = eval_episodes(EvalConfig(episodes_per_family=1, seed=derive_seed(seed, 'rl-strips'), families=tuple(families)))
+    figs = {}
+    for name, pol in (('behaviour-cloned', base), ('fine-tuned', tuned)):
+        with contextlib.closing(perturbed_env(pol, camera_shift)) as env:
+            res = evaluate(pol, eps, env, frames=1, name=name, progress_bar=False)
+        figs[name] = rollout_strips(res, n=n)
+        figs[name].suptitle(name, fontsize=9, x=0.99, ha='right')
+    return figs
+
 # %% ../nbs/07_rl.ipynb #c082
 def success_table(res: EvalResult) -> dict:
     "Success per family and mean, with 95% Wilson intervals, of an evaluation."
@@ -934,7 +964,7 @@ def rl_main(argv=None) -> int:
     ap.add_argument('--out', default='runs/rl', help='output directory (checkpoints, best/final policies, logs)')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
     ap.add_argument(
-        '--mode', choices=MODES + ('naive',), default='residual', help="what PPO updates; 'naive': no stabilisers"
+        '--mode', choices=RUNS_MODES, default='residual', help="what PPO updates; 'naive': no stabilisers"
     )
     ap.add_argument(
         '--total-timesteps', type=int, default=None, help='RL steps (one executed chunk each); default by profile'
@@ -951,7 +981,7 @@ def rl_main(argv=None) -> int:
     base = VLAPolicy.load(a.checkpoint)
     cfg = RLConfig.matching(base, seed=a.seed, out_dir=a.out)
     cfg = cfg.replace(env=cfg.env.replace(camera_shift=a.camera_shift))
-    cfg = cfg.naive() if a.mode == 'naive' else cfg.scratch() if a.mode == 'scratch' else cfg.replace(mode=a.mode)
+    cfg = cfg.variant(a.mode)
     total = a.total_timesteps or by_profile(3 * cfg.rollout, FULL_TIMESTEPS)
     s = VLAReinforcementTrainer(base, cfg).finetune_with_rl(total, resume=a.resume, progress_bar=not a.no_progress)
     print(json.dumps({k: v for k, v in s.items() if k not in ('history', 'updates')}, indent=1))
