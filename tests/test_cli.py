@@ -17,7 +17,7 @@ def entry_point_code(name: str) -> str:
 
 
 def test_every_declared_script_resolves_to_a_main():
-    assert set(SCRIPTS) == {'vla-demo', 'vla-bench', 'vla-pretrain', 'vla-imitate', 'vla-serve'}
+    assert set(SCRIPTS) == {'vla-demo', 'vla-bench', 'vla-pretrain', 'vla-imitate', 'vla-serve', 'vla-rl'}
     for name, target in SCRIPTS.items():
         mod, fn = target.split(':')
         assert callable(getattr(importlib.import_module(mod), fn)), target
@@ -37,7 +37,8 @@ def test_help_of_every_script():
         assert code == 0 and text.startswith(f'usage: {name}'), (name, code, text[:200])
     assert all(f'--{o}' in helps['vla-demo'][1] for o in ('out', 'profile', 'seed', 'tiny'))
     bench = helps['vla-bench'][1]
-    assert all(w in bench for w in ('sim', 'data', 'train', 'policy', 'deploy', 'serve', '--out', '--episodes', '--checkpoint'))
+    assert all(w in bench for w in ('sim', 'data', 'train', 'policy', 'deploy', 'serve', 'rl', '--out', '--episodes', '--checkpoint'))
+    assert all(f'--{o}' in helps['vla-rl'][1] for o in ('checkpoint', 'mode', 'total-timesteps', 'camera-shift', 'resume'))
     assert all('--data' in helps[n][1] and '--resume' in helps[n][1] for n in ('vla-pretrain', 'vla-imitate'))
 
 

@@ -21,7 +21,7 @@ from vla_nb.core import (
     derive_seed,
     PROFILES,
 )
-from . import sim, data, language, pretraining, imitation, evaluation, deployment, serving
+from . import sim, data, language, pretraining, imitation, evaluation, deployment, serving, rl
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -429,6 +429,9 @@ BENCHES = {
         _need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed
     ),
     'serve': lambda a: serving.bench_serve(_need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed),
+    'rl': lambda a: rl.bench_rl(
+        _need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed, out_dir=Path(a.out).with_suffix('.runs')
+    ),
 }
 
 
@@ -442,7 +445,7 @@ def bench_main(argv=None):
         '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)'
     )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy and serve benchmarks)')
+    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve and rl benchmarks)')
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:
         ap.error('--episodes must be >= 1')
@@ -457,8 +460,9 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details')
+                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details', 'harder')
                     and isinstance(v, dict)
+                    or k in ('history', 'updates', 'discordant', 'config')
                 )
             },
             indent=1,

@@ -22,9 +22,9 @@ from . import sim
 
 # %% auto #0
 __all__ = ['PRETRAINED', 'ModelConfig', 'TextBlock', 'TextEncoder', 'SentenceProjection', 'text_key', 'FiLM', 'SpatialSoftmax',
-           'VisionEncoder', 'VLANet', 'ContinuousHead', 'bin_centers', 'bin_actions', 'unbin_actions', 'DiscreteHead',
-           'action_error', 'action_loss', 'confidence_target', 'discrete_action_loss', 'chunk_loss', 'vla_loss',
-           'model_report', 'check_inputs', 'TemporalEnsembler', 'bounds_stats', 'VLAPolicy', 'load_weights',
+           'VisionEncoder', 'VLANet', 'ResidualHead', 'ContinuousHead', 'bin_centers', 'bin_actions', 'unbin_actions',
+           'DiscreteHead', 'action_error', 'action_loss', 'confidence_target', 'discrete_action_loss', 'chunk_loss',
+           'vla_loss', 'model_report', 'check_inputs', 'TemporalEnsembler', 'bounds_stats', 'VLAPolicy', 'load_weights',
            'load_pretrained', 'pretrained_card', 'VLAFeaturesExtractor', 'FirstActionMean']
 
 # %% ../nbs/03_model.ipynb #c005
@@ -53,6 +53,8 @@ class ModelConfig(Config):
     n_bins: int = 256  # bins per action dimension (discrete head)
     bin_range: float = 3.0  # bins cover [-bin_range, bin_range] in *normalized* action units
     dropout: float = 0.1  # dropout in the text encoder and the fusion MLP
+    residual_hidden: int = 0  # width of a bounded residual MLP on the continuous head (RL fine-tuning); 0: none
+    residual_scale: float = 0.5  # bound of the residual's correction, in normalized action units
 
     def __post_init__(self):
         check_range('image_size', self.image_size, 32, 512, integer=True)
@@ -80,6 +82,10 @@ class ModelConfig(Config):
         check_range('n_bins', self.n_bins, 2, 4096, integer=True)
         check_range('bin_range', self.bin_range, 0.1, 100)
         check_range('dropout', self.dropout, 0, 0.9)
+        check_range('residual_hidden', self.residual_hidden, 0, 4096, integer=True)
+        check_range('residual_scale', self.residual_scale, 0, 10)
+        if self.residual_hidden and self.head != 'continuous':
+            raise ValueError("a residual correction needs the continuous head (head='continuous')")
 
 # %% ../nbs/03_model.ipynb #c009
 class TextBlock(nn.Module):
@@ -240,6 +246,22 @@ class VLANet(nn.Module):
         return out['actions'], out['confidence']  # (B, H, A), (B,)
 
 # %% ../nbs/03_model.ipynb #c020
+class ResidualHead(nn.Module):
+    "A bounded correction `scale * tanh(MLP(features, chunk))` (B, H, A) of a chunk; exactly zero at initialization."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.A, self.scale, n = cfg.chunk_size, cfg.act_dim, cfg.residual_scale, cfg.chunk_size * cfg.act_dim
+        w = cfg.residual_hidden
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model + n, w), nn.GELU(), nn.Linear(w, w), nn.GELU(), nn.Linear(w, n))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, f, chunk):  # f (B, d), chunk (B, H, A); detached: what it corrects stays as it is
+        x = torch.cat([f.detach(), chunk.detach().flatten(1)], -1)  # (B, d + H*A)
+        return self.scale * torch.tanh(self.mlp(x)).view(-1, self.H, self.A)
+
+
 class ContinuousHead(nn.Module):
     "Features (B, d) -> chunk (B, H, A) by regression, plus a confidence probe predicting exp(-mean |error|)."
 
@@ -250,9 +272,12 @@ class ContinuousHead(nn.Module):
             nn.Linear(cfg.d_model, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, self.H * self.A)
         )
         self.conf = nn.Linear(cfg.d_model, 1)
+        self.residual = ResidualHead(cfg) if cfg.residual_hidden else None
 
     def forward(self, f):  # f (B, d)
         actions = self.mlp(f).view(-1, self.H, self.A)  # (B, H, A)
+        if self.residual is not None:
+            actions = actions + self.residual(f, actions)  # (B, H, A): the base chunk, corrected
         logit = self.conf(f.detach()).squeeze(-1)  # (B,) probe: no gradient into the encoder
         return dict(actions=actions, confidence=torch.sigmoid(logit), confidence_logit=logit)
 
@@ -670,13 +695,13 @@ class VLAFeaturesExtractor(BaseFeaturesExtractor):
 
 # %% ../nbs/03_model.ipynb #c070
 class FirstActionMean(nn.Module):
-    "Features (B, d) -> raw first action of the continuous head's chunk (B, A), the mean of a Gaussian policy."
+    "Features (B, d) -> raw first `steps` actions of the continuous head's chunk, flattened (B, steps*A): a Gaussian's mean."
 
-    def __init__(self, head: ContinuousHead, action_mean=None, action_std=None):
+    def __init__(self, head: ContinuousHead, action_mean=None, action_std=None, steps: int = 1):
         super().__init__()
         if not isinstance(head, ContinuousHead):
             raise ValueError(f"FirstActionMean needs a ContinuousHead, got {type(head).__name__}")
-        self.head = head
+        self.head, self.steps = head, check_range('steps', steps, 1, head.H, integer=True)
         self.register_buffer(
             'mean',
             torch.as_tensor(np.zeros(head.A) if action_mean is None else np.asarray(action_mean), dtype=torch.float32),
@@ -687,4 +712,4 @@ class FirstActionMean(nn.Module):
         )
 
     def forward(self, f):
-        return self.head(f)['actions'][:, 0] * self.std + self.mean  # (B, A)
+        return (self.head(f)['actions'][:, : self.steps] * self.std + self.mean).flatten(1)  # (B, steps*A)
