@@ -20,7 +20,7 @@ from vla_nb.core import (
     derive_seed,
     PROFILES,
 )
-from . import sim, data, pretraining, imitation, evaluation, deployment, serving
+from . import sim, data, pretraining, imitation, evaluation, deployment, serving, validation
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -406,6 +406,7 @@ BENCHES = {
         _need_checkpoint(a), calls=200, episodes_per_family=a.episodes, seed=a.seed
     ),
     'serve': lambda a: serving.bench_serve(_need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed),
+    'validate': lambda a: validation.bench_validate(_need_checkpoint(a), seed=a.seed, robustness_episodes=a.episodes),
 }
 
 
@@ -416,10 +417,10 @@ def bench_main(argv=None):
     ap.add_argument('--out', required=True, help='JSON file to write')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
     ap.add_argument(
-        '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)'
+        '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200; validate: per family and robustness level)',
     )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy and serve benchmarks)')
+    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve and validate benchmarks)')
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:
         ap.error('--episodes must be >= 1')
@@ -433,7 +434,8 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details') and isinstance(v, dict)
+                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details', 'robustness', 'safety')
+                    and isinstance(v, dict)
                 )
             },
             indent=1,
