@@ -9,7 +9,7 @@ from vla_nb.evaluation import (wilson_interval, EvalConfig, eval_episodes, check
 
 @pytest.fixture(scope='module')
 def env():
-    e = sim.TabletopEnv(); yield e; e.close()
+    e = sim.TabletopEnv(image_size=48); yield e; e.close()                   # the experts read the world, not pixels
 
 
 def test_wilson_matches_reference_values():
@@ -64,3 +64,45 @@ def test_mean_success_is_not_built_from_rounded_rates():
     wins = dict(pick=10, move=6, find=4, place=12)
     recs = [dict(family=f, obj=None, success=i < k, steps=5) for f, k in wins.items() for i in range(12)]
     assert EvalResult(recs).summary()['mean_success'] == round(32 / 48, 4)
+
+
+def test_bench_policy_reports_its_episode_sets(tmp_path, monkeypatch):
+    "bench_policy's figures are those of the test split, the held-out split and grounding pairs under its seed (short episodes)."
+    import json
+    import vla_nb.evaluation as E
+    from vla_nb.core import seed_everything
+    from vla_nb.data import Normalizer
+    from vla_nb.language import default_tokenizer
+    from vla_nb.model import ModelConfig, VLANet, VLAPolicy, bounds_stats
+    tok = default_tokenizer(); seed_everything(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8)
+    VLAPolicy(VLANet(cfg), Normalizer(bounds_stats()), tok).save(tmp_path/'p.safetensors')
+    short = lambda policy, **kw: sim.TabletopEnv(image_size=48, max_steps=6, **kw)   # an untrained policy: keep episodes short
+    monkeypatch.setattr(E, 'env_for', short)
+    r = E.bench_policy(tmp_path/'p.safetensors', episodes_per_family=2, heldout_per_family=1, grounding=3, seed=5, progress_bar=False)
+    json.dumps(r)
+    assert r['checkpoint'] == str(tmp_path/'p.safetensors') and r['profile'] == 'quick' and r['wall_s'] > 0
+    assert r['episodes'] == 8 and r['heldout']['episodes'] == 4 and r['grounding']['episodes'] == 3
+    pol, env = VLAPolicy.load(tmp_path/'p.safetensors'), short(None)
+    test = evaluate_policy(pol, 2, 5, 'test', env, progress_bar=False)
+    held = evaluate_policy(pol, 1, 5, 'heldout', env, progress_bar=False)
+    grd = grounding_check(pol, grounding_pairs(3, 5, env), env, normal_success=test['mean_success'])
+    env.close()
+    assert r['success'] == test['success'] and r['by_object'] == test['by_object'] and r['mean_steps'] == test['mean_steps']
+    assert r['mean_success'] == test['mean_success'] and r['heldout']['success'] == held['success'] and r['grounding'] == grd
+    assert set(test['by_object']) == {e['task'].obj for e in eval_episodes(EvalConfig(episodes_per_family=2, seed=5)) if e['task'].obj}
+    for f, s in r['success'].items():                                      # Wilson intervals around the rates
+        assert s['n'] == 2 and s['lo'] <= s['rate'] <= s['hi'] and (s['lo'], s['hi']) == tuple(round(v, 4) for v in wilson_interval(s['k'], 2))
+    assert r['mean_success'] == pytest.approx(np.mean([s['rate'] for s in r['success'].values()]), abs=1e-4)
+    assert r['mean_steps'] == dict.fromkeys(r['success']) and r['mean_success'] == 0   # steps of successes: none untrained
+
+
+def test_torch_threads_restores_the_count_even_after_an_error():
+    import torch
+    from vla_nb.evaluation import torch_threads
+    before = torch.get_num_threads()
+    with torch_threads(1): assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(KeyError):
+        with torch_threads(2): assert torch.get_num_threads() == 2; raise KeyError('x')
+    assert torch.get_num_threads() == before

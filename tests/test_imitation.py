@@ -5,12 +5,12 @@ import pytest
 import torch
 from vla_nb import sim
 from vla_nb.core import seed_everything, load_checkpoint, derive_seed
-from vla_nb.data import (SyntheticDataGenerator, DataConfig, EpisodeDataset, ChunkDataset, ACTION, ACTION_PAD, IMAGE, PROPRIO,
-                         TOKENS, OBJ_XY, OBJ_MASK, OBJECT_NAMES, scene_targets)
+from vla_nb.data import (SyntheticDataGenerator, DataConfig, EpisodeDataset, ChunkDataset, plan_episodes, ACTION, ACTION_PAD,
+                         IMAGE, PROPRIO, TOKENS, OBJ_XY, OBJ_MASK, OBJECT_NAMES, scene_targets)
 from vla_nb.model import ModelConfig, VLANet, VLAPolicy
 from vla_nb.pretraining import VLAPretrainer, PretrainDataset, PretrainConfig
 from vla_nb.imitation import (ImitationConfig, VLAImitationLearner, init_from_checkpoint, dagger_rollouts, run_imitation,
-                              BCObjective, render_snapshots)
+                              run_dagger, masked_mse, BCObjective, render_snapshots)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8)
 
@@ -85,12 +85,17 @@ def test_keypoint_loss(data):
 def test_learning_reduces_validation_loss_and_selects_by_success(data, tmp_path):
     learner = _learner(data, tmp_path, eval_every=2)
     before = learner.keypoint_rmse('train')
-    h = learner.train_imitation(4)
+    learner.train_imitation(4); h = learner.history
     assert h['val_loss'][-1] < h['val_loss'][0] and len(h['success']) == 2
     assert learner.keypoint_rmse('train') < before                 # the keypoint loss localizes the objects
     assert learner.best_path.exists() and learner.best_success == max(h['success'])
-    pol = VLAPolicy.load(learner.best_path); obs, _ = sim.TabletopEnv(image_size=48).reset(seed=1)
-    assert pol.select_action(obs).shape == (7,)
+    pol = VLAPolicy.load(learner.best_path)
+    assert pol.tokenizer == data.tokenizer and pol.norm.stats() == learner.norm.stats()   # what the policy reads and outputs
+    final = all(torch.equal(v, learner.model.state_dict()[k]) for k, v in pol.net.state_dict().items())
+    assert final == (h['success'][-1] == max(h['success']))          # the best epoch's weights (ties: the later ones)
+    if final:
+        obs, _ = sim.TabletopEnv(image_size=48).reset(seed=1)
+        np.testing.assert_array_equal(pol.predict_action_chunk(obs), learner.policy().predict_action_chunk(obs))
 
 
 def test_early_stopping_uses_validation_loss_only(data, tmp_path):
@@ -144,6 +149,7 @@ json.dump(dict(world=learner.world, step=learner.step, hash=h), open(f"{sys.argv
 '''
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(data, tmp_path):
     script = tmp_path/'run.py'; script.write_text(SCRIPT)
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
@@ -157,3 +163,37 @@ def test_torchrun_two_processes(data, tmp_path):
     assert [x['world'] for x in ranks] == [2, 2] and [x['step'] for x in ranks] == [3, 3]
     assert ranks[0]['hash'] == ranks[1]['hash']                  # identical parameters: gradients were averaged
     assert (out/'checkpoint.safetensors').exists()
+
+
+def test_masked_mse_counts_known_objects_only():
+    pred, target = torch.zeros(2, 3, 2), torch.ones(2, 3, 2)
+    target[0, 1] = 100.                                               # an unknown object's error does not count
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    assert masked_mse(pred, target, mask).item() == pytest.approx(1.0)
+    pred[1, 2] = torch.tensor([1., 3.])                                # errors 0 and 4 -> squares 0 and 16
+    assert masked_mse(pred, target, mask).item() == pytest.approx((1 + 1 + 1 + 1 + 0 + 4) / 6)
+    assert masked_mse(pred, target, torch.zeros(2, 3, dtype=torch.bool)).item() == 0   # nothing known: 0, not NaN
+    p = torch.zeros(2, 3, 2, requires_grad=True); masked_mse(p, target, mask).backward()
+    assert (p.grad[~mask] == 0).all() and (p.grad[mask] != 0).all()   # no gradient towards unknown positions
+
+
+def test_run_dagger_aggregates_relabelled_rounds(tiny_data, tmp_path, monkeypatch):
+    import vla_nb.imitation as I
+    from vla_nb.evaluation import env_for
+    monkeypatch.setattr(I, 'env_for', lambda policy, **kw: env_for(policy, max_steps=15, **kw))   # short on-policy episodes
+    cfg = ImitationConfig(out_dir=str(tmp_path/'il'), batch_size=16, eval_every=0, eval_episodes=1, warmup_steps=1, val_frac=0.2)
+    learner = VLAImitationLearner(_net(tiny_data), tiny_data, cfg)
+    learner.train_imitation(1, max_steps=2)
+    n0, e0 = len(learner.train_data), learner.epoch
+    with pytest.raises(ValueError, match='rounds'): run_dagger(learner, 0, 1, 1, tmp_path/'dag')
+    out = run_dagger(learner, rounds=2, episodes_per_round=1, epochs_per_round=1, root=tmp_path/'dag', beta=0.5, test_episodes=0, seed=4)
+    assert [r['round'] for r in out] == [0, 1, 2] and out[0] == dict(round=0, frames=n0, policy_success=None, success=None)
+    for r in (1, 2):                                                  # each round: one on-policy episode under its own seed
+        ds = EpisodeDataset(tmp_path/'dag'/f'round{r}')
+        e = ds.episodes[0]
+        assert len(ds) == 1 and out[r]['frames'] == out[r - 1]['frames'] + e['length'] and e['length'] <= 15
+        assert e['meta']['beta'] == 0.5 * 0.5 ** (r - 1)              # the expert's share halves each round
+        assert e['meta']['seed'] == plan_episodes(DataConfig(num_episodes=1, seed=derive_seed(4, 'dagger', r)))[0]['seed']
+        assert out[r]['policy_success'] == float(e['meta']['policy_success']) and ds.tokenizer == tiny_data.tokenizer
+    assert learner.extra_roots == [str(tmp_path/'dag'/'round1'), str(tmp_path/'dag'/'round2')]
+    assert learner.epoch == e0 + 2 and len(learner.train_data) == out[2]['frames']   # it trained on the aggregate

@@ -38,7 +38,7 @@ def make_dataset(root, wrist=False):
 def exported(tmp_path_factory):
     base = tmp_path_factory.mktemp('lerobot')
     ds = make_dataset(base / 'ours')
-    return ds, export_lerobot(ds, base / 'lr')
+    return ds, export_lerobot(ds, base / 'lrds')
 
 
 def copy_of(out, tmp_path, name='copy'):
@@ -120,7 +120,7 @@ def test_round_trip(exported, tmp_path):
 
 def test_round_trip_many_files_and_wrist(tmp_path):
     ds = make_dataset(tmp_path / 'ours', wrist=True)
-    out = export_lerobot(ds.root, tmp_path / 'lr', data_files_size_in_mb=1e-4)
+    out = export_lerobot(ds.root, tmp_path / 'lrds', data_files_size_in_mb=1e-4)
     assert sorted(p.name for p in (out / 'data/chunk-000').iterdir()) == ['file-000.parquet', 'file-001.parquet', 'file-002.parquet']
     assert 'observation.images.wrist' in json.loads((out / INFO_PATH).read_text())['features']
     assert check_lerobot_layout(out) == []
@@ -141,7 +141,7 @@ def test_import_without_sidecar(exported, tmp_path):
 
 def test_jpeg_export_is_valid_and_close(tmp_path):
     ds = make_smooth_dataset(tmp_path / 'ours')                           # camera-like frames: JPEG's error is small
-    out = export_lerobot(ds, tmp_path / 'lr', image_format='jpeg')
+    out = export_lerobot(ds, tmp_path / 'lrds', image_format='jpeg')
     assert check_lerobot_layout(out) == []
     back = import_lerobot(out, tmp_path / 'back')
     for k in range(len(ds)):
@@ -171,7 +171,7 @@ def test_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
     def boom(*a, **k): raise RuntimeError('disk full')
     monkeypatch.setattr(L, '_write_meta', boom)
     with pytest.raises(RuntimeError, match='disk full'):
-        export_lerobot(ds, tmp_path / 'lr')
+        export_lerobot(ds, tmp_path / 'lrds')
     assert list(tmp_path.iterdir()) == []
 
 
@@ -332,7 +332,7 @@ def all_frames(mp4):
 def video_export(tmp_path_factory):
     base = tmp_path_factory.mktemp('lerobot_video')
     ds = make_smooth_dataset(base / 'ours', wrist=True)
-    return ds, export_lerobot(ds, base / 'lr', image_format='video')
+    return ds, export_lerobot(ds, base / 'lrds', image_format='video')
 
 
 def test_video_export_layout(video_export):
@@ -372,7 +372,7 @@ def test_video_round_trip(video_export, tmp_path):
 
 def test_video_files_roll_over(tmp_path):
     ds = make_smooth_dataset(tmp_path / 'ours')
-    out = export_lerobot(ds, tmp_path / 'lr', image_format='video', video_files_size_in_mb=1e-6)
+    out = export_lerobot(ds, tmp_path / 'lrds', image_format='video', video_files_size_in_mb=1e-6)
     assert sorted(p.name for p in (out / 'videos/observation.image/chunk-000').iterdir()) == \
            ['file-000.mp4', 'file-001.mp4', 'file-002.mp4']
     eps = pq.read_table(out / EPISODES_PATH.format(chunk_index=0, file_index=0)).to_pydict()
@@ -386,9 +386,9 @@ def test_video_files_roll_over(tmp_path):
 def test_video_needs_a_size_the_encoder_takes(tmp_path):
     ds = make_dataset(tmp_path / 'ours')                                 # 10x12 frames: too narrow for SVT-AV1
     with pytest.raises(ValueError, match='libsvtav1 needs frames at least 32 px wide'):
-        export_lerobot(ds, tmp_path / 'lr', image_format='video')
-    assert not (tmp_path / 'lr').exists()
-    out = export_lerobot(ds, tmp_path / 'lr', image_format='video', video=VideoEncoderConfig(vcodec='h264'))
+        export_lerobot(ds, tmp_path / 'lrds', image_format='video')
+    assert not (tmp_path / 'lrds').exists()
+    out = export_lerobot(ds, tmp_path / 'lrds', image_format='video', video=VideoEncoderConfig(vcodec='h264'))
     assert check_lerobot_layout(out) == []
     info = json.loads((out / INFO_PATH).read_text())
     assert info['features']['observation.image']['info']['video.codec'] == 'h264'
@@ -433,14 +433,14 @@ def test_check_catches_video_problems(video_export, tmp_path):
 
 def test_lerobot_layout_video_dataset(tmp_path):
     "A dataset written in LeRobot's own way (tests/make_lerobot_video.py): per-episode mp4s joined by stream copy."
-    expected = write_lerobot_video_dataset(tmp_path / 'lr')
-    assert check_lerobot_layout(tmp_path / 'lr') == []
-    back = import_lerobot(tmp_path / 'lr', tmp_path / 'back')
+    expected = write_lerobot_video_dataset(tmp_path / 'lrds')
+    assert check_lerobot_layout(tmp_path / 'lrds') == []
+    back = import_lerobot(tmp_path / 'lrds', tmp_path / 'back')
     assert [e['command'] for e in back.episodes] == ['stack the red block', 'open the drawer', 'stack the red block']
     for cam, name in ((IMAGE, 'observation.images.front'), (WRIST_IMAGE, 'observation.images.wrist')):
         got = np.concatenate([back.load_episode(k)[cam] for k in range(len(back))])
         np.testing.assert_array_equal(got, expected[name])
-    back2 = import_lerobot(tmp_path / 'lr', tmp_path / 'back2', image_key='observation.images.wrist', wrist_key=None)
+    back2 = import_lerobot(tmp_path / 'lrds', tmp_path / 'back2', image_key='observation.images.wrist', wrist_key=None)
     np.testing.assert_array_equal(back2.load_episode(2)[IMAGE], expected['observation.images.wrist'][19:])
 
 
@@ -530,7 +530,7 @@ def test_changed_actions_or_old_sidecar_are_stale(exported, tmp_path):
 
 def test_export_some_episodes(exported, tmp_path):
     ds, _ = exported
-    out = export_lerobot(ds, tmp_path / 'lr', episodes=[2, 0])
+    out = export_lerobot(ds, tmp_path / 'lrds', episodes=[2, 0])
     info = json.loads((out / INFO_PATH).read_text())
     assert (info['total_episodes'], info['total_frames'], info['splits']) == (2, 7, {'train': '0:2'})
     assert check_lerobot_layout(out) == []
@@ -557,38 +557,38 @@ needs_lerobot = pytest.mark.skipif(importlib.util.find_spec('lerobot') is None,
 def test_lerobot_package_loads_export(exported):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     ds, out = exported
-    lr = LeRobotDataset('local/vla_nb_export', root=out)
-    assert (lr.num_episodes, lr.num_frames) == (3, 13)
-    item = lr[5]                                              # episode 1, frame 1
+    lrds = LeRobotDataset('local/vla_nb_export', root=out)
+    assert (lrds.num_episodes, lrds.num_frames) == (3, 13)
+    item = lrds[5]                                              # episode 1, frame 1
     np.testing.assert_allclose(item['action'].numpy(), ds.load_episode(1)[ACTION][1], atol=1e-6)
     img = (item['observation.image'].numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0)
     np.testing.assert_array_equal(img, ds.load_episode(1)[IMAGE][1])
     assert item['task'] == 'find the red cup'
 
 
-def lerobot_frames(lr, key):
-    return np.stack([(lr[i][key].numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0) for i in range(lr.num_frames)])
+def lerobot_frames(lrds, key):
+    return np.stack([(lrds[i][key].numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0) for i in range(lrds.num_frames)])
 
 
 @needs_lerobot
 def test_lerobot_package_decodes_video_export_as_we_do(video_export, tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     ds, out = video_export
-    lr = LeRobotDataset('local/vla_nb_video', root=out, video_backend='pyav')
+    lrds = LeRobotDataset('local/vla_nb_video', root=out, video_backend='pyav')
     back = import_lerobot(out, tmp_path / 'back')
     for cam, name in ((IMAGE, 'observation.image'), (WRIST_IMAGE, 'observation.images.wrist')):
         ours = np.concatenate([back.load_episode(k)[cam] for k in range(3)])
-        np.testing.assert_array_equal(lerobot_frames(lr, name), ours)
-    np.testing.assert_allclose(lr[7]['action'].numpy(), ds.load_episode(1)[ACTION][3], atol=1e-6)
+        np.testing.assert_array_equal(lerobot_frames(lrds, name), ours)
+    np.testing.assert_allclose(lrds[7]['action'].numpy(), ds.load_episode(1)[ACTION][3], atol=1e-6)
 
 
 @needs_lerobot
 def test_lerobot_package_reads_script_dataset(tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    expected = write_lerobot_video_dataset(tmp_path / 'lr')
-    lr = LeRobotDataset('local/script_video', root=tmp_path / 'lr', video_backend='pyav')
+    expected = write_lerobot_video_dataset(tmp_path / 'lrds')
+    lrds = LeRobotDataset('local/script_video', root=tmp_path / 'lrds', video_backend='pyav')
     for name, want in expected.items():
-        np.testing.assert_array_equal(lerobot_frames(lr, name), want)
+        np.testing.assert_array_equal(lerobot_frames(lrds, name), want)
 
 
 @needs_lerobot

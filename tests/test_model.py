@@ -9,7 +9,7 @@ from vla_nb.language import CommandTokenizer, command_corpus, default_tokenizer,
 from vla_nb.data import IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, Normalizer
 from vla_nb.model import (ModelConfig, VLANet, VLAPolicy, VLAFeaturesExtractor, FirstActionMean, TemporalEnsembler, check_inputs,
                           bin_actions, unbin_actions, bin_centers, action_loss, action_error, confidence_target,
-                          discrete_action_loss, vla_loss, load_weights, bounds_stats)
+                          discrete_action_loss, vla_loss, chunk_loss, load_weights, bounds_stats)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8, dropout=0.)
 
@@ -134,7 +134,8 @@ def test_check_inputs_names_the_problem():
 def test_policy_rejects_bad_observations(tok):
     pol, obs = _policy(tok), _obs()
     with pytest.raises(ValueError, match='uint8'): pol.predict_action_chunk({**obs, 'image': obs['image'] / 255.})
-    assert pol.predict_action_chunk({**obs, 'image': np.zeros((32, 32, 3), np.uint8)}).shape == (8, 7)   # resized like a camera frame
+    np.testing.assert_array_equal(pol.predict_action_chunk({**obs, 'image': np.full((32, 32, 3), 90, np.uint8)}),
+                                  pol.predict_action_chunk({**obs, 'image': np.full((48, 48, 3), 90, np.uint8)}))   # resized like a camera frame
     with pytest.raises(ValueError, match='3 RGB channels'): pol.predict_action_chunk({**obs, 'image': np.zeros((48, 48, 4), np.uint8)})
     with pytest.raises(ValueError, match='NaN'): pol.predict_action_chunk({**obs, 'proprio': np.full(15, np.nan, np.float32)})
     with pytest.raises(ValueError, match='lacks'): pol.predict_action_chunk({'image': obs['image']})
@@ -183,8 +184,11 @@ def test_policy_rolls_out_in_the_simulator(tok):
     pol = _policy(tok)
     env = sim.TabletopEnv(sim.SimConfig(image_size=48, max_steps=10))
     r = sim.rollout(env, pol, seed=0)
+    first, _ = env.reset(seed=0)
     env.close()
     assert r['steps'] == 10 and r['actions'].shape == (10, 7) and np.abs(r['actions']).max() <= 1
+    np.testing.assert_allclose(r['actions'][:8], pol.predict_action_chunk(first), atol=1e-6)   # the first chunk, executed in order
+    assert not np.allclose(r['actions'][8], r['actions'][7])                # then a new chunk from a new observation
 
 
 def test_checkpoint_round_trip(tok, tmp_path):
@@ -211,16 +215,31 @@ def test_checkpoint_mismatch_and_corruption(tok, tmp_path):
 
 
 def test_sb3_extractor_builds_and_learns():
+    "PPO on the token env trains the VLANet inside the extractor: finite losses, changed weights, a changed policy."
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
     venv = make_vec_env(make_token_env, n_envs=1, seed=0, env_kwargs=dict(image_size=48, max_steps=16))
     cfg = ModelConfig(**SMALL)
-    ppo = PPO('MultiInputPolicy', venv, n_steps=32, batch_size=16, n_epochs=1, seed=0, device='cpu',
+    ppo = PPO('MultiInputPolicy', venv, n_steps=32, batch_size=16, n_epochs=2, learning_rate=1e-3, seed=0, device='cpu',
               policy_kwargs=dict(features_extractor_class=VLAFeaturesExtractor, features_extractor_kwargs=dict(config=cfg)))
-    ppo.learn(64)
     ext = ppo.policy.features_extractor
     assert isinstance(ext, VLAFeaturesExtractor) and ext.features_dim == cfg.d_model
     assert ext.net.cfg.vocab_size >= default_tokenizer().vocab_size and ext.net.cfg.image_size == 48
+    before = {k: v.clone() for k, v in ext.net.state_dict().items()}
+    obs = ppo.policy.obs_to_tensor(venv.reset())[0]
+    with torch.no_grad(): mean0 = ppo.policy.get_distribution(obs).distribution.mean.clone()
+    ppo.learn(64)
+    logged = ppo.logger.name_to_value                                       # the last update's statistics
+    for k in ('train/loss', 'train/value_loss', 'train/policy_gradient_loss', 'train/entropy_loss', 'train/approx_kl'):
+        assert math.isfinite(logged[k]), (k, logged[k])
+    assert logged['train/value_loss'] > 0 and logged['train/approx_kl'] > 0 and logged['train/n_updates'] == 4
+    changed = {k for k, v in ext.net.state_dict().items() if not torch.equal(v, before[k])}
+    for part in ('vision.', 'text.', 'fuse.'):                              # gradients reach every encoder of the extractor
+        assert any(k.startswith(part) for k in changed), (part, sorted(changed)[:5])
+    assert not any(k.startswith('head.') for k in changed)                  # the chunk head is not part of the features
+    assert all(torch.isfinite(v).all() for v in ext.net.state_dict().values())
+    with torch.no_grad(): mean1 = ppo.policy.get_distribution(obs).distribution.mean
+    assert (mean1 - mean0).abs().max() > 1e-4                               # the policy's action changed
     assert set(ext.net.state_dict()) == set(VLANet(ext.net.cfg).state_dict())   # a plain VLANet's weights load unchanged
     load_weights(ext.net, VLANet(ext.net.cfg).state_dict())
     venv.close()
@@ -246,7 +265,7 @@ def test_confidence_probe_sends_no_gradient_into_the_encoder():
     net = VLANet(ModelConfig(**SMALL)); _, c = net(*_inputs(net.cfg))
     c.sum().backward()
     assert all(p.grad is None for p in net.text.parameters()) and all(p.grad is None for p in net.head.mlp.parameters())
-    assert net.head.conf.weight.grad is not None
+    assert net.head.conf.weight.grad.abs().sum() > 0 and net.head.conf.bias.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize('head', ['continuous', 'discrete'])
@@ -265,3 +284,29 @@ def test_trace_and_onnx_match_eager(head, tmp_path):
                               output_names=['actions', 'confidence'], dynamic_axes={k: {0: 'batch'} for k in names + ['actions', 'confidence']})
     out = ort.InferenceSession(str(tmp_path/'m.onnx'), providers=['CPUExecutionProvider']).run(None, {k: v.numpy() for k, v in zip(names, x3)})
     for a, b in zip(out, ref): np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
+
+
+def test_chunk_loss_is_the_one_objective():
+    "Continuous: masked L1 + BCE of the confidence logit against exp(-error); discrete: bin cross-entropy, no confidence term."
+    cfg = ModelConfig(**SMALL, chunk_size=2)
+    target = torch.tensor([[[0.5] * 7, [1.0] * 7]]); pad = torch.tensor([[False, True]])
+    out = dict(actions=torch.zeros(1, 2, 7), confidence_logit=torch.tensor([0.0]))
+    t = chunk_loss(out, target, pad, cfg)
+    assert set(t) == {'action_loss', 'confidence_loss'}
+    assert t['action_loss'].item() == pytest.approx(0.5)                      # the padded step's error is not counted
+    p = math.exp(-0.5)                                                      # target confidence; predicted sigmoid(0) = 1/2
+    assert t['confidence_loss'].item() == pytest.approx(-(p * math.log(0.5) + (1 - p) * math.log(0.5)), rel=1e-5)
+    out['confidence_logit'] = torch.tensor([math.log(p / (1 - p))])        # the right confidence: the BCE's minimum
+    lo = chunk_loss(out, target, pad, cfg)['confidence_loss'].item()
+    assert lo == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)), rel=1e-5) and lo < t['confidence_loss'].item()
+    acts, logit = torch.zeros(1, 2, 7, requires_grad=True), torch.tensor([0.3], requires_grad=True)
+    chunk_loss(dict(actions=acts, confidence_logit=logit), target, pad, cfg)['confidence_loss'].backward()
+    assert acts.grad is None and logit.grad.abs().item() > 0               # the confidence term trains the logit, not the actions
+    d = chunk_loss(dict(logits=torch.zeros(1, 2, 7, 256)), target, pad, cfg.replace(head='discrete'))
+    assert d['action_loss'].item() == pytest.approx(math.log(256), rel=1e-5) and d['confidence_loss'].item() == 0
+    net = VLANet(cfg.replace(dropout=0.0)).eval(); x = _inputs(net.cfg)        # vla_loss is chunk_loss on the net's head
+    batch = {IMAGE: x[0], TOKENS: x[1], PROPRIO: x[2], ACTION: torch.randn(2, 2, 7), ACTION_PAD: torch.zeros(2, 2, dtype=torch.bool)}
+    loss, m = vla_loss(net, batch)
+    terms = chunk_loss(net.head(net.encode(*x)), batch[ACTION], batch[ACTION_PAD], net.cfg)
+    assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
+    assert m['action_loss'] == pytest.approx(terms['action_loss'].item(), rel=1e-6)

@@ -6,10 +6,11 @@ import pytest
 import torch
 from vla_nb import sim
 from vla_nb.core import seed_everything, load_checkpoint
-from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, IMAGE, ACTION, OBJ_XY, OBJ_MASK, OBJECT_NAMES
+from vla_nb.data import SyntheticDataGenerator, DataConfig, EpisodeDataset, IMAGE, ACTION, PROPRIO, OBJ_XY, OBJ_MASK, OBJECT_NAMES
 from vla_nb.model import ModelConfig, VLANet, load_weights
 from vla_nb.pretraining import (PretrainConfig, PretrainDataset, PretrainHeads, PretrainModel, VLAPretrainer, alignment_loss, vision_loss,
-                                language_loss, warmup_cosine, epoch_indices, random_batch, bench_train, LOSS_TERMS,
+                                language_loss, warmup_cosine, epoch_indices, random_batch, bench_train, ridge_fit, linear_probe,
+                                image_features, adamw, optimizer_tensors, restore_optimizer, LOSS_TERMS,
                                 FAMILY, OBJ, LOC, TASK_ID)
 
 SMALL = dict(image_size=48, vision_channels=(8, 16, 16, 16), d_model=32, heads=2, keypoints=8, dropout=0.1)
@@ -84,7 +85,7 @@ def test_each_loss_term_is_real_and_learns(data, tmp_path):
     for k, part in (('vision_loss', heads.vision), ('language_loss', heads.family), ('alignment_loss', heads.img_proj), ('action_loss', tr.model.head)):
         g = torch.autograd.grad(terms[k], list(part.parameters()), allow_unused=True)
         assert any(x is not None and x.abs().sum() > 0 for x in g), k
-    h = tr.pretrain(12)                                             # ~ 17 steps/epoch at B=16
+    tr.pretrain(12); h = tr.metrics                                 # ~ 17 steps/epoch at B=16
     first, last = ({k: float(np.mean(h[k][s])) for k in LOSS_TERMS} for s in (slice(0, 5), slice(-15, None)))
     assert last['alignment_loss'] < math.log(16) - 0.5, last        # well below chance log(B)
     assert last['language_loss'] < 0.3 * first['language_loss'], (first, last)
@@ -167,3 +168,110 @@ def test_bench_train_reports_throughput():
     r = bench_train(batch_size=4, steps=1, model_config=ModelConfig(**SMALL))
     for k in ('train_samples_per_s', 'gflops_per_sample', 'achieved_gflops_per_s', 'matmul_peak_gflops_per_s'): assert r[k] > 0, (k, r)
     assert r['achieved_gflops_per_s'] < 1.5 * r['matmul_peak_gflops_per_s']
+    assert r['batch_size'] == 4 and r['steps'] == 1 and r['train_samples_per_s'] == pytest.approx(4 / r['step_ms'] * 1000, rel=0.01)
+    assert r['achieved_gflops_per_s'] == pytest.approx(r['gflops_per_sample'] * r['train_samples_per_s'], rel=0.02)
+
+
+# ---- probes, resumable state ----
+
+def test_ridge_fit_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g) * torch.tensor([1., 10, 0.1, 1, 1, 5])   # unevenly scaled features
+    W, b = torch.randn(6, 3, generator=g), torch.tensor([1., -2, 0.5])
+    predict = ridge_fit(X, X @ W + b, lam=1e-9)
+    Xn = torch.randn(50, 6, generator=g)
+    torch.testing.assert_close(predict(Xn), Xn @ W + b, atol=1e-3, rtol=1e-3)
+    shrunk = ridge_fit(X, X @ W + b, lam=10.0)(Xn)                          # a strong penalty shrinks towards the mean
+    assert (shrunk - (X @ W + b).mean(0)).abs().mean() < (Xn @ W + b - (X @ W + b).mean(0)).abs().mean()
+
+
+@pytest.fixture(scope='module')
+def probe_sets(tiny_data):
+    return PretrainDataset(tiny_data, [0, 1, 2, 3]), PretrainDataset(tiny_data, [4, 5])
+
+
+def test_linear_probe_scores_a_known_answer(probe_sets, monkeypatch):
+    "Features that are the targets score R² 1 and accuracy 1; features of pure noise score R² <= 0 on held-out frames."
+    import vla_nb.pretraining as P
+    train, val = probe_sets
+    def oracle(net, ds, batch_size=256):                                   # the probe's targets, linearly readable
+        b = ds.batch(np.arange(len(ds)), augment=False)
+        return torch.cat([b[PROPRIO][:, :3], b[OBJ_XY].flatten(1), b[OBJ_MASK].float()], 1)
+    monkeypatch.setattr(P, 'image_features', oracle)
+    assert P.linear_probe(None, train, train, lam=1e-4) == dict(gripper_r2=1.0, object_xy_r2=1.0, presence_acc=1.0)
+    r = P.linear_probe(None, train, val, lam=1e-4)                         # held-out frames: the gripper still reads exactly
+    assert r['gripper_r2'] > 0.99 and r['object_xy_r2'] < r['gripper_r2'], r   # (val has objects train never showed)
+    assert P.linear_probe(None, train, val, lam=100.0)['gripper_r2'] < r['gripper_r2']   # a strong penalty shrinks the fit
+    noise = lambda net, ds, batch_size=256: torch.randn(len(ds), 64, generator=torch.Generator().manual_seed(len(ds)))
+    monkeypatch.setattr(P, 'image_features', noise)
+    r = P.linear_probe(None, train, val, lam=1.0)
+    assert r['gripper_r2'] < 0.05 and r['object_xy_r2'] < 0.05, r
+
+
+def test_linear_probe_on_real_features(probe_sets):
+    train, val = probe_sets
+    torch.manual_seed(0)
+    net = VLANet(_mcfg(train))
+    feats = image_features(net, val)
+    assert feats.shape == (len(val), net.cfg.d_model) and torch.isfinite(feats).all()
+    img = val.batch(np.arange(3), augment=False)[IMAGE]                    # frozen, command-free: the image alone decides
+    torch.testing.assert_close(feats[:3], PretrainModel(net).eval().image_features(img), atol=1e-5, rtol=1e-5)
+    r = linear_probe(net, train, val)
+    assert set(r) == {'gripper_r2', 'object_xy_r2', 'presence_acc'} and all(np.isfinite(v) for v in r.values())
+    assert r['gripper_r2'] <= 1 and r['object_xy_r2'] <= 1 and 0.5 <= r['presence_acc'] <= 1   # presence is mostly decidable
+    assert linear_probe(net, train, val) == r                              # deterministic: no augmentation, eval mode
+
+
+def test_load_state_refuses_a_changed_config(data, tmp_path):
+    tr = _trainer(data, tmp_path); tr.pretrain(1, max_steps=2)
+    cfg = tr.config
+    for change, key in ((dict(lr=5e-4), 'lr'), (dict(batch_size=8), 'batch_size'), (dict(seed=1), 'seed'),
+                        (dict(alignment_weight=0.5), 'alignment_weight')):
+        with pytest.raises(ValueError, match=rf"resuming .* with a different config: \{{'{key}': .*start a new run instead"):
+            VLAPretrainer(VLANet(_mcfg(data)), PretrainDataset(data), cfg.replace(**change), resume=True)
+    ok = VLAPretrainer(VLANet(_mcfg(data)), PretrainDataset(data), cfg.replace(log_every=3, tensorboard=True, device='cpu'), resume=True)
+    assert ok.step == 2 and ok.config.log_every == 3                       # logging and device may change on resume
+    for (k, a), b in zip(tr.module.state_dict().items(), ok.module.state_dict().values()): assert torch.equal(a, b), k
+    from vla_nb.imitation import ImitationConfig, VLAImitationLearner
+    il = VLAImitationLearner(VLANet(_mcfg(data)), data, ImitationConfig(out_dir=str(tmp_path/'il'), batch_size=8, eval_every=0))
+    il.save_state()
+    with pytest.raises(ValueError, match=r"is not a vla_nb.VLAPretrainer checkpoint \(kind='vla_nb.VLAImitationLearner'\)"):
+        tr.load_state(il.ckpt_path)
+    with pytest.raises(FileNotFoundError): _trainer(data, tmp_path/'none').load_state(tmp_path/'none'/'checkpoint.safetensors')
+
+
+def test_adamw_decays_weight_matrices_only_and_its_state_round_trips():
+    torch.manual_seed(0)
+    net = VLANet(ModelConfig(**{**SMALL, 'dropout': 0.0}))
+    opt = adamw(net, 1e-3, 0.05)
+    decay, rest = opt.param_groups
+    assert decay['weight_decay'] == 0.05 and rest['weight_decay'] == 0.0
+    assert all(p.ndim >= 2 for p in decay['params']) and all(p.ndim < 2 for p in rest['params'])
+    assert len(decay['params']) + len(rest['params']) == len(list(net.parameters()))
+    b = random_batch(net.cfg, 4)
+    def step(o):
+        o.zero_grad(); net(b[IMAGE], b['token_ids'], b['proprio'])[0].square().mean().backward(); o.step()
+    step(opt); step(opt)
+    tensors, groups = optimizer_tensors(opt)
+    assert all(k.startswith('optim.') and torch.is_tensor(v) for k, v in tensors.items())
+    json.dumps(groups)                                                       # JSON, not pickle
+    tensors = {k: v.clone() for k, v in tensors.items()}                     # (live state: save_state writes them at once)
+    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+    step(opt); after = {k: v.clone() for k, v in net.state_dict().items()}  # the straight run's third step
+    net.load_state_dict(snapshot)
+    fresh = adamw(net, 1e-3, 0.05); restore_optimizer(fresh, {**tensors, 'net.x': torch.ones(1)}, groups)
+    step(fresh)                                                              # the restored run's third step
+    for k, v in net.state_dict().items(): assert torch.equal(v, after[k]), k
+
+
+def test_vla_bench_train_reports_peak_rss(monkeypatch, tmp_path, capsys):
+    "`vla-bench train` writes and prints peak_rss_mb, the process's peak resident memory (never below what it holds now)."
+    import functools, vla_nb.pretraining as pt
+    from vla_nb.cli import bench_main
+    small = functools.partial(pt.bench_train, batch_size=2, steps=1, model_config=ModelConfig(**SMALL))
+    monkeypatch.setattr(pt, 'bench_train', small)                        # the CLI looks it up at call time
+    assert bench_main(['train', '--out', str(tmp_path/'train.json')]) == 0
+    rss_mb = int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) / 1024
+    r = json.loads((tmp_path/'train.json').read_text())
+    assert rss_mb * 0.99 <= r['peak_rss_mb'] < 64_000, (rss_mb, r['peak_rss_mb'])   # MiB, not KiB or bytes
+    assert json.loads(capsys.readouterr().out)['peak_rss_mb'] == r['peak_rss_mb']

@@ -94,6 +94,7 @@ def test_sync_client_matches_local(server, art, policy, obs):
         PolicyClient(server.url, ClientConfig(expected_sha256='0' * 64))
 
 
+@pytest.mark.timing
 def test_async_client_holds_and_drops_stale(server, obs):
     "A 150 ms delay against 20 ms ticks: the queue runs dry, the watchdog holds (no motion, gripper kept), stale actions are dropped,\n    and the client still acts (held ticks do not age a chunk)."
     cfg = ClientConfig(threshold=0.5, realtime=True, control_hz=50, request_timeout_s=2.0)
@@ -109,6 +110,7 @@ def test_async_client_holds_and_drops_stale(server, obs):
     assert acts[i][-1] == acts[i - 1][-1] != 0                        # gripper command unchanged while holding
 
 
+@pytest.mark.timing
 def test_batching(art):
     with PolicyServer(art, ServeConfig(port=0, max_batch=8, warmup=1)) as on, PolicyServer(art, ServeConfig(port=0, max_batch=1, warmup=1)) as off:
         r_on, r_off = load_test(on.url, 6, 0.6, seed=1), load_test(off.url, 6, 0.6, seed=1)
@@ -139,6 +141,7 @@ def test_serve_main_errors(tmp_path, capsys):
     assert 'shared-secret token' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_serve(policy, tmp_path):
     policy.save(tmp_path / 'p.safetensors')
     res = bench_serve(tmp_path / 'p.safetensors', tmp_path / 'out', episodes_per_family=1, duration_s=0.3, clients=(1, 4),
@@ -152,3 +155,18 @@ def test_bench_serve(policy, tmp_path):
     assert all(res['faults'].values()) and res['rejected_unauthenticated'] == 3
     assert set(res['targets']) == {'p99_4_clients_le_20ms', 'batching_ge_1_5x_at_max_clients', 'all_faults_survived',
                                    'remote_within_local_ci'}
+
+
+def test_message_frames_and_hosts(tmp_path):
+    from vla_nb.serving import file_sha256, is_loopback, packb, unpackb
+    msg = {'type': 'infer', 'id': 3, 'inputs': {'proprio': pack_array(np.arange(3, dtype=np.float32))}}
+    back = unpackb(packb(msg))
+    assert back == msg and unpack_array(back['inputs']['proprio'], 'proprio', 'float32', [3]).tolist() == [0, 1, 2]
+    for bad, m in (('{"type": "infer"}', 'text frame'), (b'\xc1', 'malformed msgpack'), (packb([1, 2]), "map with a string 'type'"),
+                   (packb({'type': 3}), "string 'type'"), (packb({1: 'x', 'type': 'a'}), 'malformed msgpack')):
+        with pytest.raises(ValueError, match=m): unpackb(bad)
+    assert [is_loopback(h) for h in ('localhost', '127.0.0.1', '127.8.0.2', '::1', '0.0.0.0', '10.0.0.1', 'example.org', '::')] == \
+           [True, True, True, True, False, False, False, False]
+    p = tmp_path/'f.bin'; p.write_bytes(b'abc' * 700_000)                  # read in blocks: larger than one block
+    import hashlib
+    assert file_sha256(p) == hashlib.sha256(b'abc' * 700_000).hexdigest() and file_sha256(tmp_path/'missing') is None

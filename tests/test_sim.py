@@ -10,7 +10,7 @@ from vla_nb.sim import (TabletopEnv, ScriptedExpert, RandomPolicy, Task, SimConf
 
 @pytest.fixture(scope='module')
 def env():
-    e = TabletopEnv()
+    e = TabletopEnv(image_size=48)                        # physics, tasks and the expert do not depend on the camera's size
     yield e
     e.close()
 
@@ -146,3 +146,23 @@ def test_every_template_names_what_it_parses():
         for i in range(len(sim.TEMPLATES[fam])):
             t = Task(fam, 'book' if fam != 'move' else None, 'shelf' if fam in ('move', 'place') else None)
             assert parse_command(make_command(t, template=i)) == t
+
+
+def test_quaternion_helpers_agree_with_rotation_algebra():
+    from vla_nb.sim import quat_conj, quat_from_rotvec, quat_mul, rotvec_from_quat
+    g = np.random.default_rng(0)
+    for v in g.normal(size=(20, 3)):
+        v = v / np.linalg.norm(v) * g.uniform(0.01, np.pi - 0.01)
+        q = quat_from_rotvec(v)
+        assert abs(np.linalg.norm(q) - 1) < 1e-12 and np.allclose(rotvec_from_quat(q), v)   # round trip, angle in (0, pi)
+        assert np.allclose(rotvec_from_quat(-q), v)                        # q and -q are the same rotation
+        np.testing.assert_allclose(quat_mul(q, quat_conj(q)), [0, 0, 0, 1], atol=1e-12)
+        w = g.normal(size=3) * 0.3; p = quat_from_rotvec(w)
+        np.testing.assert_allclose(quat_mul(quat_mul(p, q), quat_conj(q)), p, atol=1e-12)   # associativity through the inverse
+    z90, x90 = quat_from_rotvec([0, 0, np.pi / 2]), quat_from_rotvec([np.pi / 2, 0, 0])
+    np.testing.assert_allclose(quat_mul(z90, z90), quat_from_rotvec([0, 0, np.pi]), atol=1e-12)   # angles about one axis add
+    rot = lambda q, x: quat_mul(quat_mul(q, [*x, 0]), quat_conj(q))[:3]   # rotate a vector: q x q*
+    np.testing.assert_allclose(rot(x90, [0, 1, 0]), [0, 0, 1], atol=1e-12)   # right-handed: y -> z about x
+    np.testing.assert_allclose(rot(quat_mul(z90, x90), [0, 1, 0]), [0, 0, 1], atol=1e-12)    # a*b: b first (y -> z), then a
+    np.testing.assert_allclose(rot(quat_mul(x90, z90), [0, 1, 0]), [-1, 0, 0], atol=1e-12)   # (y -> -x, which x90 keeps)
+    assert rotvec_from_quat(np.array([0, 0, 0, 1.])).tolist() == [0, 0, 0] and quat_from_rotvec([0, 0, 0]).tolist() == [0, 0, 0, 1]

@@ -42,6 +42,9 @@ def test_dataset_and_batches_carry_the_wrist_image(wrist_data):
     assert WRIST_IMAGE in wrist_data.stats and wrist_data.load_episode(0)[WRIST_IMAGE].shape[1:] == (W, W, 3)
     cd = ChunkDataset(wrist_data, chunk_size=4)
     s = cd[0]; assert s[WRIST_IMAGE].shape == (3, W, W) and s[IMAGE].shape == (3, 48, 48)
+    raw = torch.from_numpy(np.array(wrist_data.frames()[WRIST_IMAGE][int(cd.cols['row'][0])])).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(s[WRIST_IMAGE], cd.norm.normalize(WRIST_IMAGE, raw))   # the wrist frame, under its own statistics
+    assert not torch.allclose(cd.norm.normalize(WRIST_IMAGE, raw), cd.norm.normalize(IMAGE, raw))
     b = cd.batch(np.arange(5), torch.Generator().manual_seed(0), augment=True)
     assert b[WRIST_IMAGE].shape == (5, 3, W, W) and torch.isfinite(b[WRIST_IMAGE]).all()
     m = b[WRIST_IMAGE].mean((0, 2, 3)); assert m.abs().max() < 3                   # normalized with the wrist camera's own stats
@@ -63,7 +66,10 @@ def test_model_reads_the_wrist_camera(policy):
 def test_policy_in_a_wrist_env_and_missing_wrist_error(policy):
     env = env_for(policy); o, _ = env.reset(seed=2); env.close()
     assert o['wrist_image'].shape == (W, W, 3)
-    policy.reset(); a = policy.select_action(o); assert a.shape == (7,) and np.isfinite(a).all()
+    policy.reset(); a = policy.select_action(o)
+    np.testing.assert_array_equal(a, policy.predict_action_chunk(o)[0])            # the first action of the chunk it read
+    other = policy.predict_action_chunk({**o, 'wrist_image': np.zeros_like(o['wrist_image'])})[0]
+    assert np.abs(other - a).max() > 1e-5                                          # ... and the wrist view is part of what it read
     with pytest.raises(ValueError, match=r"obs lacks \['wrist_image'\]"): policy.predict_action_chunk({k: v for k, v in o.items() if k != 'wrist_image'})
     stats = {k: v for k, v in bounds_stats().items() if k != WRIST_IMAGE}
     with pytest.raises(ValueError, match="no 'wrist_image' statistics"): VLAPolicy(policy.net, Normalizer(stats), policy.tokenizer)

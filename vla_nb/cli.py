@@ -11,6 +11,7 @@ import numpy as np
 from vla_nb.core import (
     Config,
     check_range,
+    check_choice,
     atomic_write,
     by_profile,
     ensure_dir,
@@ -20,7 +21,7 @@ from vla_nb.core import (
     derive_seed,
     PROFILES,
 )
-from . import sim, data, pretraining, imitation, evaluation, deployment, serving, validation
+from . import sim, data, language, pretraining, imitation, evaluation, deployment, serving, validation
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -42,6 +43,8 @@ class DemoConfig(Config):
     dagger_episodes: int = 300  # on-policy episodes relabelled by the expert per DAgger round
     dagger_epochs: int = 2  # training epochs over the aggregated data per DAgger round
     wrist_size: int = 48  # side of a wrist-camera image recorded and read by the policy (0: scene camera only)
+    text_encoder: str = 'words'  # the policy's language backbone: 'words' (learned) or 'sentence' (frozen, pretrained)
+    text_augment: float = 0.0  # chance a training sample reads another phrasing of its task (TRAINING_PHRASES)
     eval_every: int = 4  # closed-loop model selection every this many epochs
     eval_episodes: int = 10  # test episodes per family for the reported success
     heldout_episodes: int = 5  # held-out split episodes per family
@@ -66,6 +69,8 @@ class DemoConfig(Config):
         check_range('snapshots', self.snapshots, 0, 10**7, integer=True)
         check_range('keypoint_level', self.keypoint_level, 0, 3, integer=True)
         check_range('dagger_rounds', self.dagger_rounds, 0, 100, integer=True)
+        check_choice('text_encoder', self.text_encoder, ('words', 'sentence'))
+        check_range('text_augment', self.text_augment, 0, 1)
         if self.wrist_size:
             check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         for k in ('dagger_episodes', 'dagger_epochs'):
@@ -170,25 +175,24 @@ def demo_data(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
 
 # %% ../nbs/99_cli.ipynb #c013
 def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
-    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding) and plot; the policy lands in out/policy."
+    "Policy stage: pretrain, behaviour-clone, evaluate (test, held-out, grounding), plot; the policy is out/policy."
     ds = data.EpisodeDataset(out / 'data')
     seed_everything(seed)
-    net = VLANet(
-        ModelConfig(
-            vocab_size=ds.tokenizer.vocab_size,
-            max_tokens=ds.tokenizer.max_len,
-            keypoint_level=cfg.keypoint_level,
-            wrist_size=cfg.wrist_size,
-        )
+    lang = language.command_encoder(cfg.text_encoder, cfg.text_augment > 0)
+    words = dict(vocab_size=lang.vocab_size, max_tokens=lang.max_len) if cfg.text_encoder == 'words' else {}
+    mcfg = ModelConfig(
+        keypoint_level=cfg.keypoint_level, wrist_size=cfg.wrist_size, text_encoder=cfg.text_encoder, **words
     )
+    net = VLANet(mcfg)
     t0, pre = time.time(), None
     if cfg.pretrain_epochs:
         pt = pretraining.VLAPretrainer(
             net,
-            pretraining.PretrainDataset(ds),
+            pretraining.PretrainDataset(ds, language=lang),
             pretraining.PretrainConfig(seed=seed, out_dir=str(out / 'pretrain'), tensorboard=False),
         )
-        pre = {k: round(v[-1], 4) for k, v in pt.pretrain(cfg.pretrain_epochs).items() if k.endswith('_loss')}
+        pt.pretrain(cfg.pretrain_epochs)
+        pre = {k: round(v[-1], 4) for k, v in pt.metrics.items() if k.endswith('_loss')}
     t1 = time.time()
     icfg = imitation.ImitationConfig(
         seed=seed,
@@ -197,9 +201,11 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         eval_episodes=max(2, cfg.eval_episodes // 4),
         snapshots=cfg.snapshots,
         snapshot_workers=cfg.workers,
+        text_augment=cfg.text_augment,
     )
     learner = imitation.VLAImitationLearner(net, ds, icfg)
-    hist = learner.train_imitation(cfg.epochs)
+    learner.train_imitation(cfg.epochs)
+    hist = learner.history
     tb = time.time()
     dag = (
         imitation.run_dagger(
@@ -221,6 +227,8 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     try:
         test = evaluation.evaluate_policy(pol, cfg.eval_episodes, seed, 'test', env, 'test', frames=1)
         held = evaluation.evaluate_policy(pol, cfg.heldout_episodes, seed, 'heldout', env, 'heldout')
+        lenient = VLAPolicy.load(learner.best_path, allow_unknown_words=True)  # measured even where it would refuse
+        para = evaluation.evaluate_policy(lenient, cfg.heldout_episodes, seed, 'paraphrase', env, 'paraphrase')
         grd = evaluation.grounding_check(
             pol, evaluation.grounding_pairs(cfg.grounding_episodes, seed, env), env, test['mean_success']
         )
@@ -241,6 +249,7 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         best_val_loss=round(learner.best_val, 4),
         test=drop(test),
         heldout=drop(held),
+        paraphrase=drop(para),
         grounding=grd,
         figures=figs,
         dagger=dag,
@@ -316,6 +325,7 @@ def _report_md(summary: dict) -> str:
         lines += [
             f"| **test: mean over families** | **{t['mean_success']:.2f}** |",
             f"| held-out split (mean) | {h['mean_success']:.2f} |",
+            f"| paraphrase split (mean; unknown words read as <unk>) | {p['paraphrase']['mean_success']:.2f} |",
             f"| grounding: new-command success | {_ci(g['new_command_success'])} |",
             f"| grounding: old-task rate | {_ci(g['old_task_rate'])} |",
             "",
@@ -373,6 +383,13 @@ def demo_main(argv=None):
         default=None,
         help="wrist-camera image side, 0 for none (default: the profile's preset)",
     )
+    ap.add_argument(
+        '--text-encoder',
+        choices=['words', 'sentence'],
+        default=None,
+        help="the policy's language backbone (default: the profile's preset)",
+    )
+    ap.add_argument('--text-augment', type=float, default=None, help='chance a training sample reads another phrasing')
     a = ap.parse_args(argv)
     if a.profile:
         set_profile(a.profile)
@@ -381,10 +398,15 @@ def demo_main(argv=None):
         cfg = cfg.replace(dagger_rounds=a.dagger_rounds)
     if a.wrist_size is not None:
         cfg = cfg.replace(wrist_size=a.wrist_size)
+    if a.text_encoder is not None:
+        cfg = cfg.replace(text_encoder=a.text_encoder)
+    if a.text_augment is not None:
+        cfg = cfg.replace(text_augment=a.text_augment)
     s = run_demo(a.out, a.seed, cfg)
     t = s['stages']['policy']['test']
     print(
-        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); expert success: {s['stages']['sim']['expert_success']}; "
+        f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); "
+        f"expert success: {s['stages']['sim']['expert_success']}; "
         f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
         f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}"
     )

@@ -15,20 +15,24 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import Config, check_range, check_choice, atomic_write, ensure_dir, progress, by_profile
 from .language import CommandTokenizer, default_tokenizer
+from .core import derive_seed
+from dataclasses import asdict
 from . import sim
 
 # %% auto #0
-__all__ = ['IMAGE', 'WRIST_IMAGE', 'PROPRIO', 'ACTION', 'SUCCESS', 'TIMESTAMP', 'TOKENS', 'TOKEN_MASK', 'ACTION_PAD', 'OBJ_XY',
-           'OBJ_MASK', 'FRAME_KEYS', 'PIXEL_KEYS', 'SCHEMA_VERSION', 'EPISODES_PER_CHUNK', 'STD_EPS', 'OBJECT_NAMES',
-           'XY_CENTER', 'XY_SCALE', 'encode_episode', 'EpisodeWriter', 'EpisodeDataset', 'compute_stats',
-           'validate_dataset', 'DataConfig', 'plan_episodes', 'record_episode', 'SyntheticDataGenerator', 'stat_arrays',
-           'Normalizer', 'ArrayNormalizer', 'split_episodes', 'check_observation', 'scene_targets', 'object_targets',
-           'cut_chunks', 'augment_images', 'ChunkDataset', 'plot_samples', 'plot_episode', 'plot_stats', 'bench_data']
+__all__ = ['IMAGE', 'WRIST_IMAGE', 'PROPRIO', 'ACTION', 'SUCCESS', 'TIMESTAMP', 'TOKENS', 'TOKEN_MASK', 'ACTION_PAD', 'TEXT_EMB',
+           'OBJ_XY', 'OBJ_MASK', 'FRAME_KEYS', 'PIXEL_KEYS', 'SCHEMA_VERSION', 'EPISODES_PER_CHUNK', 'STD_EPS',
+           'OBJECT_NAMES', 'XY_CENTER', 'XY_SCALE', 'encode_episode', 'EpisodeWriter', 'EpisodeDataset',
+           'compute_stats', 'validate_dataset', 'DataConfig', 'plan_episodes', 'record_episode',
+           'SyntheticDataGenerator', 'stat_arrays', 'Normalizer', 'ArrayNormalizer', 'split_episodes', 'check_pixels',
+           'check_observation', 'scene_targets', 'object_targets', 'cut_chunks', 'augment_images', 'ChunkDataset',
+           'plot_samples', 'plot_episode', 'plot_stats', 'bench_data']
 
 # %% ../nbs/02_data.ipynb #c005
 IMAGE, WRIST_IMAGE, PROPRIO, ACTION = 'image', 'wrist_image', 'proprio', 'action'
 SUCCESS, TIMESTAMP = 'success', 'timestamp'
 TOKENS, TOKEN_MASK, ACTION_PAD = 'token_ids', 'token_mask', 'action_is_pad'
+TEXT_EMB = 'text_embedding'  # a sentence-backbone model's text input, in place of token ids
 OBJ_XY, OBJ_MASK = 'obj_xy', 'obj_mask'  # every object's table position, and which objects it is known for
 FRAME_KEYS = (IMAGE, WRIST_IMAGE, PROPRIO, ACTION, SUCCESS, TIMESTAMP)
 PIXEL_KEYS = (IMAGE, WRIST_IMAGE)
@@ -78,7 +82,7 @@ def _append_jsonl(path, rec):
 
 # %% ../nbs/02_data.ipynb #c016
 def _npz_features(data: bytes) -> tuple:
-    "({key: {dtype, shape}}, length) of an encoded episode, read from the array headers alone (nothing is decompressed)."
+    "({key: {dtype, shape}}, length) of an encoded episode, from the array headers alone (nothing is decompressed)."
     feats, lengths = {}, set()
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for name in zf.namelist():
@@ -315,20 +319,38 @@ def frames(self: EpisodeDataset) -> dict:
     return self._frames
 
 # %% ../nbs/02_data.ipynb #c023
+def _level_stats(hist: np.ndarray) -> dict:
+    "Accumulators (n, s, s2, lo, hi) of uint8 values in [0, 1] from their per-channel histogram (C, 256)."
+    lv, seen = np.arange(256) / 255.0, hist > 0
+    return dict(
+        n=int(hist[0].sum()),
+        s=hist @ lv,
+        s2=hist @ lv**2,
+        lo=lv[seen.argmax(1)],
+        hi=lv[255 - seen[:, ::-1].argmax(1)],
+    )
+
+
 def compute_stats(ds: EpisodeDataset) -> dict:
     "Per-feature mean/std/min/max over every frame of `ds` (images: per channel, in [0, 1])."
-    acc = {}
+    acc, hist = {}, {}
     for k in range(len(ds)):
         ep = ds.load_episode(k)
         for key, v in ep.items():
             if key in (SUCCESS, TIMESTAMP):
                 continue
-            x = v.reshape(-1, v.shape[-1]).astype(np.float64) / (255.0 if v.dtype == np.uint8 else 1.0)
+            C = v.shape[-1]
+            if v.dtype == np.uint8:  # per-channel histogram of the 256 levels: exact, and cheaper than float sums
+                idx = v.reshape(-1, C) + 256 * np.arange(C, dtype=np.int32)  # (N, C): channel c counts in bins 256c..
+                hist[key] = hist.get(key, 0) + np.bincount(idx.ravel(), minlength=256 * C).reshape(C, 256)
+                continue
+            x = v.reshape(-1, C).astype(np.float64)
             a = acc.setdefault(key, dict(n=0, s=0.0, s2=0.0, lo=np.inf, hi=-np.inf))
             a['n'] += len(x)
             a['s'] = a['s'] + x.sum(0)
             a['s2'] = a['s2'] + (x**2).sum(0)
             a['lo'], a['hi'] = np.minimum(a['lo'], x.min(0)), np.maximum(a['hi'], x.max(0))
+    acc.update({key: _level_stats(h) for key, h in hist.items()})
     out = {}
     for key, a in acc.items():
         mean = a['s'] / a['n']
@@ -425,6 +447,11 @@ class DataConfig(Config):
     wrist_size: int | None = None  # side of the wrist image (None: image_size)
     workers: int = 1  # worker processes
 
+    # other common names: every episode is one randomized scene, and the cameras render square images
+    aliases = dict(
+        num_scenes='num_episodes', image_height='image_size', image_width='image_size', num_workers='workers'
+    )
+
     def __post_init__(self):
         check_range('num_episodes', self.num_episodes, 1, 10_000_000, integer=True)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
@@ -453,7 +480,7 @@ def _combos(fam):
 
 
 def plan_episodes(cfg: DataConfig) -> list:
-    "The episode schedule: index, seed, task and command template of every episode, balanced over families and combinations."
+    "The episode schedule: index, seed, task and command template of every episode, balanced over families and pairs."
     rng, pairs, held_t = np.random.default_rng(cfg.seed), set(cfg.heldout_pairs), set(cfg.heldout_templates)
     pools, plan = {}, []
     for fam in cfg.families:
@@ -512,15 +539,22 @@ def record_episode(
 _ENVS = {}  # one simulator per (process, simulator config)
 
 
+def _env(sim_cfg: sim.SimConfig) -> sim.TabletopEnv:
+    key = (os.getpid(), json.dumps(sim_cfg.to_dict(), sort_keys=True))
+    return _ENVS.get(key) or _ENVS.setdefault(key, sim.TabletopEnv(sim_cfg))
+
+
 def _record_planned(spec: dict, sim_cfg: sim.SimConfig, noise_std: float) -> dict:
     "Worker: record one planned expert episode; successful episodes come back compressed (`encode_episode`)."
-    key = (os.getpid(), json.dumps(sim_cfg.to_dict(), sort_keys=True))
-    env = _ENVS.get(key) or _ENVS.setdefault(key, sim.TabletopEnv(sim_cfg))
+    t0, c0 = time.time(), time.process_time()
+    env = _env(sim_cfg)
     r = record_episode(env, spec, sim.ScriptedExpert(env, noise_std=noise_std, seed=spec['seed']))
     meta = dict(seed=spec['seed'], template=spec['template'], noise_std=noise_std, scene=r['scene'])
     data = encode_episode(r['frames']) if r['success'] else None
+    busy = dict(pid=os.getpid(), start=t0, end=time.time(), cpu_s=time.process_time() - c0)  # for the report
     return dict(
-        spec=spec, data=data, frames=len(r['frames'][ACTION]), command=r['command'], success=r['success'], meta=meta
+        spec=spec, data=data, frames=len(r['frames'][ACTION]), command=r['command'], success=r['success'], meta=meta,
+        busy=busy,
     )
 
 
@@ -528,21 +562,24 @@ def _worker(args):
     return _record_planned(*args)
 
 
-def _results(jobs, workers):
+def _init_worker(sim_cfg: sim.SimConfig):
+    "Worker start-up: build the simulator before the first episode, so start-up is over when work begins."
+    _env(sim_cfg)
+
+
+def _results(jobs, workers, sim_cfg):
     "Recorded episodes in completion order; worker processes when `workers` > 1."
     if workers == 1 or len(jobs) < 2:
+        _env(sim_cfg)
         yield from map(_worker, jobs)
         return
     import importlib
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    fn = importlib.import_module(
-        'vla_nb.data'
-    )._worker  # the installed module's function: picklable even from a notebook
-    with ProcessPoolExecutor(
-        workers, mp_context=mp.get_context('spawn')
-    ) as ex:  # a dead worker raises BrokenProcessPool
-        futs = [ex.submit(fn, j) for j in jobs]
+    mod = importlib.import_module('vla_nb.data')  # the installed module's functions: picklable even from a notebook
+    ctx = mp.get_context('spawn')
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=mod._init_worker, initargs=(sim_cfg,)) as ex:
+        futs = [ex.submit(mod._worker, j) for j in jobs]  # a dead worker raises BrokenProcessPool
         try:
             for f in as_completed(futs):
                 yield f.result()
@@ -551,29 +588,58 @@ def _results(jobs, workers):
                 f.cancel()
 
 
+def _timing(busy: list, t0: float, t_rec: float, t_end: float, writer_s: float, parent_cpu_s: float) -> dict:
+    "Where a recording run's time went: start-up, per-worker busy fraction and CPU share, the writer, finalize."
+    rec_s = max(t_rec - t0, 1e-9)
+    by_pid = {}
+    for b in busy:
+        by_pid.setdefault(b['pid'], []).append(b)
+    workers = [
+        dict(
+            episodes=len(bs),
+            startup_s=round(min(b['start'] for b in bs) - t0, 3),  # process start, imports and the simulator
+            busy_fraction=round(sum(b['end'] - b['start'] for b in bs) / rec_s, 3),  # of the recording phase
+            cpu_per_busy_s=round(sum(b['cpu_s'] for b in bs) / max(sum(b['end'] - b['start'] for b in bs), 1e-9), 3),
+        )
+        for bs in by_pid.values()
+    ]
+    return dict(
+        startup_s=max((w['startup_s'] for w in workers), default=0.0),  # until the last worker started recording
+        record_s=round(rec_s, 3),
+        finalize_s=round(t_end - t_rec, 3),  # statistics and metadata, in the parent after the last episode
+        writer_s=round(writer_s, 3),  # the parent writing episodes while the workers record
+        parent_cpu_s=round(parent_cpu_s, 3),
+        workers=workers,
+    )
+
+
 class SyntheticDataGenerator:
     "Records expert demonstrations in the randomized simulator into an episode dataset."
 
-    def __init__(self, config: DataConfig):
-        self.config = config
+    def __init__(self, config=None):  # a DataConfig, a dict, or any object with (aliased) attributes
+        self.config = DataConfig.from_any(config)
+        self.rng, self._env = np.random.default_rng(derive_seed(self.config.seed, 'generator-samples')), None
 
     def generate_dataset(self, num_samples: int | None = None, progress_bar: bool = True) -> dict:
         "Record `num_samples` episodes (default: config.num_episodes) into config.root; returns a report."
         cfg = self.config if num_samples is None else self.config.replace(num_episodes=num_samples)
         w = EpisodeWriter(cfg.root, fps=cfg.sim.control_hz, config=cfg.to_dict())
         todo = [s for s in plan_episodes(cfg) if s['episode_index'] not in w.done_episodes()]
-        t0, n_frames = time.time(), 0
+        t0, c0, n_frames, busy, writer_s = time.time(), time.process_time(), 0, [], 0.0
         jobs = [(s, cfg.sim, cfg.noise_std) for s in todo]
-        for r in progress(
-            _results(jobs, cfg.workers), total=len(jobs), desc='episodes', disable=None if progress_bar else True
-        ):
-            s = r['spec']
+        results = _results(jobs, cfg.workers, cfg.sim)
+        for r in progress(results, total=len(jobs), desc='episodes', disable=None if progress_bar else True):
+            tw, s = time.time(), r['spec']
             if r['success']:
                 w.add_episode(s['episode_index'], r['data'], r['command'], s['task'], r['meta'])
                 n_frames += r['frames']
             else:
                 w.add_failure(s['episode_index'], r['command'], s['task'], r['meta'])
+            writer_s += time.time() - tw
+            busy.append(r['busy'])
+        t_rec = time.time()
         ds = w.finalize(default_tokenizer())
+        t_end = time.time()
         return dict(
             root=str(cfg.root),
             episodes=len(ds),
@@ -581,9 +647,83 @@ class SyntheticDataGenerator:
             new_episodes=len(jobs),
             new_frames=n_frames,
             expert_failures=len(ds.failures),
-            seconds=round(time.time() - t0, 2),
-            frames_per_s=round(n_frames / max(time.time() - t0, 1e-9), 1),
+            seconds=round(t_end - t0, 2),
+            frames_per_s=round(n_frames / max(t_end - t0, 1e-9), 1),
+            timing=_timing(busy, t0, t_rec, t_end, writer_s, time.process_time() - c0),
         )
+
+# %% ../nbs/02_data.ipynb #n1018512
+@patch
+def generate_objects(self: SyntheticDataGenerator) -> list:
+    "The object catalogue: name, shape, size (m), nominal colour, mass range and colour jitter of every named object."
+    return [asdict(o) for o in sim.OBJECTS.values()]
+
+
+@patch
+def generate_scenes(self: SyntheticDataGenerator) -> list:
+    "The scene of every planned episode (`num_episodes`), exactly as `generate_dataset` records it, with an id."
+    plan, S = plan_episodes(self.config), self.config.sim
+    scene = lambda s: sim.sample_scene(
+        np.random.default_rng(s['seed']), sim.Task(**s['task']), S
+    )  # as env.reset draws it
+    return [dict(id=f"episode_{s['episode_index']:06d}", **scene(s)) for s in plan]
+
+
+@patch
+def generate_lighting_conditions(self: SyntheticDataGenerator) -> dict:
+    "A random light as the simulator draws it: direction, intensity, colour temperature and RGB, ambient, shadows."
+    return sim.sample_light(self.rng, self.config.sim.randomize)
+
+# %% ../nbs/02_data.ipynb #nad1d03b
+@patch
+def _random_spec(self: SyntheticDataGenerator) -> dict:
+    "A random plan entry of this generator's split: seed, task, command template (held-out ones stay out of 'train')."
+    cfg = self.config
+    plan = plan_episodes(cfg.replace(num_episodes=len(cfg.families), seed=int(self.rng.integers(2**31 - 1))))
+    return plan[int(self.rng.integers(len(plan)))]
+
+
+@patch
+def _reset(self: SyntheticDataGenerator, spec: dict) -> tuple:
+    "Reset the helpers' own simulator to the episode `spec`: (obs, info)."
+    if self._env is None:
+        self._env = sim.TabletopEnv(self.config.sim)
+    cmd = sim.make_command(sim.Task(**spec['task']), template=spec['template'])
+    return self._env.reset(seed=spec['seed'], options=dict(command=cmd))
+
+
+@patch
+def generate_command(self: SyntheticDataGenerator) -> str:
+    "A random command of this generator's split."
+    s = self._random_spec()
+    return sim.make_command(sim.Task(**s['task']), template=s['template'])
+
+
+@patch
+def render_scene(self: SyntheticDataGenerator) -> np.ndarray:
+    "The camera image (S, S, 3) uint8 of a fresh random scene of this generator's split."
+    return self._reset(self._random_spec())[0][IMAGE]
+
+
+@patch
+def generate_synthetic_sample(self: SyntheticDataGenerator) -> dict:
+    "One labelled frame: a random episode's first image, its command, the expert's clean action, the state, metadata."
+    spec = self._random_spec()
+    obs, info = self._reset(spec)
+    expert = sim.ScriptedExpert(self._env, seed=spec['seed'])
+    expert.select_action(obs)
+    meta = dict(seed=spec['seed'], task=spec['task'], template=spec['template'], scene=info['scene'])
+    return dict(
+        image=obs[IMAGE], command=info['command'], action=expert.last_clean_action, proprio=obs[PROPRIO], metadata=meta
+    )
+
+
+@patch
+def close(self: SyntheticDataGenerator):
+    "Close the simulator the sample helpers opened (`generate_dataset` records in its own)."
+    if self._env is not None:
+        self._env.close()
+        self._env = None
 
 # %% ../nbs/02_data.ipynb #c044
 STD_EPS = 1e-3  # floor of a feature's std: a constant dimension must not divide by ~0
@@ -654,7 +794,7 @@ def split_episodes(n: int, val_frac: float = 0.1, seed: int = 0):
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 # %% ../nbs/02_data.ipynb #nca00d1b
-def _pixels(x, S: int, name: str) -> np.ndarray:
+def check_pixels(x, S: int, name: str) -> np.ndarray:
     "Camera frame(s) (H, W, 3) or (N, H, W, 3) uint8 of any size -> (N, S, S, 3) uint8."
     x = np.asarray(x)
     if x.dtype != np.uint8:
@@ -687,11 +827,11 @@ def check_observation(
     obs: dict,  # 'image', 'proprio', 'command' (+ 'wrist_image'); one observation, or a batch with a list of commands
     image_size: int,  # the model's scene-camera side
     proprio_dim: int,
-    tokenizer: CommandTokenizer,
+    language,  # the policy's command encoder (CommandTokenizer or SentenceCommands): `features(text, allow_unknown)`
     wrist_size: int = 0,  # the model's wrist-camera side; 0: no wrist camera
-    allow_unknown: bool = False,  # read unknown command words as <unk> instead of refusing them
+    allow_unknown: bool = False,  # act on commands the language check does not understand (reported in `unknown`)
 ) -> dict:
-    "Checked arrays of an observation: image (N, S, S, 3) uint8, proprio (N, P), token_ids (N, T), wrist_image, single."
+    "Checked arrays of an observation: image (N, S, S, 3) uint8, proprio (N, P), text (N, ...), unknown (N,), wrist."
     if not isinstance(obs, dict):
         raise ValueError(f"obs must be a dict with 'image', 'proprio' and 'command', got {type(obs).__name__}")
     need = ['image', 'proprio', 'command'] + (['wrist_image'] if wrist_size else [])
@@ -700,20 +840,22 @@ def check_observation(
         hint = f": this policy reads a {wrist_size}-pixel wrist camera" if 'wrist_image' in missing else ''
         raise ValueError(f"obs lacks {missing}{hint}")
     single = np.ndim(obs['image']) == 3
-    image = _pixels(obs['image'], image_size, 'image')
+    image = check_pixels(obs['image'], image_size, 'image')
     n = len(image)
     cmds = [obs['command']] if single else obs['command']
     if not single and (not isinstance(cmds, (list, tuple)) or len(cmds) != n):
         raise ValueError(f"a batch of {n} images needs a list of {n} commands, got {type(cmds).__name__}")
+    text = [language.features(c, allow_unknown) for c in cmds]
     out = dict(
         image=image,
         proprio=_proprio(obs['proprio'], proprio_dim, n),
         single=single,
-        token_ids=np.stack([tokenizer.encode(c, allow_unknown)[0] for c in cmds]),
         wrist_image=None,
+        text=np.stack([t for t, _ in text]),
+        unknown=np.array([u for _, u in text]),
     )
     if wrist_size:
-        out['wrist_image'] = _pixels(obs['wrist_image'], wrist_size, 'wrist_image')
+        out['wrist_image'] = check_pixels(obs['wrist_image'], wrist_size, 'wrist_image')
         if len(out['wrist_image']) != n:
             raise ValueError(f"batch sizes differ: image {n}, wrist_image {len(out['wrist_image'])}")
     elif 'wrist_image' in obs:
@@ -767,19 +909,47 @@ def augment_images(img: torch.Tensor, gen: torch.Generator, pad: int = 4) -> tor
 
 # %% ../nbs/02_data.ipynb #c045
 class ChunkDataset(torch.utils.data.Dataset):
-    "Normalized training samples with (H, A) action chunks from memory-mapped episode datasets (one tokenizer)."
+    "Normalized training samples with (H, A) action chunks from memory-mapped episode datasets, text per sample."
 
-    def __init__(self, ds: EpisodeDataset, episodes=None, chunk_size: int = 8, augment: bool = False, norm=None):
+    def __init__(
+        self,
+        ds: EpisodeDataset,
+        episodes=None,  # episode indices (default: all)
+        chunk_size: int = 8,
+        augment: bool = False,  # shift/jitter images (and rephrase commands, with `text_augment`) in training batches
+        norm=None,  # a Normalizer (default: from `ds.stats`)
+        language=None,  # the command encoder (default: the dataset's tokenizer; SentenceCommands for embeddings)
+        phrases: list | None = None,  # (command, Task) pairs that may stand in for an episode's command
+        text_augment: float = 0.0,  # probability that an augmented sample reads one of `phrases` for its task
+    ):
         check_range('chunk_size', chunk_size, 1, 1000, integer=True)
         if ds.stats is None or ds.tokenizer is None:
             raise ValueError(f"{ds.root} is not finalized (stats/tokenizer missing)")
-        self.H, self.augment, self.tokenizer = chunk_size, augment, ds.tokenizer
+        self.H, self.augment, self.text_augment = chunk_size, augment, check_range('text_augment', text_augment, 0, 1)
+        self.language = language if language is not None else ds.tokenizer
         self.norm = norm if norm is not None else Normalizer(ds.stats)
-        self.parts, self.episodes, self.cols = [], [], {}
+        self.parts, self.episodes, self.cols, self.texts, self._ids, self._feats, self.pools = (
+            [],
+            [],
+            {},
+            [],
+            {},
+            [],
+            {},
+        )
+        for text, task in phrases or []:
+            self.pools.setdefault((task.family, task.obj, task.loc), []).append(self._text_id(text))
         self.extend(ds, episodes)
 
     def __len__(self):
         return len(self.cols['row'])
+
+    def _text_id(self, text: str) -> int:
+        "The index of `text` in `self.texts` (added on first sight)."
+        if text not in self._ids:
+            self._ids[text] = len(self.texts)
+            self.texts.append(text)
+        return self._ids[text]
 
     @property
     def image_size(self) -> int:
@@ -796,9 +966,7 @@ class ChunkDataset(torch.utils.data.Dataset):
 # %% ../nbs/02_data.ipynb #c046
 @patch
 def extend(self: ChunkDataset, ds: EpisodeDataset, episodes=None):
-    "Add the frames of `episodes` (default: all) of another finalized dataset with the same tokenizer and cameras."
-    if ds.tokenizer != self.tokenizer:
-        raise ValueError(f"{ds.root} uses a different tokenizer; token ids would mean different words")
+    "Add the frames of `episodes` (default: all) of another finalized dataset with the same cameras."
     eps = list(range(len(ds))) if episodes is None else [int(k) for k in episodes]
     if not eps:
         raise ValueError("no episodes selected")
@@ -810,15 +978,17 @@ def extend(self: ChunkDataset, ds: EpisodeDataset, episodes=None):
         raise ValueError(f"{ds.root} has other cameras (image {fr[IMAGE].shape[1:]}, wrist {WRIST_IMAGE in fr})")
     lens, starts = np.array([ds.episodes[k]['length'] for k in eps]), ds.starts[eps]
     rows = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
-    ids = [self.tokenizer.encode(ds.episodes[k]['command']) for k in eps]
+    text = [self._text_id(ds.episodes[k]['command']) for k in eps]
+    self.text_batch(
+        np.array(text)
+    )  # the language reads every command now: a word it lacks fails here, not mid-training
     targets = [object_targets(ds.episodes[k], fr[ACTION][s : s + n]) for k, s, n in zip(eps, starts, lens)]
     new = dict(
         part=np.full(len(rows), len(self.parts)),
         row=rows,
         end=np.repeat(starts + lens, lens),
         episode=np.repeat(np.arange(len(eps)) + len(self.episodes), lens),
-        tokens=np.repeat(np.stack([t for t, _ in ids]), lens, 0),
-        token_mask=np.repeat(np.stack([m for _, m in ids]), lens, 0),
+        text=np.repeat(np.array(text), lens),
         obj_xy=np.concatenate([t for t, _ in targets]),
         obj_mask=np.concatenate([m for _, m in targets]),
     )
@@ -830,7 +1000,7 @@ def extend(self: ChunkDataset, ds: EpisodeDataset, episodes=None):
 # %% ../nbs/02_data.ipynb #nf844ef4
 @patch
 def batch(self: ChunkDataset, idx, gen: torch.Generator | None = None, augment: bool | None = None) -> dict:
-    "A normalized training batch of the samples `idx` (B,); `augment` (default: the dataset's setting) draws from `gen`."
+    "A normalized training batch of the samples `idx` (B,); `augment` (default: the dataset's) draws from `gen`."
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
     c = {k: v[idx] for k, v in self.cols.items()}
     raw = {k: [] for k in (IMAGE, PROPRIO, ACTION, ACTION_PAD, WRIST_IMAGE)}
@@ -850,8 +1020,7 @@ def batch(self: ChunkDataset, idx, gen: torch.Generator | None = None, augment: 
     if aug and gen is None:
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # from torch's global seed
     out = {
-        TOKENS: torch.from_numpy(c['tokens']),
-        TOKEN_MASK: torch.from_numpy(c['token_mask']),
+        **self.text_batch(self.sample_texts(c, gen if aug else None)),
         PROPRIO: self.norm.normalize(PROPRIO, t[PROPRIO]),
         ACTION: self.norm.normalize(ACTION, t[ACTION]),
         ACTION_PAD: t[ACTION_PAD],
@@ -869,6 +1038,32 @@ def batch(self: ChunkDataset, idx, gen: torch.Generator | None = None, augment: 
 def __getitem__(self: ChunkDataset, i: int) -> dict:
     "One sample (for torch `DataLoader`s; training loops call `batch`)."
     return {k: v[0] for k, v in self.batch([int(i)]).items()}
+
+# %% ../nbs/02_data.ipynb #n3c9f6dc
+@patch
+def sample_texts(self: ChunkDataset, c: dict, gen: torch.Generator | None = None) -> np.ndarray:
+    "Text ids of a batch's rows `c`: each episode's command, or (with `gen` and `text_augment`) a phrase of its task."
+    ids = c['text'].copy()
+    if gen is None or not self.text_augment or not self.pools:
+        return ids
+    swap = torch.rand(len(ids), generator=gen).numpy() < self.text_augment
+    for i in np.flatnonzero(swap):
+        task = self.episodes[int(c['episode'][i])].get('task') or {}
+        pool = self.pools.get((task.get('family'), task.get('obj'), task.get('loc')))
+        if pool:
+            ids[i] = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+    return ids
+
+
+@patch
+def text_batch(self: ChunkDataset, ids: np.ndarray) -> dict:
+    "The network's text input for text ids (B,): TOKENS and TOKEN_MASK, or TEXT_EMB for a sentence encoder."
+    new = self.texts[len(self._feats) :]
+    if new:  # features of every text are computed once; a sentence encoder embeds them in one batch
+        enc = getattr(self.language, 'encoder', None)
+        self._feats += list(enc.embed(new)) if enc is not None else [self.language.features(t)[0] for t in new]
+    x = torch.from_numpy(np.stack([self._feats[i] for i in ids]))
+    return {TEXT_EMB: x} if x.is_floating_point() else {TOKENS: x, TOKEN_MASK: x != 0}
 
 # %% ../nbs/02_data.ipynb #c050
 def plot_samples(ds: EpisodeDataset, n: int = 8, cols: int = 4):
@@ -927,37 +1122,70 @@ def plot_stats(ds: EpisodeDataset):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/02_data.ipynb #n08909e9
+def _same_episodes(a: EpisodeDataset, b: EpisodeDataset) -> bool:
+    "Whether two datasets hold the same episode indices with identical actions."
+    pos = {e['episode_index']: k for k, e in enumerate(b.episodes)}
+    if set(pos) != {e['episode_index'] for e in a.episodes}:
+        return False
+    return all(
+        np.array_equal(a.load_episode(k)[ACTION], b.load_episode(pos[e['episode_index']])[ACTION])
+        for k, e in enumerate(a.episodes)
+    )
+
+
+def _data_scaling(res: dict, max_startup_fraction: float):
+    "Median rates with 1 and 2 workers, start-up, busy fractions; the 2-vs-1 ratio only where start-up is a small part."
+    runs = {w: [r for r in res['runs'] if r['workers'] == w] for w in (1, 2)}
+    med = lambda w, f: round(float(np.median([f(r) for r in runs[w]])), 3)
+    res['frames_per_s_1_worker'] = med(1, lambda r: r['frames_per_s'])
+    res['frames_per_s_2_workers'] = med(2, lambda r: r['frames_per_s'])
+    res['startup_s_2_workers'] = med(2, lambda r: r['timing']['startup_s'])  # spawn, imports, simulator
+    frac = max(r['timing']['startup_s'] / r['seconds'] for r in runs[2])
+    res['startup_fraction_2_workers'] = round(frac, 3)
+    mean = lambda r, k: np.mean([w[k] for w in r['timing']['workers']])
+    res['busy_fraction_2_workers'] = med(2, lambda r: mean(r, 'busy_fraction'))  # of the recording phase
+    res['cpu_per_busy_s_2_workers'] = med(2, lambda r: mean(r, 'cpu_per_busy_s'))  # < 1: waited for a core
+    res['finalize_s'] = {w: med(w, lambda r: r['timing']['finalize_s']) for w in (1, 2)}
+    ratios = [b['frames_per_s'] / a['frames_per_s'] for a, b in zip(runs[1], runs[2])]
+    if frac < max_startup_fraction:
+        res['scaling_2_vs_1_workers'] = round(float(np.median(ratios)), 2)
+        res['scaling_2_vs_1_workers_runs'] = [round(x, 3) for x in ratios]  # one per repeat: how noisy it is
+    else:  # a ratio dominated by process start-up says nothing about scaling
+        res['scaling_2_vs_1_workers'] = None
+        res['scaling_not_reported'] = (
+            f"worker start-up is {frac:.0%} of the 2-worker run (limit {max_startup_fraction:.0%}): "
+            "record more episodes"
+        )
+
 # %% ../nbs/02_data.ipynb #c055
-def bench_data(num_episodes: int | None = None, root=None, seed: int = 0) -> dict:
-    "Recording rate with 1 and 2 workers, storage per frame, load time per 10k frames, expert failures."
+def bench_data(
+    num_episodes: int | None = None, root=None, seed: int = 0, repeats: int = 1, max_startup_fraction: float = 0.1
+) -> dict:
+    "Recording rate with 1 and 2 workers (where the time went), bytes per frame, load time per 10k frames, failures."
     import tempfile, shutil
 
     n = num_episodes or by_profile(16, 200)
+    check_range('repeats', repeats, 1, 100, integer=True)
     base = Path(root or tempfile.mkdtemp(prefix='vla_bench_data_'))
-    res = dict(episodes=n)
+    res = dict(episodes=n, repeats=repeats, cpu_count=os.cpu_count(), runs=[])
     try:
-        for w in (1, 2):
-            r = SyntheticDataGenerator(
-                DataConfig(root=str(base / f'w{w}'), num_episodes=n, seed=seed, workers=w)
-            ).generate_dataset(progress_bar=False)
-            res[f'frames_per_s_{w}_worker' + ('s' if w > 1 else '')] = r['frames_per_s']
-        ds = EpisodeDataset(base / 'w1')
+        for rep in range(repeats):
+            for w in (1, 2) if rep % 2 == 0 else (2, 1):  # alternating order: a drifting load hits both alike
+                load = os.getloadavg()[0]
+                cfg = DataConfig(root=str(base / f'w{w}_r{rep}'), num_episodes=n, seed=seed, workers=w)
+                r = SyntheticDataGenerator(cfg).generate_dataset(progress_bar=False)
+                keep = ('seconds', 'frames_per_s', 'timing')
+                res['runs'].append(dict(workers=w, repeat=rep, load_avg_1min=round(load, 2), **{k: r[k] for k in keep}))
+        _data_scaling(res, max_startup_fraction)
+        ds = EpisodeDataset(base / 'w1_r0')
         res['frames'] = ds.num_frames
         res['expert_failures'] = len(ds.failures)
         res['bytes_per_frame'] = round(sum(e['nbytes'] for e in ds.episodes) / ds.num_frames, 1)
         t = time.perf_counter()
         ChunkDataset(ds)
         res['load_s_per_10k_frames'] = round((time.perf_counter() - t) / ds.num_frames * 10_000, 3)
-        same = all(
-            np.array_equal(
-                ds.load_episode(k)[ACTION],
-                EpisodeDataset(base / 'w2').load_episode(
-                    [e['episode_index'] for e in EpisodeDataset(base / 'w2').episodes].index(e['episode_index'])
-                )[ACTION],
-            )
-            for k, e in enumerate(ds.episodes)
-        )
-        res['identical_across_worker_counts'] = bool(same)
+        res['identical_across_worker_counts'] = _same_episodes(ds, EpisodeDataset(base / 'w2_r0'))
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)

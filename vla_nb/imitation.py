@@ -20,16 +20,16 @@ from .core import by_profile
 from .data import IMAGE, WRIST_IMAGE, TOKENS, PROPRIO, ACTION, ACTION_PAD, OBJ_XY, OBJ_MASK, OBJECT_NAMES
 from .data import XY_SCALE, EpisodeDataset, EpisodeWriter, ChunkDataset, DataConfig, plan_episodes
 from .data import split_episodes, scene_targets, record_episode
-from .language import default_tokenizer
-from .model import ModelConfig, VLANet, VLAPolicy, chunk_loss, vla_loss, load_weights
+from .language import default_tokenizer, command_encoder, phrase_corpus, TRAINING_PHRASES
+from .model import ModelConfig, VLANet, VLAPolicy, chunk_loss, vla_loss, load_weights, text_key
 from .pretraining import Trainer, batch_to, train_arg_parser
 from .evaluation import evaluate_policy, env_for, torch_threads
 from . import sim
 
 # %% auto #0
-__all__ = ['SNAPSHOT_SEED', 'render_snapshots', 'ImitationConfig', 'VLAImitationLearner', 'init_from_checkpoint', 'masked_mse',
-           'BCObjective', 'plot_history', 'dagger_rollouts', 'run_dagger', 'train_and_evaluate', 'run_imitation',
-           'imitate_main']
+__all__ = ['SNAPSHOT_SEED', 'render_snapshots', 'ImitationConfig', 'ImitationLearningDataset', 'VLAImitationLearner',
+           'init_from_checkpoint', 'masked_mse', 'BCObjective', 'plot_history', 'dagger_rollouts', 'run_dagger',
+           'train_and_evaluate', 'run_imitation', 'imitate_main']
 
 # %% ../nbs/06_imitation.ipynb #c013
 SNAPSHOT_SEED = 2**30
@@ -74,6 +74,7 @@ class ImitationConfig(Config):
     batch_size: int = 64  # samples per process per step
     grad_clip: float = 1.0  # max global gradient norm
     augment: bool = True  # random shift + colour jitter of training images
+    text_augment: float = 0.0  # chance that an augmented sample reads another phrasing of its task (TRAINING_PHRASES)
     aux_weight: float = 1.0  # weight of the keypoint loss locating every object (0: off)
     snapshots: int = 0  # randomized scene snapshots rendered for the keypoint loss (0: demo frames only)
     snapshot_batch: int = 32  # snapshot frames added to each step
@@ -89,6 +90,15 @@ class ImitationConfig(Config):
     seed: int = 0  # data order, augmentation, dropout
     device: str = 'auto'  # 'auto', 'cpu', 'cuda'
 
+    aliases = dict(
+        il_learning_rate='lr',
+        log_interval='log_every',
+        num_workers=(
+            0,
+            'each batch is one gather from memory-mapped frames in the training process, there are no loader workers',
+        ),
+    )
+
     def __post_init__(self):
         check_range('lr', self.lr, 0, 10)
         check_range('weight_decay', self.weight_decay, 0, 10)
@@ -100,6 +110,7 @@ class ImitationConfig(Config):
         check_range('min_delta', self.min_delta, 0, 1)
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
         check_range('aux_weight', self.aux_weight, 0, 100)
+        check_range('text_augment', self.text_augment, 0, 1)
         check_range('snapshots', self.snapshots, 0, 10**7, integer=True)
         check_range('snapshot_batch', self.snapshot_batch, 1, 10**5, integer=True)
         check_range('snapshot_workers', self.snapshot_workers, 1, 64, integer=True)
@@ -111,16 +122,45 @@ class ImitationConfig(Config):
             **{**dict(batch_size=64, lr=1e-3, warmup_steps=300, patience=6, eval_every=3, eval_episodes=10), **kw}
         )
 
+# %% ../nbs/06_imitation.ipynb #n99412fa
+class ImitationLearningDataset(torch.utils.data.Dataset):
+    "Recorded demonstrations, one sample per frame: image, the episode's command, the expert's action, the state."
+
+    def __init__(self, demonstrations):  # an EpisodeDataset or its directory
+        if isinstance(demonstrations, (str, Path)):
+            demonstrations = EpisodeDataset(demonstrations)
+        if not isinstance(demonstrations, EpisodeDataset):
+            raise ValueError(
+                f"ImitationLearningDataset reads recorded episodes (an EpisodeDataset or its directory), not a "
+                f"{type(demonstrations).__name__}: learning action chunks needs the frames that follow each sample"
+            )
+        self.dataset, self.frames = demonstrations, demonstrations.frames()
+        lengths = [e['length'] for e in demonstrations.episodes]
+        self.episode = np.repeat(np.arange(len(lengths)), lengths)  # (N,) episode of every frame
+
+    def __len__(self):
+        return len(self.episode)
+
+    def __getitem__(self, i: int) -> dict:
+        i = range(len(self))[i]  # negative indices count from the end; IndexError past it
+        f = self.frames
+        return dict(
+            image=torch.from_numpy(np.array(f[IMAGE][i])).permute(2, 0, 1).float() / 255,  # (3, S, S) in [0, 1]
+            command=self.dataset.episodes[self.episode[i]]['command'],
+            action=torch.from_numpy(np.array(f[ACTION][i])),  # (7,) the expert's clean action
+            proprio=torch.from_numpy(np.array(f[PROPRIO][i])),
+        )
+
 # %% ../nbs/06_imitation.ipynb #c021
 class VLAImitationLearner(Trainer):
-    "Behaviour cloning of action chunks, early stopping on validation loss, selection by closed-loop success; resumable."
+    "Behaviour cloning of action chunks, early stopping on validation loss, selection by closed-loop success."
 
     kind = 'vla_nb.VLAImitationLearner'
 
-    def __init__(
-        self, model: VLANet, dataset: EpisodeDataset, config: ImitationConfig | None = None, resume=None, episodes=None
-    ):
-        cfg = config if config is not None else ImitationConfig()
+    def __init__(self, model: VLANet, dataset: EpisodeDataset, config=None, resume=None, episodes=None):
+        cfg = ImitationConfig.from_any(config)  # an ImitationConfig, a dict, or any object with (aliased) attributes
+        if isinstance(dataset, ImitationLearningDataset):
+            dataset = dataset.dataset
         pool = list(range(len(dataset))) if episodes is None else sorted(episodes)  # `episodes`: train on a subset only
         tr, va = split_episodes(len(pool), cfg.val_frac, cfg.seed)
         tr, va = [pool[i] for i in tr], [pool[i] for i in va]
@@ -129,7 +169,11 @@ class VLAImitationLearner(Trainer):
                 f"{len(pool)} episodes are too few to split off validation episodes (val_frac={cfg.val_frac})"
             )
         H, W = model.cfg.chunk_size, model.cfg.wrist_size
-        self.train_data = ChunkDataset(dataset, tr, H, augment=cfg.augment)
+        self.language = command_encoder(model.cfg.text_encoder, cfg.text_augment > 0)
+        phrases = phrase_corpus(TRAINING_PHRASES) if cfg.text_augment else None
+        self.train_data = ChunkDataset(
+            dataset, tr, H, augment=cfg.augment, language=self.language, phrases=phrases, text_augment=cfg.text_augment
+        )
         if W != self.train_data.wrist_size:
             have = (
                 f"{self.train_data.wrist_size}-pixel wrist images" if self.train_data.wrist_size else 'no wrist_image'
@@ -138,8 +182,8 @@ class VLAImitationLearner(Trainer):
                 f"the model reads a {W}-pixel wrist camera but {dataset.root} has {have}; record with "
                 f"DataConfig(wrist_camera=True, wrist_size={W})"
             )
-        self.norm, self.tokenizer = self.train_data.norm, dataset.tokenizer
-        self.val_data = ChunkDataset(dataset, va, H, norm=self.norm)
+        self.norm = self.train_data.norm
+        self.val_data = ChunkDataset(dataset, va, H, norm=self.norm, language=self.language)
         snaps = None
         if cfg.snapshots and cfg.aux_weight:
             snaps = render_snapshots(cfg.snapshots, cfg.seed, model.cfg.image_size, cfg.snapshot_workers)
@@ -147,7 +191,8 @@ class VLAImitationLearner(Trainer):
         self.model, self.dataset, self.objective = model, dataset, self.module
         self.extra_roots, self.stopped = [], False  # DAgger datasets appended with `add_data`
         self.best_val, self.bad_epochs, self.best_success = float('inf'), 0, -1.0
-        self.history = dict(step=[], train_loss=[], learning_rate=[], epoch=[], val_loss=[], eval_epoch=[], success=[])
+        keys = ('step', 'train_loss', 'learning_rate', 'epoch', 'epoch_train_loss', 'val_loss', 'eval_epoch', 'success')
+        self.history = {k: [] for k in keys}
         if resume:
             self.load_state(self.ckpt_path if resume is True else resume)
 
@@ -155,11 +200,16 @@ class VLAImitationLearner(Trainer):
     def best_path(self) -> Path:
         return self.out_dir / 'best_policy.safetensors'
 
+    @property
+    def imitation_losses(self) -> list:
+        "Mean training loss of every finished epoch."
+        return self.history['epoch_train_loss']
+
 # %% ../nbs/06_imitation.ipynb #c023
 @patch
 def policy(self: VLAImitationLearner, **kw) -> VLAPolicy:
     "The current network as a `VLAPolicy` (eval mode; shares the weights)."
-    return VLAPolicy(self.model, self.norm, self.tokenizer, **kw)
+    return VLAPolicy(self.model, self.norm, self.language, **kw)
 
 
 def init_from_checkpoint(net: VLANet, path) -> VLANet:
@@ -201,16 +251,17 @@ class BCObjective(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         "The loss terms: action and confidence (`chunk_loss`), and the keypoint term when `aux_weight` > 0."
-        f, keys = self.net.encode(batch[IMAGE], batch[TOKENS], batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True)
+        text = batch[text_key(self.net.cfg)]
+        f, keys = self.net.encode(batch[IMAGE], text, batch[PROPRIO], batch.get(WRIST_IMAGE), return_keys=True)
         terms = chunk_loss(self.net.head(f), batch[ACTION], batch[ACTION_PAD], self.net.cfg)
         if not self.aux_weight:
             return terms
         kp = masked_mse(self.locate(keys), batch[OBJ_XY], batch[OBJ_MASK])
         if self.snapshots is not None and self.training:  # fresh layouts, under the batch's commands
             S, dev, n = self.snapshots, batch[IMAGE].device, self.snapshot_batch
-            i, j = torch.randint(0, len(S[IMAGE]), (n,)), torch.randint(0, len(batch[TOKENS]), (n,))
+            i, j = torch.randint(0, len(S[IMAGE]), (n,)), torch.randint(0, len(text), (n,))
             img = self.norm.normalize(IMAGE, S[IMAGE][i].float() / 255).to(dev)
-            _, k = self.net.vision(img, self.net.text(batch[TOKENS][j]), return_keys=True)
+            _, k = self.net.vision(img, self.net.text(text[j]), return_keys=True)
             kp = kp + masked_mse(self.locate(k), S[OBJ_XY][i].to(dev), S[OBJ_MASK][i].to(dev))
         return {**terms, 'keypoint_loss': self.aux_weight * kp}
 
@@ -243,14 +294,14 @@ def validate(self: VLAImitationLearner, batch_size: int = 256) -> float:
 @patch
 @torch.no_grad()
 def keypoint_rmse(self: VLAImitationLearner, split: str = 'val', max_frames: int = 2000) -> float:
-    "RMS error (cm, per coordinate) of the objects' table positions read from the keypoints, on 'train' or 'val' frames."
+    "RMS error (cm, per coordinate) of the objects' table positions read from the keypoints, on 'train' or 'val'."
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data = self.val_data if split == 'val' else self.train_data
     idx = np.linspace(0, len(data) - 1, min(max_frames, len(data))).astype(np.int64)
     b = batch_to(data.batch(idx, augment=False), self.device)
     self.objective.eval()
-    _, keys = self.model.encode(b[IMAGE], b[TOKENS], b[PROPRIO], b.get(WRIST_IMAGE), return_keys=True)
+    _, keys = self.model.encode(b[IMAGE], b[text_key(self.model.cfg)], b[PROPRIO], b.get(WRIST_IMAGE), return_keys=True)
     return 100 * XY_SCALE * float(masked_mse(self.objective.locate(keys), b[OBJ_XY], b[OBJ_MASK]).sqrt())
 
 # %% ../nbs/06_imitation.ipynb #c027
@@ -281,6 +332,7 @@ def load_extra(self: VLAImitationLearner, tensors: dict, meta: dict):
     self.stopped, self.bad_epochs, self.best_success = meta['stopped'], meta['bad_epochs'], meta['best_success']
     self.best_val = float('inf') if meta['best_val'] is None else meta['best_val']
     self.history = {k: list(v) for k, v in meta['history'].items()}
+    self.history.setdefault('epoch_train_loss', [])  # checkpoints written before it was recorded
     for r in meta['extra_roots']:
         if r not in self.extra_roots:
             self.add_data(EpisodeDataset(r))
@@ -288,7 +340,7 @@ def load_extra(self: VLAImitationLearner, tensors: dict, meta: dict):
 
 @patch
 def add_data(self: VLAImitationLearner, dataset: EpisodeDataset):
-    "Append every episode of `dataset` (DAgger relabels) to the training frames; statistics stay those of the base data."
+    "Append every episode of `dataset` (DAgger relabels) to the training frames; the statistics stay the base data's."
     self.train_data.extend(dataset)
     self.extra_roots.append(str(dataset.root))
     return self
@@ -308,8 +360,10 @@ def evaluate(
 # %% ../nbs/06_imitation.ipynb #c030
 @patch
 def _end_epoch(self: VLAImitationLearner, num_epochs: int, env) -> dict:
-    "Validation loss, early-stopping counter, periodic closed-loop evaluation and best-policy selection at an epoch boundary."
+    "At an epoch boundary: validation loss, early-stopping counter, periodic closed-loop evaluation, best policy."
     cfg, rec = self.config, dict(epoch=self.epoch, step=self.step)
+    per_epoch = self.steps_per_epoch(len(self.train_data))
+    rec['epoch_train_loss'] = float(np.mean(self.history['train_loss'][-per_epoch:]))
     rec['val_loss'] = v = self.validate()
     if v < self.best_val - cfg.min_delta:
         self.best_val, self.bad_epochs = v, 0
@@ -325,14 +379,15 @@ def _end_epoch(self: VLAImitationLearner, num_epochs: int, env) -> dict:
             ensure_dir(self.out_dir)
             self.policy().save(self.best_path)  # ties go to the later, longer-trained weights
     self.history['epoch'].append(self.epoch)
+    self.history['epoch_train_loss'].append(rec['epoch_train_loss'])
     self.history['val_loss'].append(v)
     self.stopped = self.bad_epochs >= cfg.patience
     return rec
 
 # %% ../nbs/06_imitation.ipynb #c032
 @patch
-def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int | None = None) -> dict:
-    "Train for up to `num_epochs` epochs (or `max_steps` steps), stopping early on the validation loss; the history."
+def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int | None = None) -> list:
+    "Train up to `num_epochs` epochs (or `max_steps` steps), stopping early on validation loss; each epoch's mean loss."
     cfg, n = self.config, len(self.train_data)
     per_epoch = self.steps_per_epoch(n)
     self.total_steps = max(self.total_steps, num_epochs * per_epoch)
@@ -368,7 +423,7 @@ def train_imitation(self: VLAImitationLearner, num_epochs: int, max_steps: int |
         if env is not None:
             env.close()
     self.save_state()
-    return self.history
+    return list(self.imitation_losses)
 
 # %% ../nbs/06_imitation.ipynb #c035
 def plot_history(history: dict, title: str = 'behaviour cloning'):
@@ -393,6 +448,12 @@ def plot_history(history: dict, title: str = 'behaviour cloning'):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/06_imitation.ipynb #n88b44ec
+@patch
+def imitation_learning_step(self: VLAImitationLearner, batch: dict) -> float:
+    "`train_step` under its other common name: one behaviour-cloning update on `batch`, the loss as a float."
+    return self.train_step(batch)
+
 # %% ../nbs/06_imitation.ipynb #c047
 def dagger_rollouts(
     policy,
@@ -403,7 +464,7 @@ def dagger_rollouts(
     data_config: DataConfig | None = None,
     env: sim.TabletopEnv | None = None,
 ) -> dict:
-    "Let `policy` act (the expert's action with probability `beta`); record every visited state with the expert's label."
+    "Let `policy` act (the expert's action with probability `beta`); record every visited state with the expert's."
     dc = (data_config or DataConfig()).replace(
         root=str(root), num_episodes=n_episodes, seed=seed, split='train', noise_std=0.0
     )
@@ -448,7 +509,7 @@ def run_dagger(
     test_episodes: int = 5,
     seed: int = 0,
 ) -> list:
-    "DAgger rounds on top of a trained `learner`; returns [{round, frames, policy_success, success}], round 0 = before DAgger."
+    "DAgger rounds on a trained `learner`; returns [{round, frames, policy_success, success}], round 0 before DAgger."
     check_range('rounds', rounds, 1, 1000, integer=True)
     check_range('test_episodes', test_episodes, 0, 10**5, integer=True)
     env = env_for(learner.policy())
@@ -530,15 +591,20 @@ def run_imitation(argv=None) -> VLAImitationLearner:
         '--keypoint-level', type=int, default=3, help='conv block feeding the keypoints (match --pretrained)'
     )
     ap.add_argument('--snapshots', type=int, default=0, help='randomized scene snapshots co-trained for localization')
+    ap.add_argument(
+        '--text-encoder', choices=['words', 'sentence'], default='words', help="the policy's language backbone"
+    )
+    ap.add_argument('--text-augment', type=float, default=0.0, help='chance a training sample reads another phrasing')
     a = ap.parse_args(argv)
     eds = EpisodeDataset(a.data)
     torch.manual_seed(a.seed)
-    fr, tok = eds.frames(), eds.tokenizer
+    fr, lang = eds.frames(), command_encoder(a.text_encoder, a.text_augment > 0)
     W = int(fr[WRIST_IMAGE].shape[1]) if WRIST_IMAGE in fr else 0  # a recorded wrist camera is read too
+    words = dict(vocab_size=lang.vocab_size, max_tokens=lang.max_len) if a.text_encoder == 'words' else {}
     mcfg = ModelConfig(
         image_size=int(fr[IMAGE].shape[1]),
-        vocab_size=tok.vocab_size,
-        max_tokens=tok.max_len,
+        text_encoder=a.text_encoder,
+        **words,
         head=a.head,
         chunk_size=a.chunk_size,
         keypoint_level=a.keypoint_level,
@@ -558,6 +624,7 @@ def run_imitation(argv=None) -> VLAImitationLearner:
         device=a.device,
         snapshots=a.snapshots,
         log_every=a.log_every,
+        text_augment=a.text_augment,
     )
     learner = VLAImitationLearner(net, eds, cfg, resume=a.resume and (Path(a.out) / 'checkpoint.safetensors').exists())
     learner.train_imitation(a.epochs, a.max_steps)
