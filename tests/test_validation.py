@@ -97,6 +97,16 @@ def test_scenarios_are_real_and_prevented(name):
     assert not on['unsafe'] and on['interventions']
 
 
+def test_shield_reads_commands_with_the_policys_language(shield):
+    "A sentence-encoder policy's shield refuses what its recognizer cannot read, and passes paraphrases it can."
+    pytest.importorskip('sentence_transformers')
+    from vla_nb.language import command_encoder
+    s = SafetyShield(tokenizer=command_encoder('sentence'), model=shield.model)
+    env = sim.TabletopEnv(); obs, _ = env.reset(seed=2, options=dict(command='find the book')); env.close()
+    assert s.check_input({**obs, 'command': 'please locate the book'}, 0.0) is None
+    assert s.check_input({**obs, 'command': 'blorp the zorp quickly'}, 0.0) == 'command_not_understood'
+
+
 def test_harness_takes_a_shield():
     env = sim.TabletopEnv()
     eps = eval_episodes(EvalConfig(episodes_per_family=1, seed=5))
@@ -159,10 +169,11 @@ def test_suite_runs_on_any_policy_interface(tmp_path):
     tok = CommandTokenizer.build(command_corpus()); seed_everything(0)
     pol = VLAPolicy(VLANet(ModelConfig(vocab_size=tok.vocab_size, **SMALL)), Normalizer(bounds_stats()), tok)
     pol.save(tmp_path / 'p.safetensors')
-    s = robustness_suite(str(tmp_path / 'p.safetensors'), 1, seed=0, axes=('command_wording',), workers=2)
+    s = robustness_suite(str(tmp_path / 'p.safetensors'), 2, seed=0, axes=('command_wording',), workers=2, families=('move',))
     t = robustness_table(s)
     assert len(s['conditions']) == 4 and set(t) == {'command_wording'}
-    assert all(len(c['records']) == 4 and len(c['traces']) == 4 for c in s['conditions'])  # unknown words read, not refused
+    assert all(len(c['records']) == 2 and len(c['traces']) == 2 for c in s['conditions'])  # unknown words read, not refused
+    assert {r['family'] for c in s['conditions'] for r in c['records']} == {'move'}
     assert weakest_axis(t) in t
     with pytest.raises(ValueError, match='axes'): ValidationConfig(axes=('weather',))
     with pytest.raises(ValueError, match='cannot open'): load_policy(tmp_path / 'p.onnx')

@@ -982,7 +982,7 @@ def _edge_shield(cfg: EdgeConfig, runtime: OptimizedVLAInference):
     "The shield an edge runtime starts with; imported here, at use, so the deployment module does not import validation."
     from vla_nb.validation import SafetyShield, ShieldConfig
 
-    return SafetyShield(ShieldConfig(control_hz=cfg.control_hz), tokenizer=runtime.pre.tokenizer)
+    return SafetyShield(ShieldConfig(control_hz=cfg.control_hz), tokenizer=runtime.pre.language)
 
 
 @patch

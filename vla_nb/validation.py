@@ -25,16 +25,16 @@ from . import sim
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'NEW_TEMPLATES', 'AXES', 'JOINT_SPEED_LIMITS', 'SCENARIOS', 'load_policy', 'record_heldout', 'predict_frames',
-           'offline_predictions', 'error_target', 'action_metrics', 'ece', 'brier', 'reliability', 'Calibrator',
-           'calibration_report', 'plot_reliability', 'latency_profile', 'frame_observations', 'peak_memory',
-           'RolloutMonitor', 'reword', 'Axis', 'PerturbedEnv', 'plot_axes', 'run_condition', 'robustness_suite',
-           'robustness_table', 'weakest_axis', 'robustness_markdown', 'plot_robustness', 'failing_rollouts',
-           'step_scores', 'fit_failure_head', 'conformal_threshold', 'failure_prediction', 'suite_rollouts',
-           'plot_alarm', 'success_calibration', 'ShieldConfig', 'CollisionModel', 'hold_action', 'SafetyShield',
-           'ShieldedPolicy', 'SimClock', 'UnsafeScenario', 'run_scenario', 'run_scenarios', 'safety_markdown',
-           'scenario_strips', 'shield_cost', 'ValidationConfig', 'VLAValidator', 'bench_validate', 'grip_force_curve',
-           'fixture_body']
+__all__ = ['log', 'NEW_TEMPLATES', 'AXES', 'QUICK_AXES', 'JOINT_SPEED_LIMITS', 'SCENARIOS', 'load_policy', 'record_heldout',
+           'predict_frames', 'offline_predictions', 'error_target', 'action_metrics', 'ece', 'brier', 'reliability',
+           'Calibrator', 'calibration_report', 'plot_reliability', 'latency_profile', 'frame_observations',
+           'peak_memory', 'RolloutMonitor', 'reword', 'Axis', 'PerturbedEnv', 'plot_axes', 'run_condition',
+           'robustness_suite', 'robustness_table', 'weakest_axis', 'robustness_markdown', 'plot_robustness',
+           'failing_rollouts', 'step_scores', 'fit_failure_head', 'conformal_threshold', 'failure_prediction',
+           'suite_rollouts', 'plot_alarm', 'success_calibration', 'ShieldConfig', 'CollisionModel', 'hold_action',
+           'SafetyShield', 'ShieldedPolicy', 'SimClock', 'UnsafeScenario', 'run_scenario', 'run_scenarios',
+           'safety_markdown', 'scenario_strips', 'shield_cost', 'ValidationConfig', 'VLAValidator', 'bench_validate',
+           'grip_force_curve', 'fixture_body']
 
 # %% ../nbs/09_validation.ipynb #c005
 def load_policy(source, threads: int = 1):
@@ -92,9 +92,10 @@ def _action_stats(policy) -> tuple:
     raise TypeError(f"no action statistics on {type(p).__name__}: expected a VLAPolicy or an OptimizedVLAInference")
 
 
-def _tokenizer(policy) -> CommandTokenizer:
+def _language(policy):
+    "The command encoder `policy` reads its commands with: a `CommandTokenizer` or `SentenceCommands`."
     p = _inner(policy)
-    return p.tokenizer if hasattr(p, 'tokenizer') else p.pre.tokenizer
+    return p.tokenizer if hasattr(p, 'tokenizer') else p.pre.language
 
 
 def predict_frames(policy, ep: dict, command: str, batch: int = 64) -> tuple:
@@ -117,8 +118,6 @@ def predict_frames(policy, ep: dict, command: str, batch: int = 64) -> tuple:
 # %% ../nbs/09_validation.ipynb #c012
 def offline_predictions(policy, ds: EpisodeDataset, episodes) -> dict:
     "Every frame of `episodes` of `ds`: predicted and expert chunks (N, H, A), padding (N, H), confidence (N,), episode (N,)."
-    if ds.tokenizer != _tokenizer(policy):
-        raise ValueError(f"{ds.root} uses another tokenizer than the policy: token ids would mean other words")
     out = dict(pred=[], label=[], pad=[], conf=[], episode=[])
     for k in map(int, episodes):
         ep = ds.load_episode(k)
@@ -484,6 +483,7 @@ AXES = {
         Axis('command_wording', ('training', 'held-out paraphrase', 'typo', 'new verbs + typo'), 'command'),
     ]
 }
+QUICK_AXES = ('camera_pose', 'table_texture', 'command_wording')  # the quick profile's subset: scene, world, command
 
 # %% ../nbs/09_validation.ipynb #c045
 class PerturbedEnv(gym.Wrapper):
@@ -499,7 +499,7 @@ class PerturbedEnv(gym.Wrapper):
         options, u, ax, lv = dict(options or {}), self.env.unwrapped, self.axis, self.level
         self.rng = np.random.default_rng(derive_seed(self.seed, 'robustness', ax.name, int(seed or 0)))
         if lv and ax.kind == 'scene' and 'scene' not in options:
-            task = sim.parse_command(options['command']) if 'command' in options else options.get('task')
+            task = options.get('task') or (sim.parse_command(options['command']) if 'command' in options else None)
             if task is None:
                 raise ValueError("a scene axis needs options['command'] or options['task'] to draw the episode's scene")
             task = sim.Task(**task) if isinstance(task, dict) else task
@@ -591,14 +591,16 @@ def _saved_source(policy, tmp: Path):
     raise ValueError(f"cannot hand a {type(p).__name__} to worker processes: pass a checkpoint path or use workers=1")
 
 # %% ../nbs/09_validation.ipynb #c052
-def robustness_suite(policy, episodes_per_family: int = 1, seed: int = 0, axes=None, workers: int = 1) -> dict:
-    "Every (axis, level) of `axes` (default: all) on one seeded episode set; records and monitor traces per condition."
+def robustness_suite(policy, episodes_per_family: int = 1, seed: int = 0, axes=None, workers: int = 1,
+                     families: tuple = sim.TASK_FAMILIES) -> dict:
+    "Every (axis, level) of `axes` (default: all) on one seeded episode set of `families`; records and monitor traces."
     import importlib
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
 
     axes = tuple(AXES if axes is None else axes)
-    eps = eval_episodes(EvalConfig(episodes_per_family=episodes_per_family, seed=derive_seed(seed, 'robustness')))
+    ec = EvalConfig(episodes_per_family=episodes_per_family, seed=derive_seed(seed, 'robustness'), families=families)
+    eps = eval_episodes(ec)
     jobs = [(eps, None, 0, seed)] + [(eps, a, lv, seed) for a in axes for lv in range(1, len(AXES[a].levels))]
     t0 = time.time()
     if workers == 1:
@@ -728,7 +730,7 @@ def _auroc(y, s):
 def failure_prediction(traces, failed, steps, groups, alpha: float = 0.1, decision_step: int = 20, hz: float = 10.0,
                        seed: int = 0) -> dict:
     "Fit the learned score on one third of the rollouts, set each score's conformal threshold on the successes of the\
- second, and report AUROC, false alarms, detections and lead time on the third."
+ second (None when too few to certify `alpha`), and report AUROC, false alarms, detections and lead time on the third."
     failed, steps = np.asarray(failed, bool), np.asarray(steps)
     split = _three_way(groups, seed)
     tr, ca, te = (np.flatnonzero(split == k) for k in range(3))
@@ -739,13 +741,13 @@ def failure_prediction(traces, failed, steps, groups, alpha: float = 0.1, decisi
     for kind in ('confidence', 'inconsistency') + (('learned',) if head is not None else ()):
         run = [np.maximum.accumulate(step_scores(t, kind, head)) for t in traces]
         final = np.array([r[-1] for r in run])
-        tau = conformal_threshold(final[ca][~failed[ca]], alpha)
+        tau = conformal_threshold(final[ca][~failed[ca]], alpha)  # inf: too few successes to certify alpha
         alarm = final[te] > tau
         lead = [(steps[i] - int(np.argmax(run[i] > tau))) / hz for i in te if failed[i] and final[i] > tau]
         out[kind] = dict(
             auroc=_auroc(failed[te], final[te]),
             auroc_at_decision_step=_auroc(failed[late], [run[i][decision_step - 1] for i in late]),
-            threshold=round(tau, 4),
+            threshold=round(tau, 4) if math.isfinite(tau) else None,
             false_alarm_rate=round(float(alarm[~failed[te]].mean()), 4) if (~failed[te]).any() else None,
             detection_rate=round(float(alarm[failed[te]].mean()), 4) if failed[te].any() else None,
             lead_time_s=dict(median=round(float(np.median(lead)), 2), mean=round(float(np.mean(lead)), 2)) if lead else None,
@@ -759,8 +761,8 @@ def suite_rollouts(suite: dict) -> tuple:
     return [t for _, t in recs], [not r['success'] for r, _ in recs], [r['steps'] for r, _ in recs], [r['seed'] for r, _ in recs]
 
 # %% ../nbs/09_validation.ipynb #c069
-def plot_alarm(traces, failed, kind: str, threshold: float, head=None, n: int = 40):
-    "The alarm statistic over time of up to `n` successful and `n` failed rollouts, and the conformal threshold."
+def plot_alarm(traces, failed, kind: str, threshold: float | None, head=None, n: int = 40):
+    "The alarm statistic over time of up to `n` successful and `n` failed rollouts, and the conformal threshold (if any)."
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -769,7 +771,8 @@ def plot_alarm(traces, failed, kind: str, threshold: float, head=None, n: int = 
         for j, i in enumerate(idx):
             s = np.maximum.accumulate(step_scores(traces[i], kind, head))
             ax.plot(np.arange(len(s)) / 10, s, color=color, alpha=0.35, lw=0.8, label=None if j else ('failure' if want else 'success'))
-    ax.axhline(threshold, color='k', ls='--', lw=1, label='conformal threshold')
+    if threshold is not None:  # None: too few calibration successes to certify the target rate
+        ax.axhline(threshold, color='k', ls='--', lw=1, label='conformal threshold')
     ax.set(xlabel='time (s)', ylabel=f'running max of {kind} score')
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -779,6 +782,8 @@ def plot_alarm(traces, failed, kind: str, threshold: float, head=None, n: int = 
 def success_calibration(traces, failed, groups, method: str = 'platt', seed: int = 0, bins: int = 10) -> dict:
     "Calibration of each rollout's mean confidence as a probability of success, fitted and judged on disjoint seed halves."
     g = np.asarray(groups)
+    if len(np.unique(g)) < 2:
+        raise ValueError("success_calibration needs rollouts from at least two scenes: one half fits, the other judges")
     u = np.random.default_rng(derive_seed(seed, 'success-calibration')).permutation(np.unique(g))
     fit = np.isin(g, u[: len(u) // 2])
     p = np.array([np.mean(t['conf']) for t in traces])
@@ -877,9 +882,9 @@ def hold_action(grip: float, act_dim: int = sim.ACT_DIM) -> np.ndarray:
 class SafetyShield:
     "Between a policy and the robot: checks every observation and action against hard limits and counts each intervention."
 
-    def __init__(self, cfg: ShieldConfig | None = None, tokenizer: CommandTokenizer | None = None, model: CollisionModel | None = None):
+    def __init__(self, cfg: ShieldConfig | None = None, tokenizer=None, model: CollisionModel | None = None):
         self.cfg = cfg or ShieldConfig()
-        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer()  # the policy's command encoder
         self.model = model if model is not None else CollisionModel()
         self.counts, self.latched, self.world = Counter(), False, None
         self.reset()
@@ -928,7 +933,7 @@ class SafetyShield:
 @patch
 def _understood(self: SafetyShield, cmd) -> bool:
     try:
-        self.tokenizer.encode(cmd)
+        self.tokenizer.features(cmd)  # the policy's own language check: unknown words, or a sentence it cannot read
     except ValueError:
         return False
     return True
@@ -1361,12 +1366,14 @@ def scenario_strips(res: dict, names=None, n: int = 6):
     return fig
 
 # %% ../nbs/09_validation.ipynb #c105
-def shield_cost(policy, episodes_per_family: int, seed: int = 0, cfg: ShieldConfig | None = None, env=None) -> dict:
+def shield_cost(policy, episodes_per_family: int, seed: int = 0, cfg: ShieldConfig | None = None, env=None,
+                families: tuple = sim.TASK_FAMILIES) -> dict:
     "Paired success without and with a `SafetyShield` on the same seeded test episodes, and the shield's interventions."
-    eps = eval_episodes(EvalConfig(episodes_per_family=episodes_per_family, seed=derive_seed(seed, 'shield-cost')))
+    ec = EvalConfig(episodes_per_family=episodes_per_family, seed=derive_seed(seed, 'shield-cost'), families=families)
+    eps = eval_episodes(ec)
     own = env is None
     env = env or env_for(policy)
-    shield = SafetyShield(cfg, tokenizer=_tokenizer(policy))
+    shield = SafetyShield(cfg, tokenizer=_language(policy))
     try:
         plain = evaluate(policy, eps, env, name='no shield', progress_bar=False)
         guarded = evaluate(policy, eps, env, name='shield', progress_bar=False, shield=shield)
@@ -1376,14 +1383,14 @@ def shield_cost(policy, episodes_per_family: int, seed: int = 0, cfg: ShieldConf
             env.close()
     a, b = (np.array([r['success'] for r in res.records], float) for res in (plain, guarded))
     d, n = b - a, len(a)
-    half = 1.96 * d.std(ddof=1) / math.sqrt(n) if n > 1 else float('nan')
+    half = 1.96 * d.std(ddof=1) / math.sqrt(n) if n > 1 else None  # one pair: no interval
     fam = lambda res: {f: v['rate'] for f, v in res.summary()['success'].items()}
     return dict(
         episodes=n,
         success_without=round(float(a.mean()), 4),
         success_with=round(float(b.mean()), 4),
         difference=round(float(d.mean()), 4),
-        difference_ci=[round(float(d.mean() - half), 4), round(float(d.mean() + half), 4)],
+        difference_ci=None if half is None else [round(float(d.mean() - half), 4), round(float(d.mean() + half), 4)],
         lost=int(((a == 1) & (b == 0)).sum()),
         gained=int(((a == 0) & (b == 1)).sum()),
         per_family=dict(without=fam(plain), with_shield=fam(guarded)),
@@ -1398,6 +1405,7 @@ class ValidationConfig(Config):
 
     seed: int = 0  # seed of every episode set, split and recording
     data_episodes: int = 12  # held-out expert episodes for offline metrics (one half fits the calibration)
+    families: tuple = sim.TASK_FAMILIES  # task families of the closed-loop, robustness and shield-cost episodes
     eval_episodes: int = 3  # closed-loop test episodes per family
     robustness_episodes: int = 1  # episodes per family at every robustness level
     axes: tuple = tuple(AXES)  # robustness axes
@@ -1413,6 +1421,11 @@ class ValidationConfig(Config):
         for k in ('data_episodes', 'eval_episodes', 'robustness_episodes', 'cost_episodes', 'latency_calls', 'scenario_seeds', 'workers'):
             check_range(k, getattr(self, k), 1, 10**6, integer=True)
         check_range('data_episodes', self.data_episodes, 2, 10**6, integer=True)
+        self.families = tuple(self.families)
+        if not self.families:
+            raise ValueError("families must name at least one task family")
+        for f in self.families:
+            check_choice('families', f, sim.TASK_FAMILIES)
         self.axes = tuple(self.axes)
         for a in self.axes:
             check_choice('axes', a, tuple(AXES))
@@ -1440,7 +1453,7 @@ class VLAValidator:
         self.cfg = cfg or ValidationConfig.for_profile()
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix='vla_validate_'))
         self.training, self.results, self.suite = training, {}, None
-        self.shield = SafetyShield(tokenizer=_tokenizer(self.policy))
+        self.shield = SafetyShield(tokenizer=_language(self.policy))
         self._safe = self.shield.wrap(self.policy)
 
     def is_safe_action(self, action, obs: dict) -> bool:
@@ -1467,7 +1480,7 @@ def validate_model(self: VLAValidator) -> dict:
     pf, pt = offline_predictions(self.policy, ds, fit), offline_predictions(self.policy, ds, test)
     cal = calibration_report(pf['conf'], error_target(self.policy, pf), pt['conf'], error_target(self.policy, pt))
     src = self.source if isinstance(self.source, (str, Path)) else self.policy
-    res = evaluate(self.policy, eval_episodes(EvalConfig(episodes_per_family=c.eval_episodes, seed=c.seed)), name='test',
+    res = evaluate(self.policy, eval_episodes(EvalConfig(episodes_per_family=c.eval_episodes, seed=c.seed, families=c.families)), name='test',
                    progress_bar=False).summary()
     self.results['model'] = dict(
         offline=action_metrics(pt) | dict(calibration=cal),
@@ -1483,7 +1496,7 @@ def validate_model(self: VLAValidator) -> dict:
 def validate_robustness(self: VLAValidator) -> dict:
     "The robustness suite: a success curve per axis, the summary table and the weakest axis."
     c = self.cfg
-    self.suite = robustness_suite(self.source, c.robustness_episodes, c.seed, c.axes, c.workers)
+    self.suite = robustness_suite(self.source, c.robustness_episodes, c.seed, c.axes, c.workers, c.families)
     table = robustness_table(self.suite)
     self.results['robustness'] = dict(table=table, weakest_axis=weakest_axis(table), conditions=len(self.suite['conditions']),
                                       episodes=len(self.suite['episodes']), workers=c.workers, seconds=self.suite['seconds'])
@@ -1508,7 +1521,7 @@ def validate_safety(self: VLAValidator) -> dict:
     seeds = tuple(derive_seed(self.cfg.seed, 'scenario', i) for i in range(self.cfg.scenario_seeds))
     res = run_scenarios(self.cfg.scenarios, seeds)
     t1 = time.time()
-    cost = shield_cost(self.policy, self.cfg.cost_episodes, self.cfg.seed)
+    cost = shield_cost(self.policy, self.cfg.cost_episodes, self.cfg.seed, families=self.cfg.families)
     self.results['safety'] = dict(scenarios=res['scenarios'], prevented=res['prevented'], seeds=res['seeds'],
                                   scenario_seconds=round(t1 - t0, 1), shield_cost=cost, cost_seconds=round(time.time() - t1, 1))
     return self.results['safety']
