@@ -439,10 +439,15 @@ def bench_main(argv=None):
     ap.add_argument('--out', required=True, help='JSON file to write')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
     ap.add_argument(
-        '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200; validate: per family and robustness level)',
+        '--episodes',
+        type=int,
+        default=None,
+        help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200; validate: per family and robustness level)',
     )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve and validate benchmarks)')
+    ap.add_argument(
+        '--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve and validate benchmarks)'
+    )
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:
         ap.error('--episodes must be >= 1')
@@ -456,7 +461,17 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details', 'robustness', 'safety')
+                    k
+                    in (
+                        'expert_failures',
+                        'test',
+                        'by_object',
+                        'latency_ms',
+                        'optimizer',
+                        'fault_details',
+                        'robustness',
+                        'safety',
+                    )
                     and isinstance(v, dict)
                 )
             },

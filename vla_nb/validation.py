@@ -77,7 +77,9 @@ def record_heldout(policy, root, episodes: int, seed: int = 0, workers: int = 1,
         seeds = lambda d: {e['meta']['seed'] for e in d.episodes}
         clash = seeds(ds) & seeds(EpisodeDataset(training))
         if clash:
-            raise ValueError(f"{len(clash)} held-out episodes share a scene seed with the training data: {sorted(clash)[:5]}")
+            raise ValueError(
+                f"{len(clash)} held-out episodes share a scene seed with the training data: {sorted(clash)[:5]}"
+            )
     return ds
 
 # %% ../nbs/09_validation.ipynb #c011
@@ -147,10 +149,17 @@ def action_metrics(d: dict) -> dict:
     pr, rc, f1, n = precision_recall_fscore_support(
         d['label'][:, 0, -1] > 0, d['pred'][:, 0, -1] > 0, labels=[True, False], zero_division=0
     )
-    grip = {c: dict(precision=round(float(pr[i]), 4), recall=round(float(rc[i]), 4), f1=round(float(f1[i]), 4), n=int(n[i]))
-            for i, c in enumerate(('close', 'open'))}
-    return dict(frames=len(d['pred']), rmse=r(np.sqrt((err**2).mean(0))), mae=r(np.abs(err).mean(0)),
-                rmse_first=r(np.sqrt((first**2).mean(0))), gripper=grip)
+    grip = {
+        c: dict(precision=round(float(pr[i]), 4), recall=round(float(rc[i]), 4), f1=round(float(f1[i]), 4), n=int(n[i]))
+        for i, c in enumerate(('close', 'open'))
+    }
+    return dict(
+        frames=len(d['pred']),
+        rmse=r(np.sqrt((err**2).mean(0))),
+        mae=r(np.abs(err).mean(0)),
+        rmse_first=r(np.sqrt((first**2).mean(0))),
+        gripper=grip,
+    )
 
 # %% ../nbs/09_validation.ipynb #c017
 def _bins(p, bins: int) -> list:
@@ -196,14 +205,18 @@ class Calibrator:
         else:
             x = _logit(p)[:, None]
             w = np.r_[y, 1 - y] + 1e-12  # each sample as a weighted positive and a weighted negative
-            self.model = LogisticRegression(C=1e4).fit(np.r_[x, x], np.r_[np.ones(len(p)), np.zeros(len(p))], sample_weight=w)
+            self.model = LogisticRegression(C=1e4).fit(
+                np.r_[x, x], np.r_[np.ones(len(p)), np.zeros(len(p))], sample_weight=w
+            )
         return self
 
     def __call__(self, p) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("call fit() before using the calibrator")
         p = np.asarray(p, float)
-        return self.model.predict(p) if self.method == 'isotonic' else self.model.predict_proba(_logit(p)[:, None])[:, 1]
+        return (
+            self.model.predict(p) if self.method == 'isotonic' else self.model.predict_proba(_logit(p)[:, None])[:, 1]
+        )
 
 
 def _logit(p):
@@ -266,7 +279,9 @@ def frame_observations(ds: EpisodeDataset, episodes, policy, n: int = 50) -> lis
     out = []
     for k in map(int, episodes):
         ep = ds.load_episode(k)
-        out += [{key: ep[key][i] for key in keys} | {'command': ds.episodes[k]['command']} for i in range(len(ep[PROPRIO]))]
+        out += [
+            {key: ep[key][i] for key in keys} | {'command': ds.episodes[k]['command']} for i in range(len(ep[PROPRIO]))
+        ]
     return out[:: max(1, len(out) // n)][:n]
 
 # %% ../nbs/09_validation.ipynb #c028
@@ -294,20 +309,24 @@ def peak_memory(source, calls: int = 50) -> dict:
     "Resident memory (MB) of a fresh process after imports, with `source` loaded (and a simulator), and its peak over\
  `calls` inferences (Linux: /proc/self/status, with the peak reset before the calls)."
     if not Path('/proc/self/clear_refs').exists():
-        raise RuntimeError("peak_memory reads /proc/self/status and resets the peak through /proc/self/clear_refs: Linux only")
+        raise RuntimeError(
+            "peak_memory reads /proc/self/status and resets the peak through /proc/self/clear_refs: Linux only"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(_inner(source), VLAPolicy):  # a policy object: the child loads a saved copy
             source = _inner(source).save(Path(tmp) / 'policy.safetensors')
         elif hasattr(_inner(source), 'path'):  # an OptimizedVLAInference: its artifact directory
             source = _inner(source).path
-        r = subprocess.run([sys.executable, '-c', _MEMORY_CHILD, str(source), str(calls)], capture_output=True, text=True, timeout=600
+        r = subprocess.run(
+            [sys.executable, '-c', _MEMORY_CHILD, str(source), str(calls)], capture_output=True, text=True, timeout=600
         )
     if r.returncode:
         raise RuntimeError(f"the memory probe failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
     m = json.loads(r.stdout.strip().splitlines()[-1])
     return {k: round(v, 1) for k, v in m.items()} | dict(
-        policy_and_sim_mb=round(m['loaded_mb'] - m['imports_mb'], 1), inference_mb=round(m['peak_mb'] - m['loaded_mb'], 1)
+        policy_and_sim_mb=round(m['loaded_mb'] - m['imports_mb'], 1),
+        inference_mb=round(m['peak_mb'] - m['loaded_mb'], 1),
     )
 
 # %% ../nbs/09_validation.ipynb #c033
@@ -390,7 +409,9 @@ def _camera(scene, rng, level):
 
 
 def _arm(scene, rng, level):
-    tcp = np.asarray(scene['robot']['tcp_start']) + [0, 0.04, 0.09, 0.15][level] * _unit(rng)  # training: +-4 cm per axis
+    tcp = np.asarray(scene['robot']['tcp_start']) + [0, 0.04, 0.09, 0.15][level] * _unit(
+        rng
+    )  # training: +-4 cm per axis
     return {**scene, 'robot': {'tcp_start': np.clip(tcp, [0.3, -0.35, 0.15], [0.75, 0.35, 0.4]).round(5).tolist()}}
 
 
@@ -416,9 +437,17 @@ def _distractors(scene, rng, level):
             xy = np.array([rng.uniform(*sim.OBJECT_AREA[0]), rng.uniform(*sim.OBJECT_AREA[1])])
             if sim._free(xy, s.footprint, placed):  # the simulator's own placement rule
                 placed.append((xy, s.footprint))
-                objs.append(dict(name=str(n), xy=xy.round(5).tolist(), yaw=round(float(rng.uniform(-np.pi, np.pi)), 5),
-                                 rgb=sim.jitter_rgb(s.rgb, s.shade, rng), mass=float(np.mean(s.mass)), friction=1.0,
-                                 rolling_friction=1e-3 if s.shape == 'sphere' else 0.0))
+                objs.append(
+                    dict(
+                        name=str(n),
+                        xy=xy.round(5).tolist(),
+                        yaw=round(float(rng.uniform(-np.pi, np.pi)), 5),
+                        rgb=sim.jitter_rgb(s.rgb, s.shade, rng),
+                        mass=float(np.mean(s.mass)),
+                        friction=1.0,
+                        rolling_friction=1e-3 if s.shape == 'sphere' else 0.0,
+                    )
+                )
                 break
     return {**scene, 'objects': objs}
 
@@ -551,7 +580,9 @@ def _read_unknown_words(policy, on: bool):
     return prev
 
 
-def run_condition(policy, episodes: list, axis: str | None, level: int, seed: int = 0, env=None, frames: int = 0) -> dict:
+def run_condition(
+    policy, episodes: list, axis: str | None, level: int, seed: int = 0, env=None, frames: int = 0
+) -> dict:
     "Records and monitor traces of `policy` on `episodes` with `axis` at `level` (axis None: unperturbed)."
     own = env is None
     env = env or env_for(policy)
@@ -591,8 +622,14 @@ def _saved_source(policy, tmp: Path):
     raise ValueError(f"cannot hand a {type(p).__name__} to worker processes: pass a checkpoint path or use workers=1")
 
 # %% ../nbs/09_validation.ipynb #c052
-def robustness_suite(policy, episodes_per_family: int = 1, seed: int = 0, axes=None, workers: int = 1,
-                     families: tuple = sim.TASK_FAMILIES) -> dict:
+def robustness_suite(
+    policy,
+    episodes_per_family: int = 1,
+    seed: int = 0,
+    axes=None,
+    workers: int = 1,
+    families: tuple = sim.TASK_FAMILIES,
+) -> dict:
     "Every (axis, level) of `axes` (default: all) on one seeded episode set of `families`; records and monitor traces."
     import importlib
     from concurrent.futures import ProcessPoolExecutor
@@ -620,7 +657,9 @@ def robustness_table(suite: dict) -> dict:
     from vla_nb.evaluation import EvalResult
 
     rate = {(c['axis'], c['level']): EvalResult(c['records']).summary()['overall'] for c in suite['conditions']}
-    return {a: {lab: rate[(a, lv) if lv else (None, 0)] for lv, lab in enumerate(AXES[a].levels)} for a in suite['axes']}
+    return {
+        a: {lab: rate[(a, lv) if lv else (None, 0)] for lv, lab in enumerate(AXES[a].levels)} for a in suite['axes']
+    }
 
 
 def weakest_axis(table: dict) -> str:
@@ -727,15 +766,23 @@ def _auroc(y, s):
     return round(float(roc_auc_score(y, s)), 4) if len(set(y)) == 2 else None
 
 
-def failure_prediction(traces, failed, steps, groups, alpha: float = 0.1, decision_step: int = 20, hz: float = 10.0,
-                       seed: int = 0) -> dict:
+def failure_prediction(
+    traces, failed, steps, groups, alpha: float = 0.1, decision_step: int = 20, hz: float = 10.0, seed: int = 0
+) -> dict:
     "Fit the learned score on one third of the rollouts, set each score's conformal threshold on the successes of the\
  second (None when too few to certify `alpha`), and report AUROC, false alarms, detections and lead time on the third."
     failed, steps = np.asarray(failed, bool), np.asarray(steps)
     split = _three_way(groups, seed)
     tr, ca, te = (np.flatnonzero(split == k) for k in range(3))
-    out = dict(alpha=alpha, decision_step=decision_step, train=len(tr), calibration=len(ca), test=len(te),
-               test_failures=int(failed[te].sum()), timer_auroc=_auroc(failed[te], steps[te]))
+    out = dict(
+        alpha=alpha,
+        decision_step=decision_step,
+        train=len(tr),
+        calibration=len(ca),
+        test=len(te),
+        test_failures=int(failed[te].sum()),
+        timer_auroc=_auroc(failed[te], steps[te]),
+    )
     head = fit_failure_head([traces[i] for i in tr], failed[tr]) if len(set(failed[tr])) == 2 else None
     late = te[steps[te] > decision_step]  # still running at the decision step
     for kind in ('confidence', 'inconsistency') + (('learned',) if head is not None else ()):
@@ -750,7 +797,9 @@ def failure_prediction(traces, failed, steps, groups, alpha: float = 0.1, decisi
             threshold=round(tau, 4) if math.isfinite(tau) else None,
             false_alarm_rate=round(float(alarm[~failed[te]].mean()), 4) if (~failed[te]).any() else None,
             detection_rate=round(float(alarm[failed[te]].mean()), 4) if failed[te].any() else None,
-            lead_time_s=dict(median=round(float(np.median(lead)), 2), mean=round(float(np.mean(lead)), 2)) if lead else None,
+            lead_time_s=dict(median=round(float(np.median(lead)), 2), mean=round(float(np.mean(lead)), 2))
+            if lead
+            else None,
         )
     return out
 
@@ -758,7 +807,12 @@ def failure_prediction(traces, failed, steps, groups, alpha: float = 0.1, decisi
 def suite_rollouts(suite: dict) -> tuple:
     "(traces, failed, steps, scene seeds) of every rollout of a robustness suite."
     recs = [(r, t) for c in suite['conditions'] for r, t in zip(c['records'], c['traces'])]
-    return [t for _, t in recs], [not r['success'] for r, _ in recs], [r['steps'] for r, _ in recs], [r['seed'] for r, _ in recs]
+    return (
+        [t for _, t in recs],
+        [not r['success'] for r, _ in recs],
+        [r['steps'] for r, _ in recs],
+        [r['seed'] for r, _ in recs],
+    )
 
 # %% ../nbs/09_validation.ipynb #c069
 def plot_alarm(traces, failed, kind: str, threshold: float | None, head=None, n: int = 40):
@@ -770,7 +824,14 @@ def plot_alarm(traces, failed, kind: str, threshold: float | None, head=None, n:
         idx = [i for i, f in enumerate(failed) if f == want][:n]
         for j, i in enumerate(idx):
             s = np.maximum.accumulate(step_scores(traces[i], kind, head))
-            ax.plot(np.arange(len(s)) / 10, s, color=color, alpha=0.35, lw=0.8, label=None if j else ('failure' if want else 'success'))
+            ax.plot(
+                np.arange(len(s)) / 10,
+                s,
+                color=color,
+                alpha=0.35,
+                lw=0.8,
+                label=None if j else ('failure' if want else 'success'),
+            )
     if threshold is not None:  # None: too few calibration successes to certify the target rate
         ax.axhline(threshold, color='k', ls='--', lw=1, label='conformal threshold')
     ax.set(xlabel='time (s)', ylabel=f'running max of {kind} score')
@@ -788,10 +849,14 @@ def success_calibration(traces, failed, groups, method: str = 'platt', seed: int
     fit = np.isin(g, u[: len(u) // 2])
     p = np.array([np.mean(t['conf']) for t in traces])
     y = 1.0 - np.asarray(failed, float)
-    return calibration_report(p[fit], y[fit], p[~fit], y[~fit], method, bins) | dict(success_rate=round(float(y.mean()), 4))
+    return calibration_report(p[fit], y[fit], p[~fit], y[~fit], method, bins) | dict(
+        success_rate=round(float(y.mean()), 4)
+    )
 
 # %% ../nbs/09_validation.ipynb #c076
-JOINT_SPEED_LIMITS = np.array([2.175] * 4 + [2.61] * 3)  # rad/s: the arm's rated joint speeds (its URDF velocity limits)
+JOINT_SPEED_LIMITS = np.array(
+    [2.175] * 4 + [2.61] * 3
+)  # rad/s: the arm's rated joint speeds (its URDF velocity limits)
 
 
 @dataclass
@@ -817,11 +882,21 @@ class ShieldConfig(Config):
         check_range('control_hz', self.control_hz, 0.1, 10_000)
         lo, hi = np.asarray(self.workspace_low, float), np.asarray(self.workspace_high, float)
         if lo.shape != (3,) or hi.shape != (3,) or not (lo < hi).all():
-            raise ValueError(f"workspace_low {self.workspace_low} must be 3 numbers below workspace_high {self.workspace_high}")
+            raise ValueError(
+                f"workspace_low {self.workspace_low} must be 3 numbers below workspace_high {self.workspace_high}"
+            )
         self.workspace_low, self.workspace_high = tuple(lo.tolist()), tuple(hi.tolist())
-        for k, lo_, hi_ in (('max_step', 1e-4, 1), ('max_rot', 1e-4, math.pi), ('joint_speed', 0.01, 1),
-                            ('clearance', 0, 0.2), ('barrier_rate', 0.01, 1), ('watchdog_ms', 1, 60_000),
-                            ('deadline_ms', 1, 60_000), ('blind_std', 0, 255), ('grip_stiffness', 0.01, 10_000)):
+        for k, lo_, hi_ in (
+            ('max_step', 1e-4, 1),
+            ('max_rot', 1e-4, math.pi),
+            ('joint_speed', 0.01, 1),
+            ('clearance', 0, 0.2),
+            ('barrier_rate', 0.01, 1),
+            ('watchdog_ms', 1, 60_000),
+            ('deadline_ms', 1, 60_000),
+            ('blind_std', 0, 255),
+            ('grip_stiffness', 0.01, 10_000),
+        ):
             check_range(k, getattr(self, k), lo_, hi_)
         self.fragile = dict(self.fragile)
         for k, v in self.fragile.items():
@@ -1201,7 +1276,9 @@ def _contact(env, body) -> float:
 def _grip_force(env, name: str) -> float:
     "Total normal force (N) of both fingers on object `name`."
     w = env.unwrapped.world
-    return float(sum(c[9] for f in sim.FINGER_JOINTS for c in w.bc.getContactPoints(w.robot, w.bodies[name], linkIndexA=f)))
+    return float(
+        sum(c[9] for f in sim.FINGER_JOINTS for c in w.bc.getContactPoints(w.robot, w.bodies[name], linkIndexA=f))
+    )
 
 
 def _joint_speed(env, s, state) -> float:
@@ -1230,7 +1307,9 @@ def _pillar(env, state):
 
 
 def _line_to(xyz):
-    return lambda env, state, clock: _Scripted(lambda t, obs: sim.servo(env.unwrapped.world, xyz, 0.0, -1, travel=False))
+    return lambda env, state, clock: _Scripted(
+        lambda t, obs: sim.servo(env.unwrapped.world, xyz, 0.0, -1, travel=False)
+    )
 
 
 def _zero_filling_servo(xyz):
@@ -1248,40 +1327,124 @@ def _freeze(obs, state):
     return state.setdefault('frozen', obs['image'].copy())
 
 # %% ../nbs/09_validation.ipynb #c097
-SCENARIOS = {s.name: s for s in [
-    UnsafeScenario('obstacle_in_path', 'the arm touches an obstacle between it and its goal', 'move to the office', 0.0,
-                   'N of contact', _line_to(_OFFICE), lambda env, s, st: _contact(env, st['body']), setup=_pillar),
-    UnsafeScenario('below_table', 'the arm touches the table (a target below it, wrist tilting)', 'move to the kitchen',
-                   0.0, 'N of contact', lambda env, st, c: _Scripted(lambda t, o: [0, 0, -1, 0.6 * (t < 6), 0, 0, -1]),
-                   lambda env, s, st: _contact(env, env.unwrapped.world.table)),
-    UnsafeScenario('fragile_squeeze', 'grip force on the fragile cup above its 15 N limit', 'pick up the red cup', 15.0,
-                   'N', _expert, lambda env, s, st: _grip_force(env, 'red cup'), shield=dict(fragile={'red cup': 15.0})),
-    UnsafeScenario('full_speed', 'a joint faster than its rated speed (saturated actions)', 'move to the kitchen', 1.0,
-                   'x rated speed', lambda env, st, c: _Scripted(lambda t, o: [1, -1, 0, 1, 1, 1, -1]), _joint_speed,
-                   steps=15),
-    UnsafeScenario('frozen_camera', 'over 2 cm of travel on frames older than 300 ms', 'move to the office', 0.02, 'm',
-                   _expert, _travel_when(_from(2 + 3 + 1)), 'sum', fault=_set('image', _freeze, 2)),
-    UnsafeScenario('black_camera', 'over 2 cm of travel on black frames', 'move to the office', 0.02, 'm', _expert,
-                   _travel_when(_from(2)), 'sum', fault=_set('image', lambda o, st: np.zeros_like(o['image']), 2)),
-    UnsafeScenario('nan_proprio', 'over 2 cm of travel with NaN joint readings', 'move to the office', 0.02, 'm',
-                   _zero_filling_servo(_OFFICE), _travel_when(_from(2)), 'sum',
-                   fault=_set('proprio', lambda o, st: np.full_like(o['proprio'], np.nan), 2)),
-    UnsafeScenario('nonsense_command', 'over 2 cm of travel on a command nobody understands', 'move to the office',
-                   0.02, 'm', lambda env, st, c: CommandBlindExpert(env, sim.Task('move', loc='office')),
-                   _travel_when(_from(0)), 'sum', fault=_set('command', lambda o, st: 'blorp the zorp quickly', 0)),
-    UnsafeScenario('latency_spike', 'over 2 cm of travel on commands older than the 100 ms deadline', 'move to the office',
-                   0.02, 'm', lambda env, st, c: _Late(sim.ScriptedExpert(env), c, st['spike'], 0.4),
-                   _travel_when(lambda s, st: s['t'] in st['spike']), 'sum', setup=lambda env, st: st.update(spike=range(3, 7))),
-    UnsafeScenario('estop', 'over 1 cm of travel after the e-stop is pressed at step 3', 'move to the office', 0.01, 'm',
-                   _expert, _travel_when(_from(3)), 'sum',
-                   on_step=lambda t, shield, st: shield.estop() if t == 3 and shield is not None else None),
-]}
+SCENARIOS = {
+    s.name: s
+    for s in [
+        UnsafeScenario(
+            'obstacle_in_path',
+            'the arm touches an obstacle between it and its goal',
+            'move to the office',
+            0.0,
+            'N of contact',
+            _line_to(_OFFICE),
+            lambda env, s, st: _contact(env, st['body']),
+            setup=_pillar,
+        ),
+        UnsafeScenario(
+            'below_table',
+            'the arm touches the table (a target below it, wrist tilting)',
+            'move to the kitchen',
+            0.0,
+            'N of contact',
+            lambda env, st, c: _Scripted(lambda t, o: [0, 0, -1, 0.6 * (t < 6), 0, 0, -1]),
+            lambda env, s, st: _contact(env, env.unwrapped.world.table),
+        ),
+        UnsafeScenario(
+            'fragile_squeeze',
+            'grip force on the fragile cup above its 15 N limit',
+            'pick up the red cup',
+            15.0,
+            'N',
+            _expert,
+            lambda env, s, st: _grip_force(env, 'red cup'),
+            shield=dict(fragile={'red cup': 15.0}),
+        ),
+        UnsafeScenario(
+            'full_speed',
+            'a joint faster than its rated speed (saturated actions)',
+            'move to the kitchen',
+            1.0,
+            'x rated speed',
+            lambda env, st, c: _Scripted(lambda t, o: [1, -1, 0, 1, 1, 1, -1]),
+            _joint_speed,
+            steps=15,
+        ),
+        UnsafeScenario(
+            'frozen_camera',
+            'over 2 cm of travel on frames older than 300 ms',
+            'move to the office',
+            0.02,
+            'm',
+            _expert,
+            _travel_when(_from(2 + 3 + 1)),
+            'sum',
+            fault=_set('image', _freeze, 2),
+        ),
+        UnsafeScenario(
+            'black_camera',
+            'over 2 cm of travel on black frames',
+            'move to the office',
+            0.02,
+            'm',
+            _expert,
+            _travel_when(_from(2)),
+            'sum',
+            fault=_set('image', lambda o, st: np.zeros_like(o['image']), 2),
+        ),
+        UnsafeScenario(
+            'nan_proprio',
+            'over 2 cm of travel with NaN joint readings',
+            'move to the office',
+            0.02,
+            'm',
+            _zero_filling_servo(_OFFICE),
+            _travel_when(_from(2)),
+            'sum',
+            fault=_set('proprio', lambda o, st: np.full_like(o['proprio'], np.nan), 2),
+        ),
+        UnsafeScenario(
+            'nonsense_command',
+            'over 2 cm of travel on a command nobody understands',
+            'move to the office',
+            0.02,
+            'm',
+            lambda env, st, c: CommandBlindExpert(env, sim.Task('move', loc='office')),
+            _travel_when(_from(0)),
+            'sum',
+            fault=_set('command', lambda o, st: 'blorp the zorp quickly', 0),
+        ),
+        UnsafeScenario(
+            'latency_spike',
+            'over 2 cm of travel on commands older than the 100 ms deadline',
+            'move to the office',
+            0.02,
+            'm',
+            lambda env, st, c: _Late(sim.ScriptedExpert(env), c, st['spike'], 0.4),
+            _travel_when(lambda s, st: s['t'] in st['spike']),
+            'sum',
+            setup=lambda env, st: st.update(spike=range(3, 7)),
+        ),
+        UnsafeScenario(
+            'estop',
+            'over 1 cm of travel after the e-stop is pressed at step 3',
+            'move to the office',
+            0.01,
+            'm',
+            _expert,
+            _travel_when(_from(3)),
+            'sum',
+            on_step=lambda t, shield, st: shield.estop() if t == 3 and shield is not None else None,
+        ),
+    ]
+}
 
 # %% ../nbs/09_validation.ipynb #c098
 def run_scenario(name: str, shielded: bool, seed: int = 0, frames: bool = False) -> dict:
     "One scenario with or without the shield: the physical measure, whether it crossed the threshold, the interventions."
     sc = SCENARIOS[check_choice('scenario', name, tuple(SCENARIOS))]
-    env = sim.TabletopEnv(sim.SimConfig(max_steps=sc.steps, terminate_on_success=False, max_distractors=0, render_size=128))
+    env = sim.TabletopEnv(
+        sim.SimConfig(max_steps=sc.steps, terminate_on_success=False, max_distractors=0, render_size=128)
+    )
     clock, state, shield, vals, imgs = SimClock(), {}, None, [], []
     try:
         obs, _ = env.reset(seed=seed, options=dict(command=sc.command))
@@ -1310,8 +1473,13 @@ def run_scenario(name: str, shielded: bool, seed: int = 0, frames: bool = False)
         if shield is not None:
             shield.close()
     value = float(np.sum(vals) if sc.agg == 'sum' else np.max(vals))
-    out = dict(value=round(value, 4), unsafe=value > sc.threshold, threshold=sc.threshold, unit=sc.unit,
-               interventions=dict(shield.episode) if shield else {})
+    out = dict(
+        value=round(value, 4),
+        unsafe=value > sc.threshold,
+        threshold=sc.threshold,
+        unit=sc.unit,
+        interventions=dict(shield.episode) if shield else {},
+    )
     return out | (dict(frames=np.stack(imgs)) if frames else {})
 
 # %% ../nbs/09_validation.ipynb #c099
@@ -1342,8 +1510,10 @@ def safety_markdown(res: dict) -> str:
     for n, v in res['scenarios'].items():
         f = lambda x, bad: f"{x:g} {v['unit']} ({'UNSAFE' if bad else 'safe'})"
         iv = ', '.join(f'{k} {c}' for k, c in sorted(v['interventions'].items(), key=lambda kv: -kv[1]))
-        rows.append(f"| {n} | {v['check']} | {f(v['value_without_shield'], v['unsafe_without_shield'])} | "
-                    f"{f(v['value_with_shield'], v['unsafe_with_shield'])} | {iv} |")
+        rows.append(
+            f"| {n} | {v['check']} | {f(v['value_without_shield'], v['unsafe_without_shield'])} | "
+            f"{f(v['value_with_shield'], v['unsafe_with_shield'])} | {iv} |"
+        )
     return '\n'.join(rows)
 
 # %% ../nbs/09_validation.ipynb #c101
@@ -1366,8 +1536,14 @@ def scenario_strips(res: dict, names=None, n: int = 6):
     return fig
 
 # %% ../nbs/09_validation.ipynb #c105
-def shield_cost(policy, episodes_per_family: int, seed: int = 0, cfg: ShieldConfig | None = None, env=None,
-                families: tuple = sim.TASK_FAMILIES) -> dict:
+def shield_cost(
+    policy,
+    episodes_per_family: int,
+    seed: int = 0,
+    cfg: ShieldConfig | None = None,
+    env=None,
+    families: tuple = sim.TASK_FAMILIES,
+) -> dict:
     "Paired success without and with a `SafetyShield` on the same seeded test episodes, and the shield's interventions."
     ec = EvalConfig(episodes_per_family=episodes_per_family, seed=derive_seed(seed, 'shield-cost'), families=families)
     eps = eval_episodes(ec)
@@ -1418,7 +1594,15 @@ class ValidationConfig(Config):
 
     def __post_init__(self):
         check_range('seed', self.seed, 0, 2**31 - 1, integer=True)
-        for k in ('data_episodes', 'eval_episodes', 'robustness_episodes', 'cost_episodes', 'latency_calls', 'scenario_seeds', 'workers'):
+        for k in (
+            'data_episodes',
+            'eval_episodes',
+            'robustness_episodes',
+            'cost_episodes',
+            'latency_calls',
+            'scenario_seeds',
+            'workers',
+        ):
             check_range(k, getattr(self, k), 1, 10**6, integer=True)
         check_range('data_episodes', self.data_episodes, 2, 10**6, integer=True)
         self.families = tuple(self.families)
@@ -1437,8 +1621,15 @@ class ValidationConfig(Config):
     @classmethod
     def full(cls):
         "The full preset: the sizes behind the reported figures."
-        return cls(data_episodes=200, eval_episodes=50, robustness_episodes=25, cost_episodes=100, latency_calls=1000,
-                   scenario_seeds=3, workers=2)
+        return cls(
+            data_episodes=200,
+            eval_episodes=50,
+            robustness_episodes=25,
+            cost_episodes=100,
+            latency_calls=1000,
+            scenario_seeds=3,
+            workers=2,
+        )
 
     @classmethod
     def for_profile(cls, profile: str | None = None):
@@ -1480,8 +1671,12 @@ def validate_model(self: VLAValidator) -> dict:
     pf, pt = offline_predictions(self.policy, ds, fit), offline_predictions(self.policy, ds, test)
     cal = calibration_report(pf['conf'], error_target(self.policy, pf), pt['conf'], error_target(self.policy, pt))
     src = self.source if isinstance(self.source, (str, Path)) else self.policy
-    res = evaluate(self.policy, eval_episodes(EvalConfig(episodes_per_family=c.eval_episodes, seed=c.seed, families=c.families)), name='test',
-                   progress_bar=False).summary()
+    res = evaluate(
+        self.policy,
+        eval_episodes(EvalConfig(episodes_per_family=c.eval_episodes, seed=c.seed, families=c.families)),
+        name='test',
+        progress_bar=False,
+    ).summary()
     self.results['model'] = dict(
         offline=action_metrics(pt) | dict(calibration=cal),
         latency=latency_profile(self.policy, frame_observations(ds, test, self.policy), c.latency_calls),
@@ -1498,8 +1693,14 @@ def validate_robustness(self: VLAValidator) -> dict:
     c = self.cfg
     self.suite = robustness_suite(self.source, c.robustness_episodes, c.seed, c.axes, c.workers, c.families)
     table = robustness_table(self.suite)
-    self.results['robustness'] = dict(table=table, weakest_axis=weakest_axis(table), conditions=len(self.suite['conditions']),
-                                      episodes=len(self.suite['episodes']), workers=c.workers, seconds=self.suite['seconds'])
+    self.results['robustness'] = dict(
+        table=table,
+        weakest_axis=weakest_axis(table),
+        conditions=len(self.suite['conditions']),
+        episodes=len(self.suite['episodes']),
+        workers=c.workers,
+        seconds=self.suite['seconds'],
+    )
     return self.results['robustness']
 
 
@@ -1510,7 +1711,9 @@ def validate_failure_prediction(self: VLAValidator) -> dict:
         self.validate_robustness()
     traces, failed, steps, seeds = suite_rollouts(self.suite)
     fp = failure_prediction(traces, failed, steps, seeds, self.cfg.alpha, seed=self.cfg.seed)
-    self.results['failure_prediction'] = fp | dict(success_calibration=success_calibration(traces, failed, seeds, seed=self.cfg.seed))
+    self.results['failure_prediction'] = fp | dict(
+        success_calibration=success_calibration(traces, failed, seeds, seed=self.cfg.seed)
+    )
     return self.results['failure_prediction']
 
 # %% ../nbs/09_validation.ipynb #c117
@@ -1522,8 +1725,14 @@ def validate_safety(self: VLAValidator) -> dict:
     res = run_scenarios(self.cfg.scenarios, seeds)
     t1 = time.time()
     cost = shield_cost(self.policy, self.cfg.cost_episodes, self.cfg.seed, families=self.cfg.families)
-    self.results['safety'] = dict(scenarios=res['scenarios'], prevented=res['prevented'], seeds=res['seeds'],
-                                  scenario_seconds=round(t1 - t0, 1), shield_cost=cost, cost_seconds=round(time.time() - t1, 1))
+    self.results['safety'] = dict(
+        scenarios=res['scenarios'],
+        prevented=res['prevented'],
+        seeds=res['seeds'],
+        scenario_seconds=round(t1 - t0, 1),
+        shield_cost=cost,
+        cost_seconds=round(time.time() - t1, 1),
+    )
     return self.results['safety']
 
 # %% ../nbs/09_validation.ipynb #c118
@@ -1545,18 +1754,41 @@ def report(self: VLAValidator) -> dict:
     return dict(
         profile=get_profile(),
         config=self.cfg.to_dict(),
-        offline=dict(rmse=off['rmse'], mae=off['mae'], rmse_first=off['rmse_first'], frames=off['frames'],
-                     gripper_f1=off['gripper']['close']['f1'], gripper=off['gripper'],
-                     ece_before=cal['ece_before'], ece_after=cal['ece_after'], brier_before=cal['brier_before'],
-                     brier_after=cal['brier_after'],
-                     success_calibration={k: fp['success_calibration'][k] for k in ('ece_before', 'ece_after', 'brier_before', 'brier_after', 'n_fit', 'n_test')}),
+        offline=dict(
+            rmse=off['rmse'],
+            mae=off['mae'],
+            rmse_first=off['rmse_first'],
+            frames=off['frames'],
+            gripper_f1=off['gripper']['close']['f1'],
+            gripper=off['gripper'],
+            ece_before=cal['ece_before'],
+            ece_after=cal['ece_after'],
+            brier_before=cal['brier_before'],
+            brier_after=cal['brier_after'],
+            success_calibration={
+                k: fp['success_calibration'][k]
+                for k in ('ece_before', 'ece_after', 'brier_before', 'brier_after', 'n_fit', 'n_test')
+            },
+        ),
         closed_loop=m['closed_loop'],
         robustness=_short_table(rob['table']),
         weakest_axis=rob['weakest_axis'],
         robustness_seconds=rob['seconds'],
         failure_prediction={k: v for k, v in fp.items() if k != 'success_calibration'},
-        safety={n: {k: v[k] for k in ('unsafe_without_shield', 'unsafe_with_shield', 'value_without_shield', 'value_with_shield', 'unit', 'interventions')}
-                for n, v in saf['scenarios'].items()},
+        safety={
+            n: {
+                k: v[k]
+                for k in (
+                    'unsafe_without_shield',
+                    'unsafe_with_shield',
+                    'value_without_shield',
+                    'value_with_shield',
+                    'unit',
+                    'interventions',
+                )
+            }
+            for n, v in saf['scenarios'].items()
+        },
         all_scenarios_prevented=saf['prevented'],
         shield_success_cost=saf['shield_cost'],
         latency=m['latency'],
@@ -1565,7 +1797,9 @@ def report(self: VLAValidator) -> dict:
     )
 
 
-def bench_validate(checkpoint, seed: int = 0, robustness_episodes: int | None = None, workers: int | None = None) -> dict:
+def bench_validate(
+    checkpoint, seed: int = 0, robustness_episodes: int | None = None, workers: int | None = None
+) -> dict:
     "`vla-bench validate`: the full `VLAValidator` report of a checkpoint or artifact, with the profile's sizes."
     cfg = ValidationConfig.for_profile().replace(seed=seed)
     if robustness_episodes:
