@@ -60,7 +60,8 @@ def _inner(policy):
 
 # %% ../nbs/09_validation.ipynb #c008
 def record_heldout(policy, root, episodes: int, seed: int = 0, workers: int = 1, training=None) -> EpisodeDataset:
-    "Record `episodes` expert episodes with `policy`'s cameras into `root`; `training`: a dataset whose seeds must not recur."
+    "Record `episodes` expert episodes with `policy`'s cameras into `root`; `training`: a dataset whose seeds must\
+ not recur."
     cfg = _inner(policy).cfg
     dc = DataConfig(
         root=str(root),
@@ -101,7 +102,8 @@ def _language(policy):
 
 
 def predict_frames(policy, ep: dict, command: str, batch: int = 64) -> tuple:
-    "Chunks (L, H, A) and confidences (L,) of `policy` on every frame of one recorded episode (batched for a VLAPolicy)."
+    "Chunks (L, H, A) and confidences (L,) of `policy` on every frame of one recorded episode (batched for a\
+ VLAPolicy)."
     keys = [IMAGE] + ([WRIST_IMAGE] if _inner(policy).cfg.wrist_size else []) + [PROPRIO]
     L = len(ep[PROPRIO])
     step = batch if isinstance(_inner(policy), VLAPolicy) else 1  # a runtime takes one observation at a time
@@ -119,7 +121,8 @@ def predict_frames(policy, ep: dict, command: str, batch: int = 64) -> tuple:
 
 # %% ../nbs/09_validation.ipynb #c012
 def offline_predictions(policy, ds: EpisodeDataset, episodes) -> dict:
-    "Every frame of `episodes` of `ds`: predicted and expert chunks (N, H, A), padding (N, H), confidence (N,), episode (N,)."
+    "Every frame of `episodes` of `ds`: predicted and expert chunks (N, H, A), padding (N, H), confidence (N,),\
+ episode (N,)."
     out = dict(pred=[], label=[], pad=[], conf=[], episode=[])
     for k in map(int, episodes):
         ep = ds.load_episode(k)
@@ -188,7 +191,8 @@ def reliability(p, y, bins: int = 10) -> dict:
 
 # %% ../nbs/09_validation.ipynb #c021
 class Calibrator:
-    "A monotone map from raw confidence to calibrated probability: 'isotonic' regression or 'platt' scaling (soft labels allowed)."
+    "A monotone map from raw confidence to calibrated probability: 'isotonic' regression or 'platt' scaling (soft\
+ labels allowed)."
 
     def __init__(self, method: str = 'isotonic'):
         self.method, self.model = check_choice('method', method, ('isotonic', 'platt')), None
@@ -225,7 +229,8 @@ def _logit(p):
 
 # %% ../nbs/09_validation.ipynb #c022
 def calibration_report(p_fit, y_fit, p_test, y_test, method: str = 'isotonic', bins: int = 10) -> dict:
-    "ECE, Brier and reliability points on the test split, of the raw predictions and after a map fitted on the fit split."
+    "ECE, Brier and reliability points on the test split, of the raw predictions and after a map fitted on the fit\
+ split."
     q = Calibrator(method).fit(p_fit, y_fit)(p_test)
     return dict(
         method=method,
@@ -331,8 +336,8 @@ def peak_memory(source, calls: int = 50) -> dict:
 
 # %% ../nbs/09_validation.ipynb #c033
 class RolloutMonitor:
-    "A policy wrapper that records per step the confidence of a fresh chunk and its disagreement with the previous chunk\
- over their shared future steps; one trace per episode (per `reset`)."
+    "A policy wrapper that records per step the confidence of a fresh chunk and its disagreement with the previous\
+ chunk over their shared future steps; one trace per episode (per `reset`)."
 
     def __init__(self, policy):
         self.policy, self.traces, self._prev = policy, [], None
@@ -700,7 +705,8 @@ def plot_robustness(table: dict, title: str = 'success under perturbation (95% W
 
 # %% ../nbs/09_validation.ipynb #c059
 def failing_rollouts(policy, suite: dict, axis: str, level: int, n: int = 3, render_size: int = 128):
-    "Replay with frames up to `n` episodes that failed under `axis` at `level` in `suite`; an `EvalResult` (None if none failed)."
+    "Replay with frames up to `n` episodes that failed under `axis` at `level` in `suite`; an `EvalResult` (None if\
+ none failed)."
     from vla_nb.evaluation import EvalResult
 
     cond = next(c for c in suite['conditions'] if c['axis'] == axis and c['level'] == level)
@@ -753,7 +759,8 @@ def conformal_threshold(scores, alpha: float) -> float:
 
 # %% ../nbs/09_validation.ipynb #c066
 def _three_way(groups, seed: int) -> np.ndarray:
-    "0 (train), 1 (calibration) or 2 (test) per rollout, assigned by group (scene seed), so one scene never spans splits."
+    "0 (train), 1 (calibration) or 2 (test) per rollout, assigned by group (scene seed), so one scene never spans\
+ splits."
     g = np.asarray(groups)
     order = np.random.default_rng(derive_seed(seed, 'failure-split')).permutation(np.unique(g))
     part = {u: i % 3 for i, u in enumerate(order)}
@@ -816,7 +823,8 @@ def suite_rollouts(suite: dict) -> tuple:
 
 # %% ../nbs/09_validation.ipynb #c069
 def plot_alarm(traces, failed, kind: str, threshold: float | None, head=None, n: int = 40):
-    "The alarm statistic over time of up to `n` successful and `n` failed rollouts, and the conformal threshold (if any)."
+    "The alarm statistic over time of up to `n` successful and `n` failed rollouts, and the conformal threshold (if\
+ any)."
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 2.8))
@@ -841,7 +849,8 @@ def plot_alarm(traces, failed, kind: str, threshold: float | None, head=None, n:
 
 # %% ../nbs/09_validation.ipynb #c073
 def success_calibration(traces, failed, groups, method: str = 'platt', seed: int = 0, bins: int = 10) -> dict:
-    "Calibration of each rollout's mean confidence as a probability of success, fitted and judged on disjoint seed halves."
+    "Calibration of each rollout's mean confidence as a probability of success, fitted and judged on disjoint seed\
+ halves."
     g = np.asarray(groups)
     if len(np.unique(g)) < 2:
         raise ValueError("success_calibration needs rollouts from at least two scenes: one half fits, the other judges")
@@ -905,7 +914,8 @@ class ShieldConfig(Config):
 
 # %% ../nbs/09_validation.ipynb #c077
 class CollisionModel:
-    "The shield's own PyBullet world: the simulator's arm, table and fixtures plus declared box obstacles; no movable objects."
+    "The shield's own PyBullet world: the simulator's arm, table and fixtures plus declared box obstacles; no movable\
+ objects."
 
     def __init__(self):
         cfg = sim.SimConfig(randomize=False, max_distractors=0, image_size=32, render_size=32)
@@ -934,7 +944,8 @@ class CollisionModel:
             bc.resetJointState(r, j, float(np.clip(width / 2, 0, sim.MAX_FINGER)))
 
     def distance(self, within: float = 0.05) -> tuple:
-        "Smallest distance (m, capped at `within`) from the arm to any static body or obstacle, and its unit normal (surface -> arm)."
+        "Smallest distance (m, capped at `within`) from the arm to any static body or obstacle, and its unit normal\
+ (surface -> arm)."
         bc, r = self.world.bc, self.world.robot
         best, normal = within, np.zeros(3)
         for b in self.static + self.obstacles:
@@ -955,7 +966,8 @@ def hold_action(grip: float, act_dim: int = sim.ACT_DIM) -> np.ndarray:
 
 
 class SafetyShield:
-    "Between a policy and the robot: checks every observation and action against hard limits and counts each intervention."
+    "Between a policy and the robot: checks every observation and action against hard limits and counts each\
+ intervention."
 
     def __init__(self, cfg: ShieldConfig | None = None, tokenizer=None, model: CollisionModel | None = None):
         self.cfg = cfg or ShieldConfig()
@@ -992,7 +1004,8 @@ class SafetyShield:
         return hold_action(self._hold_grip(obs))
 
     def _hold_grip(self, obs) -> float:
-        "The last gripper command; before the first one, the command that keeps the fingers where they are (0 if unknown)."
+        "The last gripper command; before the first one, the command that keeps the fingers where they are (0 if\
+ unknown)."
         if self._grip is not None:
             return self._grip
         try:
@@ -1157,7 +1170,8 @@ def is_safe_action(self: SafetyShield, obs: dict, action, now: float = 0.0) -> b
 
 # %% ../nbs/09_validation.ipynb #c089
 class ShieldedPolicy:
-    "A policy behind a `SafetyShield`; `clock()` (seconds) times the policy, default: simulated time of the steps taken."
+    "A policy behind a `SafetyShield`; `clock()` (seconds) times the policy, default: simulated time of the steps\
+ taken."
 
     def __init__(self, policy, shield: SafetyShield, env=None, clock=None):
         self.policy, self.shield, self.env, self.clock = policy, shield, env, clock
@@ -1440,7 +1454,8 @@ SCENARIOS = {
 
 # %% ../nbs/09_validation.ipynb #c098
 def run_scenario(name: str, shielded: bool, seed: int = 0, frames: bool = False) -> dict:
-    "One scenario with or without the shield: the physical measure, whether it crossed the threshold, the interventions."
+    "One scenario with or without the shield: the physical measure, whether it crossed the threshold, the\
+ interventions."
     sc = SCENARIOS[check_choice('scenario', name, tuple(SCENARIOS))]
     env = sim.TabletopEnv(
         sim.SimConfig(max_steps=sc.steps, terminate_on_success=False, max_distractors=0, render_size=128)
@@ -1484,8 +1499,8 @@ def run_scenario(name: str, shielded: bool, seed: int = 0, frames: bool = False)
 
 # %% ../nbs/09_validation.ipynb #c099
 def run_scenarios(names=None, seeds=(0,), frames: bool = False) -> dict:
-    "The scenarios `names` (default: all) from every seed, with and without the shield: {scenario: {unsafe_without_shield,\
- unsafe_with_shield, values, threshold, interventions}}; `prevented`: every one reached without and avoided with."
+    "The scenarios `names` (default: all) from every seed, with and without the shield: {scenario:\
+ {unsafe_without_shield, unsafe_with_shield, values, threshold, interventions}}; `prevented`: every one reached without and avoided with."
     out = {}
     for name in names or SCENARIOS:
         sc = SCENARIOS[check_choice('scenario', name, tuple(SCENARIOS))]
@@ -1637,7 +1652,8 @@ class ValidationConfig(Config):
 
 # %% ../nbs/09_validation.ipynb #c114
 class VLAValidator:
-    "Offline metrics, calibration, latency, memory, closed loop, robustness, failure prediction and safety of one policy."
+    "Offline metrics, calibration, latency, memory, closed loop, robustness, failure prediction and safety of one\
+ policy."
 
     def __init__(self, policy, cfg: ValidationConfig | None = None, work_dir=None, training=None):
         self.source, self.policy = policy, load_policy(policy)
