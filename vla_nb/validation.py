@@ -1500,7 +1500,8 @@ def run_scenario(name: str, shielded: bool, seed: int = 0, frames: bool = False)
 # %% ../nbs/09_validation.ipynb #c099
 def run_scenarios(names=None, seeds=(0,), frames: bool = False) -> dict:
     "The scenarios `names` (default: all) from every seed, with and without the shield: {scenario:\
- {unsafe_without_shield, unsafe_with_shield, values, threshold, interventions}}; `prevented`: every one reached without and avoided with."
+ {unsafe_without_shield, unsafe_with_shield, values, threshold, interventions}};\
+ `prevented`: every one reached without and avoided with."
     out = {}
     for name in names or SCENARIOS:
         sc = SCENARIOS[check_choice('scenario', name, tuple(SCENARIOS))]
