@@ -21,7 +21,7 @@ from vla_nb.core import (
     derive_seed,
     PROFILES,
 )
-from . import sim, data, language, pretraining, imitation, evaluation, deployment, serving, rl
+from . import sim, data, language, pretraining, imitation, evaluation, deployment, serving, rl, validation
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -432,6 +432,7 @@ BENCHES = {
     'rl': lambda a: rl.bench_rl(
         _need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed, out_dir=Path(a.out).with_suffix('.runs')
     ),
+    'validate': lambda a: validation.bench_validate(_need_checkpoint(a), seed=a.seed, robustness_episodes=a.episodes),
 }
 
 
@@ -442,10 +443,16 @@ def bench_main(argv=None):
     ap.add_argument('--out', required=True, help='JSON file to write')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
     ap.add_argument(
-        '--episodes', type=int, default=None, help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200)'
+        '--episodes',
+        type=int,
+        default=None,
+        help='episodes (sim: per family, 20 / 100 by profile; data: 16 / 200; '
+        'validate: per family and robustness level)',
     )
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve and rl benchmarks)')
+    ap.add_argument(
+        '--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve, rl and validate benchmarks)'
+    )
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:
         ap.error('--episodes must be >= 1')
@@ -460,7 +467,18 @@ def bench_main(argv=None):
                 k: v
                 for k, v in res.items()
                 if not (
-                    k in ('expert_failures', 'test', 'by_object', 'latency_ms', 'optimizer', 'fault_details', 'harder')
+                    k
+                    in (
+                        'expert_failures',
+                        'test',
+                        'by_object',
+                        'latency_ms',
+                        'optimizer',
+                        'fault_details',
+                        'harder',
+                        'robustness',
+                        'safety',
+                    )
                     and isinstance(v, dict)
                     or k in ('history', 'updates', 'discordant', 'config')
                 )

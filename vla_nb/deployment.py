@@ -803,6 +803,7 @@ class EdgeConfig(Config):
     refill_at: int = 2  # request a new chunk when this many actions (or fewer) remain queued
     queue_size: int = 2  # capacity of the input and output queues (overflow drops the oldest)
     warmup: int = 10  # warm-up inferences at start
+    shield: bool = True  # a `SafetyShield` (validation chapter) between the model and the robot
 
     def __post_init__(self):
         check_choice('backend', self.backend, BACKENDS + ('auto',))
@@ -834,6 +835,7 @@ class EdgeVLADeployer:
         self._stop, self._lock, self._thread = threading.Event(), threading.Lock(), None
         self.dropped = self.dropped_results = self.processed = self.errors = 0
         self._frame = 0
+        self.shield = _edge_shield(cfg, self.runtime) if cfg.shield else None
         self.reset_stats()
         self.reset()
 
@@ -844,6 +846,8 @@ class EdgeVLADeployer:
     def reset(self):
         "Start of an episode: forget queued actions and pending results (one in flight is ignored when it arrives)."
         self.actions, self.pending, self.tick, self._last_grip, self._t_last = deque(), None, 0, 0.0, None
+        if self.shield is not None:
+            self.shield.reset()
         while True:
             try:
                 self.outq.get_nowait()
@@ -941,7 +945,7 @@ def _accept(self: EdgeVLADeployer, res: dict):
 
 # %% ../nbs/08_deployment.ipynb #c062
 @patch
-def select_action(self: EdgeVLADeployer, obs: dict) -> np.ndarray:
+def _tick(self: EdgeVLADeployer, obs: dict) -> np.ndarray:
     "One control tick: the next action, requesting a new chunk when few remain; a missed deadline holds position."
     if self._thread is None:
         self.start()
@@ -972,6 +976,30 @@ def select_action(self: EdgeVLADeployer, obs: dict) -> np.ndarray:
     a = np.zeros(self.runtime.cfg.act_dim, np.float32)
     a[-1] = self._last_grip  # hold: no motion, gripper unchanged
     return a
+
+# %% ../nbs/08_deployment.ipynb #n10d6de7
+def _edge_shield(cfg: EdgeConfig, runtime: OptimizedVLAInference):
+    """The shield an edge runtime starts with; imported here, at use, so the deployment module does not import
+    validation."""
+    from vla_nb.validation import SafetyShield, ShieldConfig
+
+    return SafetyShield(ShieldConfig(control_hz=cfg.control_hz), tokenizer=runtime.pre.language)
+
+
+@patch
+def select_action(self: EdgeVLADeployer, obs: dict) -> np.ndarray:
+    "One control tick behind the shield: observation checks, the tick, then the action filter (wall clock)."
+    if self._thread is None:
+        self.start()
+    if self.shield is None:
+        return self._tick(obs)
+    reason = self.shield.check_input(obs, time.monotonic())
+    if reason:
+        self.actions.clear()  # planned for a world that may have changed
+        self.tick += 1
+        self.ticks += 1
+        return self.shield.hold(reason, obs)
+    return self.shield.filter_action(obs, self._tick(obs))
 
 # %% ../nbs/08_deployment.ipynb #c063
 @patch

@@ -134,6 +134,7 @@ def evaluate(
     frames: int = 0,
     name: str = 'policy',
     progress_bar: bool = True,
+    shield=None,  # a `vla_nb.validation.SafetyShield` between the policy and the robot (None: no shield)
 ) -> EvalResult:
     "Run `policy` (anything with reset/select_action) on every episode of `episodes`; returns an `EvalResult`."
     if not episodes:
@@ -142,13 +143,14 @@ def evaluate(
         raise TypeError(f"policy must have select_action(obs); got {type(policy).__name__}")
     own = env is None
     env = env or env_for(policy)
+    run = policy if shield is None else shield.wrap(policy, env)  # the shield sees the world this env builds
     t0, recs, kept = time.time(), [], {}
     with torch_threads(1):
         try:
             for e in progress(episodes, desc=f'eval {name}', disable=None if progress_bar else True):
                 keep = kept.get(e['family'], 0) < frames
                 opts = dict(task=e['task'], command=e['command'])  # the episode's task, in the episode's words
-                r = sim.rollout(env, policy, e['seed'], options=opts, frames=keep)
+                r = sim.rollout(env, run, e['seed'], options=opts, frames=keep)
                 kept[e['family']] = kept.get(e['family'], 0) + keep
                 recs.append(
                     dict(
@@ -161,6 +163,7 @@ def evaluate(
                         success=r['success'],
                         steps=r['steps'],
                         frames=r.get('frames'),
+                        interventions=None if shield is None else dict(shield.episode),
                     )
                 )
         finally:

@@ -695,7 +695,8 @@ class VLAFeaturesExtractor(BaseFeaturesExtractor):
 
 # %% ../nbs/03_model.ipynb #c070
 class FirstActionMean(nn.Module):
-    "Features (B, d) -> raw first `steps` actions of the continuous head's chunk, flattened (B, steps*A): a Gaussian's mean."
+    """Features (B, d) -> raw first `steps` actions of the continuous head's chunk, flattened (B, steps*A): a Gaussian's
+    mean."""
 
     def __init__(self, head: ContinuousHead, action_mean=None, action_std=None, steps: int = 1):
         super().__init__()

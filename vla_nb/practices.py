@@ -46,7 +46,8 @@ class Monitor:
 
 # %% ../nbs/10_best_practices.ipynb #c010
 def robust_z(x: float, history) -> float:
-    "How far `x` lies above the median of `history`, in robust standard deviations (1.4826 x the median abs. deviation)."
+    """How far `x` lies above the median of `history`, in robust standard deviations (1.4826 x the median abs.
+    deviation)."""
     h = np.asarray(history, dtype=np.float64)
     med = float(np.median(h))
     mad = 1.4826 * float(np.median(np.abs(h - med)))

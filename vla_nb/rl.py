@@ -92,7 +92,8 @@ def sim_config(self: VLAEnvConfig) -> sim.SimConfig:
 
 # %% ../nbs/07_rl.ipynb #c012
 class CameraShift(gym.Wrapper):
-    "Move the scene camera's eye by `shift` metres in a direction drawn from the episode's seed (looking at the same point)."
+    """Move the scene camera's eye by `shift` metres in a direction drawn from the episode's seed (looking at the same
+    point)."""
 
     def __init__(self, env: gym.Env, shift: float):
         super().__init__(env)
@@ -217,7 +218,8 @@ class DetachedCritic(nn.Module):
 
 # %% ../nbs/07_rl.ipynb #c025
 class VLAActorCritic(ActorCriticPolicy):
-    "PPO's policy over a `VLANet`: Gaussian mean = the first `steps` actions of its chunk (raw units), critic on its features."
+    """PPO's policy over a `VLANet`: Gaussian mean = the first `steps` actions of its chunk (raw units), critic on its
+    features."""
 
     def __init__(
         self,
@@ -228,7 +230,8 @@ class VLAActorCritic(ActorCriticPolicy):
         stats: dict | None = None,  # normalization statistics (the cloned policy's)
         steps: int = 1,  # actions of the chunk in one RL action
         critic_arch: tuple = (256, 256),
-        train: str = 'all',  # what PPO updates besides the critic: 'all' (the VLA) or 'residual' (its residual MLP only)
+        # what PPO updates besides the critic: 'all' (the VLA) or 'residual' (its residual MLP only)
+        train: str = 'all',
         **kwargs,
     ):
         self.model_config, self.stats, self.steps = model_config, stats or bounds_stats(), steps
@@ -279,7 +282,8 @@ FULL_TIMESTEPS = 40_000  # RL steps of a full-profile run (each executes one chu
 
 @dataclass
 class RLConfig(Config):
-    "Settings of `VLAReinforcementTrainer`: what PPO updates, its hyper-parameters, the stabilisers, evaluation and output."
+    """Settings of `VLAReinforcementTrainer`: what PPO updates, its hyper-parameters, the stabilisers, evaluation and
+    output."""
 
     mode: str = (
         'residual'  # 'residual' (frozen VLA + bounded residual MLP), 'direct' (the whole VLA), 'scratch' (a fresh VLA)
@@ -356,7 +360,8 @@ def learning_rate(self: RLConfig) -> float:
 # %% ../nbs/07_rl.ipynb #c030
 @patch(cls_method=True)
 def for_profile(cls: RLConfig, profile: str | None = None, **kw) -> RLConfig:
-    "The quick preset (small rollouts and evaluations) or the full one (200 evaluation episodes, replay of failed tasks)."
+    """The quick preset (small rollouts and evaluations) or the full one (200 evaluation episodes, replay of failed
+    tasks)."""
     if (profile or get_profile()) == 'quick':
         return cls(**kw)
     full = dict(
@@ -399,13 +404,15 @@ RUNS_MODES = MODES + ('naive',)  # what `vla-rl --mode` and `variant` accept
 
 @patch
 def variant(self: RLConfig, mode: str) -> RLConfig:
-    "These settings for one of the chapter's runs: 'residual' or 'direct' (stabilised), 'naive' or 'scratch' (baselines)."
+    """These settings for one of the chapter's runs: 'residual' or 'direct' (stabilised), 'naive' or 'scratch'
+    (baselines)."""
     check_choice('mode', mode, RUNS_MODES)
     return self.naive() if mode == 'naive' else self.scratch() if mode == 'scratch' else self.replace(mode=mode)
 
 # %% ../nbs/07_rl.ipynb #c034
 def explore_scale(iteration: int, cfg: RLConfig) -> float:
-    "The exploration scale of rollout `iteration` (0-based): `explore_start` through the warm-up, then a linear ramp to 1."
+    """The exploration scale of rollout `iteration` (0-based): `explore_start` through the warm-up, then a linear ramp
+    to 1."""
     if not cfg.explore_ramp:
         return 1.0
     ramp = min(1.0, max(0, iteration - cfg.critic_warmup) / cfg.explore_ramp)
@@ -512,25 +519,30 @@ def screen_episodes(
 
 # %% ../nbs/07_rl.ipynb #c048
 def check_env_matches(policy: VLAPolicy, env: VLAEnvConfig):
-    "Raise ValueError naming the difference unless `policy` reads what the environment shows, with the course's tokenizer."
+    """Raise ValueError naming the difference unless `policy` reads what the environment shows, with the course's
+    tokenizer."""
     c, tok = policy.cfg, default_tokenizer()
     if policy.tokenizer != tok:
         raise ValueError(
-            f"the checkpoint's tokenizer ({policy.tokenizer.vocab_size} tokens) differs from the environment's (the course "
+            f"the checkpoint's tokenizer ({policy.tokenizer.vocab_size} tokens) differs from the environment's (the "
+            "course "
             f"tokenizer, {tok.vocab_size} tokens): its token ids would mean other words"
         )
     got, want = (env.image_size, env.wrist_size), (c.image_size, c.wrist_size)
     if got != want:
         raise ValueError(
-            f"camera settings differ: the environment renders scene {got[0]} px / wrist {got[1]} px, the policy reads scene "
-            f"{want[0]} px / wrist {want[1]} px; set RLConfig.env image_size/wrist_size to the policy's (RLConfig.matching)"
+            f"camera settings differ: the environment renders scene {got[0]} px / wrist {got[1]} px, the policy reads "
+            "scene "
+            f"{want[0]} px / wrist {want[1]} px; set RLConfig.env image_size/wrist_size to the policy's "
+            "(RLConfig.matching)"
         )
     if env.chunk > c.chunk_size:
         raise ValueError(f"env.chunk={env.chunk} exceeds the policy's chunk_size={c.chunk_size}")
 
 # %% ../nbs/07_rl.ipynb #c049
 class VLAReinforcementTrainer:
-    "PPO fine-tuning (stable-baselines3) of a behaviour-cloned `VLAPolicy` in `VLAEnvironment`, from exactly its policy."
+    """PPO fine-tuning (stable-baselines3) of a behaviour-cloned `VLAPolicy` in `VLAEnvironment`, from exactly its
+    policy."""
 
     kind = 'vla_nb.rl'
 
@@ -552,7 +564,8 @@ class VLAReinforcementTrainer:
 # %% ../nbs/07_rl.ipynb #c051
 @patch
 def create_vla_environment(self: VLAReinforcementTrainer, n_envs: int | None = None, seed: int | None = None):
-    "The vectorized training environment: `n_envs` `VLAEnvironment`s (subprocesses when > 1), Monitor-wrapped, NaN-checked."
+    """The vectorized training environment: `n_envs` `VLAEnvironment`s (subprocesses when > 1), Monitor-wrapped, NaN-
+    checked."""
     c = self.config
     n = n_envs or c.n_envs
     venv = make_vec_env(
@@ -568,7 +581,8 @@ def create_vla_environment(self: VLAReinforcementTrainer, n_envs: int | None = N
 # %% ../nbs/07_rl.ipynb #c053
 @patch
 def build_agent(self: VLAReinforcementTrainer, venv) -> PPO:
-    "`self.model`: SB3 PPO whose policy is the cloned VLA ('direct'), it plus a zero residual ('residual'), or a fresh one ('scratch')."
+    """`self.model`: SB3 PPO whose policy is the cloned VLA ('direct'), it plus a zero residual ('residual'), or a fresh
+    one ('scratch')."""
     c, base = self.config, self.base
     res = dict(residual_hidden=c.residual_hidden, residual_scale=c.residual_scale) if c.mode == 'residual' else {}
     mcfg = base.cfg.replace(**res)
@@ -577,12 +591,24 @@ def build_agent(self: VLAReinforcementTrainer, venv) -> PPO:
         model_config=mcfg, stats=self.stats, steps=c.env.chunk, critic_arch=c.critic_arch, log_std_init=c.log_std_init
     )
     model = PPO(
-        VLAActorCritic, venv, learning_rate=c.learning_rate, n_steps=c.n_steps, batch_size=c.batch_size, n_epochs=c.n_epochs,
-        gamma=c.gamma, gae_lambda=c.gae_lambda, clip_range=c.clip_range, ent_coef=c.ent_coef, vf_coef=c.vf_coef,
-        max_grad_norm=c.max_grad_norm, target_kl=c.target_kl, seed=derive_seed(c.seed, 'rl-ppo'), device='cpu',
+        VLAActorCritic,
+        venv,
+        learning_rate=c.learning_rate,
+        n_steps=c.n_steps,
+        batch_size=c.batch_size,
+        n_epochs=c.n_epochs,
+        gamma=c.gamma,
+        gae_lambda=c.gae_lambda,
+        clip_range=c.clip_range,
+        ent_coef=c.ent_coef,
+        vf_coef=c.vf_coef,
+        max_grad_norm=c.max_grad_norm,
+        target_kl=c.target_kl,
+        seed=derive_seed(c.seed, 'rl-ppo'),
+        device='cpu',
         tensorboard_log=str(self.out_dir / 'tb') if c.tensorboard else None,
         policy_kwargs=dict(kw, train='residual' if c.mode == 'residual' else 'all'),
-    )  # fmt: skip
+    )
     net = model.policy.features_extractor.net
     if net.cfg != mcfg:
         raise ValueError(f"the observations build another VLANet than the policy's: {net.cfg} vs {mcfg}")
@@ -601,7 +627,8 @@ def stats(self: VLAReinforcementTrainer) -> dict:
 
 @patch
 def current_policy(self: VLAReinforcementTrainer) -> VLAPolicy:
-    "The PPO actor's deterministic policy as a `VLAPolicy` (a copy) executing the first `env.chunk` actions of each chunk."
+    """The PPO actor's deterministic policy as a `VLAPolicy` (a copy) executing the first `env.chunk` actions of each
+    chunk."""
     src = self.model.policy.features_extractor.net
     net = VLANet(src.cfg)
     net.load_state_dict(src.state_dict())
@@ -672,15 +699,20 @@ def close(self: VLAReinforcementTrainer):
 # %% ../nbs/07_rl.ipynb #c060
 @patch
 def evaluate_now(self: VLAReinforcementTrainer, agent_steps: int) -> dict:
-    "Evaluate the current policy on the fixed episodes; log, record, and keep it if it is the best so far (ties: the later)."
+    """Evaluate the current policy on the fixed episodes; log, record, and keep it if it is the best so far (ties: the
+    later)."""
     c, t0 = self.config, time.time()
     pol = self.current_policy()
     s = evaluate_parallel(pol, self.eval_set(), c.eval_workers, c.env.camera_shift, 'rl', self.pool()).summary()
     rec = dict(
-        agent_steps=int(agent_steps), sim_steps=int(self.sim_steps), mean_success=s['mean_success'],
+        agent_steps=int(agent_steps),
+        sim_steps=int(self.sim_steps),
+        mean_success=s['mean_success'],
         **{f'success_{f}': r['rate'] for f, r in s['success'].items()},
-        successes=s['overall']['k'], episodes=s['episodes'], eval_s=round(time.time() - t0, 1),
-    )  # fmt: skip
+        successes=s['overall']['k'],
+        episodes=s['episodes'],
+        eval_s=round(time.time() - t0, 1),
+    )
     self.history.append(rec)
     self.eval_seconds += time.time() - t0
     if s['mean_success'] >= self.best:
@@ -694,7 +726,8 @@ def evaluate_now(self: VLAReinforcementTrainer, agent_steps: int) -> dict:
 
 @patch
 def record_update(self: VLAReinforcementTrainer, iteration: int):
-    "Keep what SB3 logged for the update on rollout `iteration` (value loss, explained variance, KL...) before it is written out."
+    """Keep what SB3 logged for the update on rollout `iteration` (value loss, explained variance, KL...) before it is
+    written out."""
     logged = self.model.logger.name_to_value
     if 'train/value_loss' not in logged or (self.updates and self.updates[-1]['iteration'] >= iteration):
         return
@@ -723,10 +756,20 @@ def save_state(self: VLAReinforcementTrainer, path=None) -> Path:
     path, m = Path(path) if path is not None else self.out_dir / 'checkpoint.safetensors', self.model
     opt_t, groups = optimizer_tensors(m.policy.optimizer)
     meta = dict(
-        kind=self.kind, config=self.config.to_dict(), base=fingerprint(self.base.net), num_timesteps=m.num_timesteps,
-        n_updates=m._n_updates, sim_steps=self.sim_steps, history=self.history, updates=self.updates, best=self.best,
-        hard=self.hard, train_seconds=self.train_seconds, eval_seconds=self.eval_seconds, param_groups=groups,
-    )  # fmt: skip
+        kind=self.kind,
+        config=self.config.to_dict(),
+        base=fingerprint(self.base.net),
+        num_timesteps=m.num_timesteps,
+        n_updates=m._n_updates,
+        sim_steps=self.sim_steps,
+        history=self.history,
+        updates=self.updates,
+        best=self.best,
+        hard=self.hard,
+        train_seconds=self.train_seconds,
+        eval_seconds=self.eval_seconds,
+        param_groups=groups,
+    )
     tensors = {f'policy.{k}': v for k, v in m.policy.state_dict().items()}
     return save_checkpoint(path, {**tensors, **opt_t}, meta)
 
@@ -772,7 +815,8 @@ def finetune_with_rl(
     check_range('total_timesteps', total_timesteps, 1, 10**12, integer=True)
     if total_timesteps < c.rollout:
         raise ValueError(
-            f"total_timesteps={total_timesteps} is below one rollout (n_steps * n_envs = {c.rollout}): PPO would never update"
+            f"total_timesteps={total_timesteps} is below one rollout (n_steps * n_envs = {c.rollout}): PPO would never "
+            "update"
         )
     state = self._read_state(self.out_dir / 'checkpoint.safetensors') if resume else None
     if state is None and c.screen_episodes and c.env.hard_frac:
@@ -812,13 +856,21 @@ def summary(self: VLAReinforcementTrainer, run_s: float | None = None) -> dict:
     "The run in numbers: evaluations along the way, the lowest one after the start, steps, throughput, time."
     h = self.history
     return dict(
-        mode=self.config.mode, history=h, updates=self.updates, start_success=h[0]['mean_success'], best_success=self.best,
+        mode=self.config.mode,
+        history=h,
+        updates=self.updates,
+        start_success=h[0]['mean_success'],
+        best_success=self.best,
         min_eval_success_during_training=min(r['mean_success'] for r in h[1:]) if len(h) > 1 else None,
-        agent_steps=self.model.num_timesteps, env_steps=self.sim_steps,
-        env_steps_per_s=round(self.sim_steps / max(self.train_seconds, 1e-9), 1), train_s=round(self.train_seconds, 1),
-        eval_s=round(self.eval_seconds, 1), run_s=None if run_s is None else round(run_s, 1),
-        best_policy=str(self.best_path), final_policy=str(self.out_dir / 'final_policy.safetensors'),
-    )  # fmt: skip
+        agent_steps=self.model.num_timesteps,
+        env_steps=self.sim_steps,
+        env_steps_per_s=round(self.sim_steps / max(self.train_seconds, 1e-9), 1),
+        train_s=round(self.train_seconds, 1),
+        eval_s=round(self.eval_seconds, 1),
+        run_s=None if run_s is None else round(run_s, 1),
+        best_policy=str(self.best_path),
+        final_policy=str(self.out_dir / 'final_policy.safetensors'),
+    )
 
 # %% ../nbs/07_rl.ipynb #c076
 def plot_updates(updates: list, title: str = 'PPO updates: the critic warms up first'):
@@ -849,7 +901,9 @@ def before_after(
     n: int = 6,  # frames per strip
 ) -> dict:
     "Filmstrips (`evaluation.rollout_strips`) of the cloned and the fine-tuned policy on the same test episodes."
-    eps = eval_episodes(EvalConfig(episodes_per_family=1, seed=derive_seed(seed, 'rl-strips'), families=tuple(families)))
+    eps = eval_episodes(
+        EvalConfig(episodes_per_family=1, seed=derive_seed(seed, 'rl-strips'), families=tuple(families))
+    )
     figs = {}
     for name, pol in (('behaviour-cloned', base), ('fine-tuned', tuned)):
         with contextlib.closing(perturbed_env(pol, camera_shift)) as env:
@@ -876,7 +930,8 @@ def compare_policies(
     camera_shift: float = 0.0,
     workers: int = 2,
 ) -> dict:
-    "Both policies on the same fixed test episodes (unused by training and model selection): success, McNemar, discordant pairs."
+    """Both policies on the same fixed test episodes (unused by training and model selection): success, McNemar,
+    discordant pairs."""
     eps = eval_episodes(EvalConfig(episodes_per_family=episodes_per_family, seed=derive_seed(seed, 'rl-compare')))
     spawn = (
         ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) if workers > 1 else contextlib.nullcontext()
@@ -920,7 +975,8 @@ def bench_rl(
     resume: bool = False,  # continue runs already in out_dir
     progress_bar: bool = True,
 ) -> dict:
-    "Fine-tune with PPO in distribution and in a harder setting; cloned vs fine-tuned on the same seeds with McNemar's test."
+    """Fine-tune with PPO in distribution and in a harder setting; cloned vs fine-tuned on the same seeds with McNemar's
+    test."""
     t_all = time.time()
     base = VLAPolicy.load(policy) if isinstance(policy, (str, Path)) else policy
     n = episodes_per_family or by_profile(1, 100)
@@ -946,13 +1002,24 @@ def _bench_setting(base: VLAPolicy, cfg: RLConfig, total: int, n: int, resume: b
         base, VLAPolicy.load(run['best_policy']), n, cfg.seed, cfg.env.camera_shift, cfg.eval_workers
     )
     return dict(
-        **cmp, episodes_per_family=n, min_eval_success_during_training=run['min_eval_success_during_training'],
-        eval_success_at_start=run['start_success'], eval_episodes_per_evaluation=cfg.eval_episodes * len(cfg.env.families),
-        env_steps=run['env_steps'], agent_steps=run['agent_steps'], env_steps_per_s=run['env_steps_per_s'],
-        wall_s=run['run_s'], train_s=run['train_s'], eval_s=run['eval_s'], compare_s=round(time.time() - t, 1),
-        camera_shift=cfg.env.camera_shift, history=run['history'], updates=run['updates'], config=cfg.to_dict(),
+        **cmp,
+        episodes_per_family=n,
+        min_eval_success_during_training=run['min_eval_success_during_training'],
+        eval_success_at_start=run['start_success'],
+        eval_episodes_per_evaluation=cfg.eval_episodes * len(cfg.env.families),
+        env_steps=run['env_steps'],
+        agent_steps=run['agent_steps'],
+        env_steps_per_s=run['env_steps_per_s'],
+        wall_s=run['run_s'],
+        train_s=run['train_s'],
+        eval_s=run['eval_s'],
+        compare_s=round(time.time() - t, 1),
+        camera_shift=cfg.env.camera_shift,
+        history=run['history'],
+        updates=run['updates'],
+        config=cfg.to_dict(),
         best_policy=run['best_policy'],
-    )  # fmt: skip
+    )
 
 # %% ../nbs/07_rl.ipynb #c089
 def rl_main(argv=None) -> int:
@@ -963,9 +1030,7 @@ def rl_main(argv=None) -> int:
     ap.add_argument('--checkpoint', required=True, help='the behaviour-cloned policy (.safetensors)')
     ap.add_argument('--out', default='runs/rl', help='output directory (checkpoints, best/final policies, logs)')
     ap.add_argument('--profile', choices=PROFILES, default=None, help='quick (default) or full')
-    ap.add_argument(
-        '--mode', choices=RUNS_MODES, default='residual', help="what PPO updates; 'naive': no stabilisers"
-    )
+    ap.add_argument('--mode', choices=RUNS_MODES, default='residual', help="what PPO updates; 'naive': no stabilisers")
     ap.add_argument(
         '--total-timesteps', type=int, default=None, help='RL steps (one executed chunk each); default by profile'
     )
