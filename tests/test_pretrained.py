@@ -29,7 +29,7 @@ def test_shipped_policy_is_the_full_recipe(policy):
     card = pretrained_card('tabletop')
     m = re.search(r'\*\*mean over families\*\* \| \*\*([0-9.]+)\*\*', card)
     assert m and float(m.group(1)) >= 0.85, card[:400]                           # the full-profile closed-loop figure
-    assert 'vla-bench policy' in card and 'vla-demo' in card                     # how each figure was produced
+    assert 'vla-demo --profile full --text-encoder sentence' in card               # how each figure was produced
 
 
 def test_shipped_policy_succeeds_in_closed_loop(policy):
@@ -40,5 +40,5 @@ def test_shipped_policy_succeeds_in_closed_loop(policy):
     finally:
         env.close()
     assert r['episodes'] == 12
-    assert r['mean_success'] >= 0.75, r['success']                              # an untrained or broken policy scores ~0
+    assert r['mean_success'] >= 0.85, r['success']                              # measured 0.92 (11/12); untrained ~0
     assert all(s['rate'] > 0 for s in r['success'].values()), r['success']      # every family, not one lucky one
