@@ -136,7 +136,7 @@ def test_stream_rate_monitor_from_bag(tmp_path):
 
 @pytest.fixture(scope='module')
 def shipped():
-    return load_pretrained('tabletop')
+    return load_pretrained('tabletop-words')
 
 
 def _episode(pol, monitors, env, seed=0):

@@ -15,17 +15,19 @@ def test_shipped_files_and_lazy_entry_point():
     base = _pretrained_path('tabletop')
     for ext in ('.safetensors', '.json', '.md'):
         assert base.with_suffix(ext).exists(), ext
+        assert _pretrained_path('tabletop-words').with_suffix(ext).exists(), ext
     assert base.with_suffix('.safetensors').stat().st_size < 8_000_000          # small enough to ship in the wheel
     assert vla_nb.load_pretrained is load_pretrained                             # `vla_nb.load_pretrained` resolves lazily
-    with pytest.raises(ValueError, match=r"no shipped policy named 'franka'; available: \['tabletop'\]"):
+    with pytest.raises(ValueError, match=r"no shipped policy named 'franka'; available: \['tabletop', 'tabletop-words'\]"):
         load_pretrained('franka')
-    assert sorted(PRETRAINED) == ['tabletop']
+    assert sorted(PRETRAINED) == ['tabletop', 'tabletop-words']
 
 
 def test_shipped_policy_is_the_full_recipe(policy):
     cfg = policy.net.cfg
     assert cfg.image_size == 96 and cfg.wrist_size == 48                       # scene + wrist camera, as trained
     assert not policy.net.training                                               # ready to act: eval mode
+    assert cfg.text_encoder == 'sentence' and load_pretrained('tabletop-words').net.cfg.text_encoder == 'words'
     card = pretrained_card('tabletop')
     m = re.search(r'\*\*mean over families\*\* \| \*\*([0-9.]+)\*\*', card)
     assert m and float(m.group(1)) >= 0.85, card[:400]                           # the full-profile closed-loop figure

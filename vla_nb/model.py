@@ -641,7 +641,10 @@ def load(cls: VLAPolicy, path, config: ModelConfig | None = None, **kw):
     return cls(net, Normalizer(meta['stats']), command_language(meta['tokenizer']), **{**settings, **kw})
 
 # %% ../nbs/03_model.ipynb #n294d215
-PRETRAINED = {'tabletop': 'policies/tabletop'}  # name -> path under vla_nb/assets (.safetensors, .json, .md)
+PRETRAINED = {  # name -> path under vla_nb/assets (.safetensors, .json, .md)
+    'tabletop': 'policies/tabletop',  # the full recipe: sentence encoder, open-vocabulary commands
+    'tabletop-words': 'policies/tabletop_words',  # the same recipe with the word encoder (token-id observations, as RL)
+}
 
 
 def _pretrained_path(name: str) -> Path:
