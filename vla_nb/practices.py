@@ -418,7 +418,7 @@ class OutputMonitor(WindowMonitor):
         range_sd: float = 4.0,  # an action this many training stds from the training mean is out of range
         max_out: float = 0.05,  # alert when the windowed fraction of out-of-range actions exceeds this
         min_confidence: float | None = None,  # alert when the windowed mean confidence falls below this
-        max_disagreement: float = 0.5,  # alert above this windowed disagreement of consecutive chunks (in stds)
+        max_disagreement: float = 0.75,  # alert above this windowed disagreement of consecutive chunks (in stds)
     ):
         super().__init__(window)
         self.mean, self.std = (np.asarray(stats[ACTION][k], np.float64) for k in ('mean', 'std'))
