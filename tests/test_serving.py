@@ -170,3 +170,15 @@ def test_message_frames_and_hosts(tmp_path):
     p = tmp_path/'f.bin'; p.write_bytes(b'abc' * 700_000)                  # read in blocks: larger than one block
     import hashlib
     assert file_sha256(p) == hashlib.sha256(b'abc' * 700_000).hexdigest() and file_sha256(tmp_path/'missing') is None
+
+
+def test_faults_sentence_artifact(tmp_path):
+    "The shipped sentence-encoder policy: its input is an embedding, not token ids, and its hello carries a large vocab."
+    from vla_nb.model import load_pretrained
+    art = export_artifact(load_pretrained('tabletop'), tmp_path/'artifact', DeployConfig(int8=False))
+    env = env_for(load_pretrained('tabletop')); o, _ = env.reset(seed=3); env.close()
+    f = fault_suite(art, o, restart=False)
+    assert all(v['survived'] for v in f.values()), {k: v for k, v in f.items() if not v['survived']}
+    assert 'NaN or inf' in f['wrong_dtype_shape']['errors']['text_embedding']
+    assert 'token_ids' not in f['wrong_dtype_shape']['errors']
+    assert f['slow_client']['dropped_by_server']

@@ -1198,18 +1198,23 @@ def _wrong_inputs(srv: PolicyServer) -> dict:
         bad = {
             'image': dict(inp, image=pack_array(np.zeros(s, np.float64))),
             'proprio': dict(inp, proprio=pack_array(nan)),
-            'token_ids': dict(inp, token_ids=pack_array(np.full(spec['token_ids'][1], 10**6, np.int64))),
             'shape': dict(inp, image=pack_array(np.zeros([1, 3, s[2] + 1, s[3]], np.float32))),
             'bytes': dict(inp, image=dict(inp['image'], data=inp['image']['data'][:-4])),
             'missing': {k: v for k, v in inp.items() if k != 'proprio'},
             'extra': dict(inp, pixels=inp['image']),
         }
+        if 'token_ids' in spec:  # a word-encoder artifact: an id outside the vocabulary
+            bad['token_ids'] = dict(inp, token_ids=pack_array(np.full(spec['token_ids'][1], 10**6, np.int64)))
+        if 'text_embedding' in spec:  # a sentence-encoder artifact: a non-finite embedding
+            emb = np.full(spec['text_embedding'][1], np.inf, np.float32)
+            bad['text_embedding'] = dict(inp, text_embedding=pack_array(emb))
         errors = {k: _ask(ws, packb(dict(msg, inputs=v))) for k, v in bad.items()}
         after = _ask(ws, packb(msg))
     named = dict(
         image='float64',
         proprio='NaN',
         token_ids='token_ids',
+        text_embedding='text_embedding',
         shape='shape',
         bytes='bytes',
         missing='proprio',
@@ -1238,8 +1243,8 @@ def _slow_client(srv: PolicyServer, n: int = 400, seconds: float = 10.0) -> dict
 
     open0, answered0 = srv.stats['open'], srv.stats['answered']
     s = socket.create_connection(('127.0.0.1', srv.port))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     ws = _raw(srv.url, srv.cfg.token, sock=s, max_queue=1)  # its reader pauses after one unread message
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # after the hello, which can be large (a sentence vocab)
     frame, t_end = _valid(ws), time.monotonic() + seconds
 
     def flood():
