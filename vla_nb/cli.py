@@ -51,7 +51,7 @@ class DemoConfig(Config):
     grounding_episodes: int = 12  # grounding-check episodes
     expert_episodes: int = 5  # expert-success episodes per family in the simulator stage
     deploy_calls: int = 50  # timed calls per backend and setting in the deployment stage
-    shipped_episodes: int = 5  # test episodes per family the shipped policy runs (the first of the policy stage's)
+    shipped_episodes: int = 10  # test episodes per family the shipped policy runs (the first of the policy stage's)
 
     def __post_init__(self):
         for k in (
