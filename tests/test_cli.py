@@ -89,3 +89,28 @@ def test_vla_bench_at_tiny_sizes(tmp_path):
     assert t['achieved_gflops_per_s'] == pytest.approx(t['gflops_per_sample'] * t['train_samples_per_s'], rel=0.02)
     assert 0 < t['achieved_gflops_per_s'] < 1.5 * t['matmul_peak_gflops_per_s']
     assert 100 < t['peak_rss_mb'] < 6000
+
+
+def test_report_shows_the_shipped_policy_next_to_the_demos():
+    "The report's comparison: both policies' success per family on the same episodes, and the card's figures beside them."
+    from vla_nb.cli import DemoConfig, _report_md, _shipped_md
+    from vla_nb.evaluation import EvalResult, card_results
+    from vla_nb.model import pretrained_card
+    fams = ('pick', 'move', 'find', 'place')
+    summ = lambda wins: EvalResult([dict(seed=i, family=f, obj=None, success=i < wins[f], steps=9)
+                                    for f in fams for i in range(4)]).summary()
+    ours, ship = summ(dict(pick=1, move=4, find=2, place=0)), summ(dict(pick=3, move=4, find=4, place=3))
+    card = card_results(pretrained_card('tabletop'))
+    sh = dict(policy='tabletop', episodes_per_family=4, this_run=ours, shipped=ship, card=card,
+              figures=dict(compare='shipped_vs_demo.png', filmstrips='shipped_rollouts.png'))
+    md = '\n'.join(_shipped_md(sh))
+    assert "## The shipped policy next to this run's policy" in md and 'same 4 test episode(s) per family' in md
+    assert '| pick | 0.25 [0.05, 0.70] (n=4) | 0.75 [0.30, 0.95] (n=4) | ' in md    # this run's, then the shipped policy's
+    assert '| place | 0.00 [0.00, 0.49] (n=4) | 0.75 [0.30, 0.95] (n=4) | ' in md
+    assert f"| **mean over families** | **0.44** | **0.88** | **{card['mean_success']:.2f}** ({card['episodes']} episodes) |" in md
+    assert '![compare](shipped_vs_demo.png)' in md
+    assert all(f"| {f} | " in md and f"(n={card['success'][f]['n']}) |" in md for f in fams)
+    sim_stage = dict(expert_success={f: 1.0 for f in fams}, episodes_per_family=1, scene_grid='s.png', filmstrips={})
+    assert md in _report_md(dict(profile='quick', seed=0, stages=dict(sim=sim_stage, shipped=sh)))
+    with pytest.raises(ValueError, match='shipped_episodes .6. must be <= eval_episodes .5.'):
+        DemoConfig(eval_episodes=5, shipped_episodes=6)

@@ -106,3 +106,43 @@ def test_torch_threads_restores_the_count_even_after_an_error():
     with pytest.raises(KeyError):
         with torch_threads(2): assert torch.get_num_threads() == 2; raise KeyError('x')
     assert torch.get_num_threads() == before
+
+
+def test_policy_panel_runs_and_scrubs_an_episode():
+    "The panel's callbacks driven as a click would: the slider spans the episode's frames, the status shows its outcome."
+    pytest.importorskip('ipywidgets')
+    from vla_nb.evaluation import policy_panel, run_command
+    e = sim.TabletopEnv(image_size=48, render_size=64)
+    try:
+        for pol, ok in ((sim.ScriptedExpert(e), True), (sim.RandomPolicy(seed=0), False)):
+            panel = policy_panel(pol, env=e)
+            c = panel.controls
+            c['command'].value, c['seed'].value = 'put the book on the shelf', 3
+            c['run'].click()
+            r = panel.result
+            assert r['success'] is ok and r['command'] == 'put the book on the shelf' and r['seed'] == EVAL_SEED_OFFSET + 3
+            assert c['frame'].max == len(r['frames']) - 1 == r['steps'] and r['frames'].shape[1:] == (64, 64, 3)
+            assert ('<b>success</b>' in c['status'].value) is ok and ('<b>failure</b>' in c['status'].value) is not ok
+            c['frame'].value = 5
+            assert c['status'].value.endswith('step 5')
+        ref = run_command(sim.ScriptedExpert(e), 'put the book on the shelf', 3, env=e)  # the same episode, outside the panel
+        first = policy_panel(sim.ScriptedExpert(e), env=e)
+        first.controls['command'].value, first.controls['seed'].value = 'put the book on the shelf', 3
+        first.controls['run'].click()
+        assert first.result['steps'] == ref['steps'] and np.array_equal(first.result['frames'], ref['frames'])
+        c['command'].value = 'fly to the moon'                                  # outside the grammar, no scene chosen
+        c['run'].click()
+        assert panel.result is None and c['frame'].max == 0 and "['fly', 'moon']" in c['status'].value
+        c['scene'].value = sim.Task('place', 'book', 'shelf')                   # free text for a chosen scene: it runs
+        c['command'].value = 'the book goes on the shelf'
+        c['run'].click()
+        assert panel.result['command'] == 'the book goes on the shelf' and c['frame'].max == 120
+    finally:
+        e.close()
+
+
+def test_policy_panel_names_the_missing_package(monkeypatch):
+    import sys
+    from vla_nb.evaluation import policy_panel
+    monkeypatch.setitem(sys.modules, 'ipywidgets', None)                     # as if it were not installed
+    with pytest.raises(ImportError, match='pip install ipywidgets'): policy_panel(sim.RandomPolicy(0))

@@ -25,8 +25,8 @@ from . import sim, data, language, pretraining, imitation, evaluation, deploymen
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
-__all__ = ['DEMO_STAGES', 'BENCHES', 'DemoConfig', 'demo_sim', 'demo_data', 'demo_policy', 'demo_deploy', 'run_demo', 'demo_main',
-           'bench_main']
+__all__ = ['DEMO_STAGES', 'BENCHES', 'DemoConfig', 'demo_sim', 'demo_data', 'demo_policy', 'demo_shipped', 'demo_deploy',
+           'run_demo', 'demo_main', 'bench_main']
 
 # %% ../nbs/99_cli.ipynb #c005
 @dataclass
@@ -51,6 +51,7 @@ class DemoConfig(Config):
     grounding_episodes: int = 12  # grounding-check episodes
     expert_episodes: int = 5  # expert-success episodes per family in the simulator stage
     deploy_calls: int = 50  # timed calls per backend and setting in the deployment stage
+    shipped_episodes: int = 10  # test episodes per family the shipped policy runs (the first of the policy stage's)
 
     def __post_init__(self):
         for k in (
@@ -62,6 +63,7 @@ class DemoConfig(Config):
             'grounding_episodes',
             'expert_episodes',
             'deploy_calls',
+            'shipped_episodes',
         ):
             check_range(k, getattr(self, k), 1, 10**7, integer=True)
         check_range('pretrain_epochs', self.pretrain_epochs, 0, 10**4, integer=True)
@@ -75,6 +77,11 @@ class DemoConfig(Config):
             check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         for k in ('dagger_episodes', 'dagger_epochs'):
             check_range(k, getattr(self, k), 1, 10**6, integer=True)
+        if self.shipped_episodes > self.eval_episodes:
+            raise ValueError(
+                f"shipped_episodes ({self.shipped_episodes}) must be <= eval_episodes ({self.eval_episodes}): the "
+                "shipped policy runs a subset of the episodes the demo's policy is measured on"
+            )
 
     @classmethod
     def for_profile(cls, profile: str | None = None):
@@ -92,6 +99,7 @@ class DemoConfig(Config):
             grounding_episodes=100,
             expert_episodes=50,
             deploy_calls=200,
+            shipped_episodes=50,
             text_encoder='sentence',  # measured: it matches the word encoder on templates and wins on paraphrases
             text_augment=0.5,
         )
@@ -113,6 +121,7 @@ class DemoConfig(Config):
             grounding_episodes=2,
             expert_episodes=1,
             deploy_calls=5,
+            shipped_episodes=1,
         )
 
 # %% ../nbs/99_cli.ipynb #c009
@@ -236,6 +245,9 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         )
     finally:
         env.close()
+    keep = ('seed', 'family', 'obj', 'loc', 'command', 'split', 'success', 'steps')  # every test episode's outcome
+    outcomes = [{k: r[k] for k in keep} for r in test['result'].records]
+    atomic_write(out / 'policy_test_episodes.json', json.dumps(outcomes, indent=0))
     kept = next(r for r in test['result'].records if r['frames'] is not None)
     figs = dict(
         history=_save_fig(imitation.plot_history(hist), out / 'policy_history.png'),
@@ -262,6 +274,44 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         eval_seconds=round(time.time() - t2, 1),
     )
 
+# %% ../nbs/99_cli.ipynb #n6f5d685
+def demo_shipped(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
+    "Shipped-policy stage: the packaged policy on the demo policy's first test episodes; its model card's figures."
+    from vla_nb.model import load_pretrained, pretrained_card
+
+    t0 = time.time()
+    pol = load_pretrained('tabletop')
+    env = evaluation.env_for(pol, render_size=128)
+    try:
+        shipped = evaluation.evaluate_policy(pol, cfg.shipped_episodes, seed, 'test', env, 'shipped', frames=1)
+    finally:
+        env.close()
+    seeds = [r['seed'] for r in shipped['result'].records]
+    ours = [r for r in json.loads((out / 'policy_test_episodes.json').read_text()) if r['seed'] in set(seeds)]
+    if sorted(r['seed'] for r in ours) != sorted(seeds):
+        raise RuntimeError(f"the policy stage's test episodes in {out} do not hold the shipped policy's episodes")
+    demo = evaluation.EvalResult(ours, name='this run').summary()
+    figs = dict(
+        compare=_save_fig(
+            evaluation.plot_success({'this run': demo, 'shipped': shipped}, title='same test episodes (95% Wilson CI)'),
+            out / 'shipped_vs_demo.png',
+        ),
+        filmstrips=_save_fig(
+            evaluation.rollout_strips(shipped['result'], n=6, max_rows=4), out / 'shipped_rollouts.png'
+        ),
+    )
+    drop = lambda r: {k: v for k, v in r.items() if k != 'result'}
+    card = evaluation.card_results(pretrained_card('tabletop'))
+    return dict(
+        policy='tabletop',
+        episodes_per_family=cfg.shipped_episodes,
+        this_run=demo,
+        shipped=drop(shipped),
+        card=card,
+        figures=figs,
+        eval_seconds=round(time.time() - t0, 1),
+    )
+
 # %% ../nbs/99_cli.ipynb #c015
 def demo_deploy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     "Deployment stage: export the demo's policy to out/deploy and benchmark its backends briefly."
@@ -270,11 +320,43 @@ def demo_deploy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     )
 
 # %% ../nbs/99_cli.ipynb #c017
-DEMO_STAGES = {'sim': demo_sim, 'data': demo_data, 'policy': demo_policy, 'deploy': demo_deploy}
+DEMO_STAGES = {
+    'sim': demo_sim,
+    'data': demo_data,
+    'policy': demo_policy,
+    'shipped': demo_shipped,
+    'deploy': demo_deploy,
+}
 
 
 def _ci(r):
     return f"{r['rate']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] (n={r['n']})"
+
+
+def _shipped_md(sh: dict) -> list:
+    "The report's comparison: this run's policy and the shipped one on the same test episodes, the card as reference."
+    ours, ship, card = sh['this_run'], sh['shipped'], sh['card']
+    lines = [
+        "",
+        "## The shipped policy next to this run's policy",
+        "",
+        f"Both in closed loop on the same {sh['episodes_per_family']} test episode(s) per family. The shipped "
+        f"policy is `vla_nb.model.load_pretrained('{sh['policy']}')`, trained with the full recipe; the last column is "
+        "its model card's full-profile figure (`vla_nb.model.pretrained_card`), for reference.",
+        "",
+        "| family | this run's policy | shipped policy | shipped policy, model card |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {f} | {_ci(ours['success'][f])} | {_ci(r)} | {_ci(card['success'][f]) if f in card['success'] else '-'} |"
+        for f, r in ship['success'].items()
+    ]
+    lines += [
+        f"| **mean over families** | **{ours['mean_success']:.2f}** | **{ship['mean_success']:.2f}** | "
+        f"**{card['mean_success']:.2f}** ({card['episodes']} episodes) |",
+        "",
+    ]
+    return lines + [f"![{k}]({v})" for k, v in sh['figures'].items()]
 
 
 def _report_md(summary: dict) -> str:
@@ -333,6 +415,8 @@ def _report_md(summary: dict) -> str:
             "",
         ]
         lines += [f"![{k}]({v})" for k, v in p['figures'].items()]
+    if 'shipped' in summary['stages']:
+        lines += _shipped_md(summary['stages']['shipped'])
     if 'deploy' in summary['stages']:
         d = summary['stages']['deploy']
         lines += [
@@ -406,12 +490,14 @@ def demo_main(argv=None):
     if a.text_augment is not None:
         cfg = cfg.replace(text_augment=a.text_augment)
     s = run_demo(a.out, a.seed, cfg)
-    t = s['stages']['policy']['test']
+    t, sh = s['stages']['policy']['test'], s['stages']['shipped']
     print(
         f"report: {Path(a.out) / 'report.md'} ({s['seconds']} s); "
         f"expert success: {s['stages']['sim']['expert_success']}; "
         f"dataset: {s['stages']['data']['report']['episodes']} episodes; policy test success: "
-        f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}"
+        f"{ {f: r['rate'] for f, r in t['success'].items()} } mean {t['mean_success']:.3f}; "
+        f"shipped policy on the same {sh['episodes_per_family']} episode(s) per family: mean "
+        f"{sh['shipped']['mean_success']:.3f} (this run's: {sh['this_run']['mean_success']:.3f})"
     )
     return 0
 

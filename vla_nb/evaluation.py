@@ -19,7 +19,8 @@ from . import sim
 __all__ = ['EVAL_SEED_OFFSET', 'PARAPHRASES', 'NONSENSE', 'wilson_interval', 'EvalConfig', 'eval_episodes', 'check_disjoint',
            'torch_threads', 'env_for', 'EvalResult', 'evaluate', 'rollout_strips', 'save_gif', 'plot_success',
            'evaluate_policy', 'paraphrase', 'language_check', 'grounding_pairs', 'grounding_check',
-           'CommandBlindExpert', 'bench_policy', 'model_card', 'compare_benches']
+           'CommandBlindExpert', 'bench_policy', 'model_card', 'compare_benches', 'card_results', 'run_command',
+           'panel_commands', 'policy_panel']
 
 # %% ../nbs/05_evaluation.ipynb #c005
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
@@ -553,3 +554,112 @@ def compare_benches(benches: dict) -> str:
     head = ['| | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
     return '\n'.join(head + [f"| {k} | " + ' | '.join(fn(benches[n]) for n in names) + ' |' for k, fn in rows])
 
+
+# %% ../nbs/05_evaluation.ipynb #n56e991e
+_CARD_ROW = r'\| (\w+) \| ([0-9.]+) \[([0-9.]+), ([0-9.]+)\] \((\d+)/(\d+)\) \|'
+
+
+def card_results(card: str) -> dict:
+    "The closed-loop figures of a model card written by `model_card`: success per family (rate, lo, hi, k, n), the mean."
+    import re
+
+    rows = [m for m in re.findall(_CARD_ROW, card) if m[0] in sim.TASK_FAMILIES]
+    mean = re.search(r'\| \*\*mean over families\*\* \| \*\*([0-9.]+)\*\* \|', card)
+    if not rows or mean is None:
+        raise ValueError(
+            "no closed-loop table found: expected a model card written by model_card (family rows and "
+            "a '**mean over families**' row)"
+        )
+    success = {
+        f: dict(rate=round(int(k) / int(n), 4), lo=float(lo), hi=float(hi), k=int(k), n=int(n))
+        for f, _, lo, hi, k, n in rows
+    }
+    return dict(success=success, mean_success=float(mean[1]), episodes=sum(r['n'] for r in success.values()))
+
+# %% ../nbs/05_evaluation.ipynb #nec6708f
+def run_command(policy, command: str, seed: int = 0, task: sim.Task | None = None, env=None, name: str = 'policy'):
+    "One closed-loop episode of `policy` told `command` on evaluation scene `seed`: its `evaluate` record with frames."
+    check_range('seed', seed, 0, 2**31 - 1, integer=True)
+    task = sim.parse_command(command) if task is None else task  # the scene and the success test come from the task
+    ep = dict(seed=EVAL_SEED_OFFSET + seed, family=task.family, task=task, command=command, split='interactive')
+    return evaluate(policy, [ep], env=env, frames=1, name=name, progress_bar=False).records[0]
+
+# %% ../nbs/05_evaluation.ipynb #ne7858c9
+def _all_tasks() -> list:
+    "Every task of the simulator: each object picked and found, each place visited, each object put at each place."
+    objs, locs = list(sim.OBJECTS), list(sim.LOCATIONS)
+    return (
+        [sim.Task('pick', o) for o in objs]
+        + [sim.Task('move', loc=l) for l in locs]
+        + [sim.Task('find', o) for o in objs]
+        + [sim.Task('place', o, l) for o in objs for l in locs]
+    )
+
+
+def panel_commands(seed: int = 0) -> dict:
+    "The panel's commands and their tasks: every task in its first template, then a paraphrase of every ninth task."
+    tasks = _all_tasks()
+    rng = lambda i: np.random.default_rng(derive_seed(seed, 'panel', i))
+    return {sim.make_command(t): t for t in tasks} | {paraphrase(t, rng(i)): t for i, t in enumerate(tasks[::9])}
+
+# %% ../nbs/05_evaluation.ipynb #n7a25b60
+def policy_panel(
+    policy=None,
+    env: sim.TabletopEnv | None = None,  # the simulator it acts in (default: one matching the policy's cameras)
+    render_size: int = 256,  # side of the frames shown (when `env` is None)
+):
+    "ipywidgets panel: type or pick a command, run `policy` (default: the shipped 'tabletop') once, scrub the frames."
+    try:
+        import ipywidgets as W
+    except ImportError as e:
+        raise ImportError("policy_panel needs ipywidgets: pip install ipywidgets (then restart the kernel)") from e
+    from html import escape
+
+    if policy is None:
+        from vla_nb.model import load_pretrained
+
+        policy = load_pretrained('tabletop')
+    env, known = env or env_for(policy, render_size=render_size), panel_commands()
+    cmd = W.Combobox(
+        value=next(iter(known)), options=list(known), description='command', layout=W.Layout(width='420px')
+    )
+    scene = W.Dropdown(
+        options=[('parsed from the command', None)] + [(sim.make_command(t), t) for t in _all_tasks()],
+        description='scene for',
+        layout=W.Layout(width='420px'),
+    )
+    seed, run = W.BoundedIntText(0, min=0, max=2**31 - 1, description='seed'), W.Button(description='run')
+    frame, img, status = (
+        W.IntSlider(0, 0, 0, description='step'),
+        W.Image(format='png', width=256, height=256),
+        W.HTML(),
+    )
+    box = W.VBox([W.HBox([cmd, seed]), W.HBox([scene, run]), img, frame, status])
+    box.result, box.env = None, env
+
+    def show(i):
+        r, img.value = box.result, sim._png(box.result['frames'][i])
+        verdict = 'success' if r['success'] else 'failure'
+        status.value = (
+            f"&ldquo;{escape(r['command'], quote=False)}&rdquo;: <b>{verdict}</b> after {r['steps']} steps; step {i}"
+        )
+
+    def fail(msg):
+        box.result, frame.max, status.value = None, 0, f'<b style="color:#b00">{escape(msg, quote=False)}</b>'
+
+    def on_run(_=None):
+        try:
+            task = scene.value or known.get(cmd.value) or sim.parse_command(cmd.value)  # free text: parse it
+        except (ValueError, TypeError) as e:
+            return fail(f"{e}; for free text, choose the task its scene is built for under 'scene for'")
+        try:
+            box.result = run_command(policy, cmd.value, seed.value, task=task, env=env)
+        except (ValueError, TypeError) as e:  # e.g. the policy's language check refuses the words
+            return fail(str(e))
+        frame.max, frame.value = len(box.result['frames']) - 1, 0
+        show(0)
+
+    run.on_click(on_run)
+    frame.observe(lambda ch: box.result is not None and show(ch['new']), names='value')
+    box.run, box.controls = on_run, dict(command=cmd, scene=scene, seed=seed, run=run, frame=frame, status=status)
+    return box
