@@ -222,13 +222,13 @@ def init_from_checkpoint(net: VLANet, path) -> VLANet:
         raise ValueError(f"{path} is neither a VLAPretrainer nor a VLAPolicy checkpoint (kind={kind!r})")
     return load_weights(net, tensors)
 
-# %% ../nbs/06_imitation.ipynb #c025
+# %% ../nbs/06_imitation.ipynb #x16c003
 def masked_mse(pred, target, mask):
     "Mean squared error of (B, K, 2) positions over the objects `mask` (B, K) marks as known."
     m = mask.unsqueeze(-1).to(pred.dtype).expand_as(pred)
     return ((pred - target).square() * m).sum() / m.sum().clamp(min=1)
 
-
+# %% ../nbs/06_imitation.ipynb #x16c006
 class BCObjective(nn.Module):
     "Chunk loss of `net` + `aux_weight` x keypoint localization loss (demo frames and snapshots); one module for DDP."
 
@@ -265,7 +265,7 @@ class BCObjective(nn.Module):
             kp = kp + masked_mse(self.locate(k), S[OBJ_XY][i].to(dev), S[OBJ_MASK][i].to(dev))
         return {**terms, 'keypoint_loss': self.aux_weight * kp}
 
-
+# %% ../nbs/06_imitation.ipynb #x16c010
 @patch
 def train_step(self: VLAImitationLearner, batch: dict) -> float:
     "One behaviour-cloning update on `batch`; returns the (process-averaged) loss."
@@ -276,7 +276,7 @@ def train_step(self: VLAImitationLearner, batch: dict) -> float:
         self.history[k].append(v)
     return out['total_loss']
 
-
+# %% ../nbs/06_imitation.ipynb #x16c012
 @patch
 @torch.no_grad()
 def validate(self: VLAImitationLearner, batch_size: int = 256) -> float:
@@ -290,7 +290,7 @@ def validate(self: VLAImitationLearner, batch_size: int = 256) -> float:
         n += len(idx)
     return tot / n
 
-
+# %% ../nbs/06_imitation.ipynb #x16c014
 @patch
 @torch.no_grad()
 def keypoint_rmse(self: VLAImitationLearner, split: str = 'val', max_frames: int = 2000) -> float:
