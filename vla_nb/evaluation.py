@@ -560,7 +560,7 @@ _CARD_ROW = r'\| (\w+) \| ([0-9.]+) \[([0-9.]+), ([0-9.]+)\] \((\d+)/(\d+)\) \|'
 
 
 def card_results(card: str) -> dict:
-    "The closed-loop figures of a model card written by `model_card`: success per family (rate, lo, hi, k, n), the mean."
+    "The closed-loop figures of a model card written by `model_card`: success per family and the mean."
     import re
 
     rows = [m for m in re.findall(_CARD_ROW, card) if m[0] in sim.TASK_FAMILIES]
