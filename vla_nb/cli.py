@@ -518,7 +518,11 @@ BENCHES = {
     ),
     'serve': lambda a: serving.bench_serve(_need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed),
     'rl': lambda a: rl.bench_rl(
-        _need_checkpoint(a), episodes_per_family=a.episodes, seed=a.seed, out_dir=Path(a.out).with_suffix('.runs')
+        _need_checkpoint(a),
+        episodes_per_family=a.episodes,
+        seed=a.seed,
+        out_dir=Path(a.out).with_suffix('.runs'),
+        harder_policy=a.harder_checkpoint,
     ),
     'validate': lambda a: validation.bench_validate(_need_checkpoint(a), seed=a.seed, robustness_episodes=a.episodes),
 }
@@ -540,6 +544,11 @@ def bench_main(argv=None):
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument(
         '--checkpoint', default=None, help='policy checkpoint (policy, deploy, serve, rl and validate benchmarks)'
+    )
+    ap.add_argument(
+        '--harder-checkpoint',
+        default=None,
+        help='rl: a weaker cloned policy to fine-tune as the harder setting (default: the camera-shift setting)',
     )
     a = ap.parse_args(argv)
     if a.episodes is not None and a.episodes < 1:

@@ -277,7 +277,7 @@ def _build(self: VLAActorCritic, lr_schedule):
 
 # %% ../nbs/07_rl.ipynb #c028
 MODES = ('residual', 'direct', 'scratch')
-FULL_TIMESTEPS = 40_000  # RL steps of a full-profile run (each executes one chunk of up to `env.chunk` simulator steps)
+FULL_TIMESTEPS = 5_000  # RL steps of a full-profile run (each executes one chunk of up to `env.chunk` simulator steps)
 
 
 @dataclass
@@ -367,10 +367,10 @@ def for_profile(cls: RLConfig, profile: str | None = None, **kw) -> RLConfig:
     full = dict(
         n_steps=128,
         batch_size=64,
-        eval_every=25_000,
+        eval_every=15_000,
         eval_episodes=50,
         eval_workers=2,
-        screen_episodes=400,
+        screen_episodes=200,
         env=VLAEnvConfig(hard_frac=0.5),
     )
     return cls(**{**full, **kw})
@@ -971,7 +971,8 @@ def bench_rl(
     total_timesteps: int | None = None,  # RL steps per run (quick: one rollout; full: FULL_TIMESTEPS)
     seed: int = 0,
     out_dir=None,  # the runs land in out_dir/in_distribution and out_dir/harder (default: a temporary directory)
-    harder_shift: float | None = HARDER_CAMERA_SHIFT,  # camera shift of the harder setting (None: skip it)
+    harder_shift: float | None = HARDER_CAMERA_SHIFT,  # camera shift of the harder setting (None: skip it) ...
+    harder_policy=None,  # ... or a weaker cloned policy (or checkpoint) to fine-tune in distribution instead
     resume: bool = False,  # continue runs already in out_dir
     progress_bar: bool = True,
 ) -> dict:
@@ -979,16 +980,23 @@ def bench_rl(
     test."""
     t_all = time.time()
     base = VLAPolicy.load(policy) if isinstance(policy, (str, Path)) else policy
+    weak = VLAPolicy.load(harder_policy) if isinstance(harder_policy, (str, Path)) else harder_policy
     n = episodes_per_family or by_profile(1, 100)
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix='vla-rl-bench-'))
     res = dict(checkpoint=str(policy) if isinstance(policy, (str, Path)) else None, profile=get_profile(), seed=seed)
-    for name, shift in [('in_distribution', 0.0)] + ([('harder', harder_shift)] if harder_shift else []):
-        cfg = RLConfig.matching(base, seed=seed, out_dir=str(out / name))
+    settings = [('in_distribution', base, 0.0)]
+    if weak is not None:
+        settings.append(('harder', weak, 0.0))
+    elif harder_shift:
+        settings.append(('harder', base, harder_shift))
+    for name, pol, shift in settings:
+        cfg = RLConfig.matching(pol, seed=seed, out_dir=str(out / name))
         cfg = cfg.replace(env=cfg.env.replace(camera_shift=shift))
-        block = _bench_setting(
-            base, cfg, total_timesteps or by_profile(cfg.rollout, FULL_TIMESTEPS), n, resume, progress_bar
-        )
+        total = total_timesteps or by_profile(cfg.rollout, FULL_TIMESTEPS)
+        block = _bench_setting(pol, cfg, total, n, resume, progress_bar)
         res.update(block) if name == 'in_distribution' else res.update({name: block})
+    if weak is not None:
+        res['harder']['checkpoint'] = str(harder_policy) if isinstance(harder_policy, (str, Path)) else None
     res['targets'] = _targets(res)
     res['total_wall_s'] = round(time.time() - t_all, 1)
     return res
