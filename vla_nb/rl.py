@@ -277,7 +277,7 @@ def _build(self: VLAActorCritic, lr_schedule):
 
 # %% ../nbs/07_rl.ipynb #c028
 MODES = ('residual', 'direct', 'scratch')
-FULL_TIMESTEPS = 5_000  # RL steps of a full-profile run (each executes one chunk of up to `env.chunk` simulator steps)
+FULL_TIMESTEPS = 8_000  # RL steps of a full-profile run (each executes one chunk of up to `env.chunk` simulator steps)
 
 
 @dataclass
@@ -367,7 +367,7 @@ def for_profile(cls: RLConfig, profile: str | None = None, **kw) -> RLConfig:
     full = dict(
         n_steps=128,
         batch_size=64,
-        eval_every=15_000,
+        eval_every=20_000,
         eval_episodes=50,
         eval_workers=2,
         screen_episodes=200,
