@@ -39,6 +39,7 @@ def test_help_of_every_script():
     bench = helps['vla-bench'][1]
     assert all(w in bench for w in ('sim', 'data', 'train', 'policy', 'deploy', 'serve', 'rl', '--out', '--episodes', '--checkpoint'))
     assert all(f'--{o}' in helps['vla-rl'][1] for o in ('checkpoint', 'mode', 'total-timesteps', 'camera-shift', 'resume'))
+    assert '--harder-checkpoint' in bench
     assert all('--data' in helps[n][1] and '--resume' in helps[n][1] for n in ('vla-pretrain', 'vla-imitate'))
 
 

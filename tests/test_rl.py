@@ -167,3 +167,19 @@ def test_residual_policy_exports_as_one_graph(tmp_path):
     np.testing.assert_allclose(ort_act, pol.predict_action_chunk(obs), atol=1e-4)
     shift = pol.predict_action_chunk(obs) - base.predict_action_chunk(obs)
     assert np.abs(shift).max() > 0.05  # the graph carries the residual, not just the base
+
+
+def test_bench_harder_setting_fine_tunes_the_weaker_policy(tmp_path):
+    "`harder_policy` replaces the camera shift: the harder run starts from (and keeps frozen) the weaker policy's weights."
+    from vla_nb.rl import bench_rl
+
+    base, weak = _policy(), _policy()
+    with torch.no_grad():
+        weak.net.head.mlp[-1].bias.add_(0.5)
+    weak.save(tmp_path / 'weak.safetensors')
+    res = bench_rl(base, total_timesteps=32, out_dir=tmp_path / 'bench', harder_policy=tmp_path / 'weak.safetensors', progress_bar=False)
+    assert res['harder']['checkpoint'] == str(tmp_path / 'weak.safetensors') and res['harder']['camera_shift'] == 0.0
+    tuned = VLAPolicy.load(res['harder']['best_policy'])
+    torch.testing.assert_close(tuned.net.head.mlp[-1].bias, weak.net.head.mlp[-1].bias)
+    assert not torch.allclose(VLAPolicy.load(res['best_policy']).net.head.mlp[-1].bias, weak.net.head.mlp[-1].bias)
+    assert {'harder_gain_ge_10pts', 'no_collapse_within_3pts'} <= set(res['targets'])
