@@ -9,12 +9,13 @@ from vla_nb.data import Normalizer
 from vla_nb.deployment import DeployConfig, OptimizedVLAInference, export_artifact
 from vla_nb.evaluation import EvalResult
 from vla_nb.language import CommandTokenizer, default_tokenizer
-from vla_nb.model import ModelConfig, VLANet, VLAPolicy, bounds_stats
+from vla_nb.model import ModelConfig, VLANet, VLAPolicy, bounds_stats, load_pretrained
 from vla_nb.rl import (
     RLConfig,
     VLAEnvConfig,
     VLAEnvironment,
     VLAReinforcementTrainer,
+    check_env_matches,
     explore_scale,
     mcnemar_p,
     paired_comparison,
@@ -129,6 +130,8 @@ def test_bad_inputs_are_refused(tmp_path):
     other = VLAPolicy(base.net, base.norm, CommandTokenizer.build(['pick up the book', 'find the bottle']))
     with pytest.raises(ValueError, match='tokenizer'):
         VLAReinforcementTrainer(other, _cfg(tmp_path))
+    with pytest.raises(ValueError, match="sentence encoder.*load_pretrained\\('tabletop-words'\\)"):
+        check_env_matches(load_pretrained('tabletop'), VLAEnvConfig())
     with pytest.raises(ValueError, match='camera settings differ'):
         VLAReinforcementTrainer(base, _cfg(tmp_path).replace(env=ENV.replace(image_size=48)))
     tr = VLAReinforcementTrainer(base, _cfg(tmp_path, n_steps=8))

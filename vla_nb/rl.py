@@ -23,7 +23,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecChec
 from .core import Config, check_range, check_choice, by_profile, get_profile, set_profile, derive_seed, PROFILES
 from .core import ensure_dir, progress, save_checkpoint, load_checkpoint, seed_everything
 from .data import ACTION, DataConfig, Normalizer, plan_episodes, stat_arrays
-from .language import CommandTokens, default_tokenizer
+from .language import CommandTokenizer, CommandTokens, default_tokenizer
 from vla_nb.model import (
     ModelConfig,
     VLANet,
@@ -522,6 +522,12 @@ def check_env_matches(policy: VLAPolicy, env: VLAEnvConfig):
     """Raise ValueError naming the difference unless `policy` reads what the environment shows, with the course's
     tokenizer."""
     c, tok = policy.cfg, default_tokenizer()
+    if not isinstance(policy.tokenizer, CommandTokenizer):
+        raise ValueError(
+            f"the checkpoint reads commands through {type(policy.tokenizer).__name__} (a sentence encoder), but the "
+            "environment observes the course tokenizer's token ids: fine-tune a word-level policy, such as "
+            "load_pretrained('tabletop-words')"
+        )
     if policy.tokenizer != tok:
         raise ValueError(
             f"the checkpoint's tokenizer ({policy.tokenizer.vocab_size} tokens) differs from the environment's (the "
