@@ -11,8 +11,9 @@ from vla_nb.data import (ACTION, IMAGE, PROPRIO, WRIST_IMAGE, ChunkDataset, Data
 from vla_nb.evaluation import env_for
 from vla_nb.language import CommandTokenizer
 from vla_nb.model import ModelConfig, VLANet, VLAPolicy, bounds_stats, load_pretrained, vla_loss
-from vla_nb.practices import (DataChecker, DriftMonitor, OutputMonitor, ResourceMonitor, StreamRateMonitor,
-                              TrainingMonitor, Watch, feature_stats, longest_run, token_agreement)
+from vla_nb.imitation import VLAImitationLearner
+from vla_nb.practices import (CurriculumLearner, DataChecker, DriftMonitor, OutputMonitor, ResourceMonitor,
+                              StreamRateMonitor, TrainingMonitor, Watch, feature_stats, longest_run, token_agreement)
 from vla_nb.pretraining import PretrainConfig, VLAPretrainer, random_batch
 
 logging.getLogger('vla_nb.practices').setLevel(logging.ERROR)
@@ -190,3 +191,71 @@ def test_token_agreement(shipped):
     assert token_agreement(shipped.tokenizer, shipped.tokenizer, corpus) == 1.0
     other = CommandTokenizer.build(sorted(corpus)[:40])  # the vocabulary of another dataset's commands
     assert token_agreement(shipped.tokenizer, other, corpus) < 1
+
+
+def _curriculum(tiny_data, tmp_path, **kw):
+    cfg = dict(batch_size=8, eval_every=0, snapshots=0, out_dir=str(tmp_path / kw.get('schedule', 'c')))
+    return CurriculumLearner(VLANet(SMALL), tiny_data, cfg, **kw)
+
+
+def test_easy_first_starts_on_short_episodes_and_widens(tiny_data, tmp_path):
+    c = _curriculum(tiny_data, tmp_path, schedule='easy_first', start_frac=0.3, ramp=0.5)
+    fam, length = c.frame_table()
+    n = len(length)
+    c.total_steps = 100
+    w0 = c.sample_weights(n)
+    k = int(np.ceil(0.3 * n))
+    assert np.count_nonzero(w0) == k  # only the pool of the 30% shortest frames
+    assert length[w0 > 0].max() <= np.sort(length)[k - 1]
+    assert length[c.epoch_batch(n)].max() <= np.sort(length)[k - 1]
+    c.step = 25  # half-way up the ramp: 0.3 + 0.7 * 0.5 of the frames
+    assert np.count_nonzero(c.sample_weights(n)) == int(np.ceil(0.65 * n))
+    c.step = 50  # the ramp is over: uniform
+    np.testing.assert_allclose(c.sample_weights(n), np.full(n, 1 / n))
+
+
+def test_failures_schedule_oversamples_the_failing_family(tiny_data, tmp_path):
+    c = _curriculum(tiny_data, tmp_path, schedule='failures', floor=0.25)
+    fam, _ = c.frame_table()
+    n = len(fam)
+    np.testing.assert_allclose(c.sample_weights(n), np.full(n, 1 / n))  # no evaluation yet: uniform
+    fail = fam[0]
+    c.last_eval = {'success': {f: dict(k=0 if f == fail else 4, n=4) for f in sim.TASK_FAMILIES}}
+    w = c.sample_weights(n)
+    s = np.mean(fam == fail)
+    assert w[fam == fail].sum() == pytest.approx(1.25 * s / (1.25 * s + 0.25 * (1 - s)))
+    assert len(set(np.round(w[fam != fail], 12))) == 1  # every family that succeeds: the same small weight
+
+
+def test_curriculum_batches_are_seeded_and_the_budget_is_uniforms(tiny_data, tmp_path):
+    a = _curriculum(tiny_data, tmp_path / 'a', schedule='easy_first')
+    b = _curriculum(tiny_data, tmp_path / 'b', schedule='easy_first')
+    n = len(a.train_data)
+    a.total_steps = b.total_steps = 10
+    np.testing.assert_array_equal(a.epoch_batch(n), b.epoch_batch(n))  # the same (seed, step): the same batch
+    a.step = 1
+    assert not np.array_equal(a.epoch_batch(n), b.epoch_batch(n))
+    u = VLAImitationLearner(VLANet(SMALL), tiny_data, dict(batch_size=8, eval_every=0, snapshots=0,
+                                                           out_dir=str(tmp_path / 'u')))
+    b.shares = []
+    b.train_imitation(1, max_steps=3)
+    u.train_imitation(1, max_steps=3)
+    assert b.step == u.step == 3
+    assert [s[0] for s in b.shares] == [0, 1, 2]
+
+
+def test_curriculum_refuses_an_unknown_schedule(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match='easy_first'):
+        _curriculum(tiny_data, tmp_path, schedule='hardest_first')
+
+
+def test_curriculum_resumes_its_schedule_and_shares(tiny_data, tmp_path):
+    c = _curriculum(tiny_data, tmp_path, schedule='failures')
+    c.last_eval = {'success': {f: dict(k=1, n=2) for f in sim.TASK_FAMILIES}}
+    c.train_imitation(1, max_steps=2)
+    c.save_state()
+    again = _curriculum(tiny_data, tmp_path, schedule='failures', resume=True)
+    assert again.shares == c.shares and again.step == 2
+    assert again.last_eval == c.last_eval  # what the failures schedule reads survives the restart
+    with pytest.raises(ValueError, match="schedule='failures'"):
+        _curriculum(tiny_data, tmp_path, schedule='easy_first', resume=c.ckpt_path)

@@ -191,6 +191,7 @@ class VLAImitationLearner(Trainer):
         self.model, self.dataset, self.objective = model, dataset, self.module
         self.extra_roots, self.stopped = [], False  # DAgger datasets appended with `add_data`
         self.best_val, self.bad_epochs, self.best_success = float('inf'), 0, -1.0
+        self.last_eval = None  # the summary of the latest closed-loop evaluation (`evaluate`)
         keys = ('step', 'train_loss', 'learning_rate', 'epoch', 'epoch_train_loss', 'val_loss', 'eval_epoch', 'success')
         self.history = {k: [] for k in keys}
         if resume:
@@ -322,6 +323,7 @@ def state_meta(self: VLAImitationLearner) -> dict:
         extra_roots=self.extra_roots,
         model_config=self.model.cfg.to_dict(),
         history=self.history,
+        last_eval=self.last_eval,
     )
 
 
@@ -333,6 +335,7 @@ def load_extra(self: VLAImitationLearner, tensors: dict, meta: dict):
     self.best_val = float('inf') if meta['best_val'] is None else meta['best_val']
     self.history = {k: list(v) for k, v in meta['history'].items()}
     self.history.setdefault('epoch_train_loss', [])  # checkpoints written before it was recorded
+    self.last_eval = meta.get('last_eval')  # (absent from older checkpoints)
     for r in meta['extra_roots']:
         if r not in self.extra_roots:
             self.add_data(EpisodeDataset(r))
@@ -350,11 +353,12 @@ def add_data(self: VLAImitationLearner, dataset: EpisodeDataset):
 def evaluate(
     self: VLAImitationLearner, episodes_per_family: int | None = None, env: sim.TabletopEnv | None = None
 ) -> float:
-    "Closed-loop mean success of the current weights on the learner's validation episode set."
+    "Closed-loop mean success of the current weights on the validation episode set; the summary is `last_eval`."
     n = episodes_per_family or self.config.eval_episodes
     pol = self.policy()
     seed = derive_seed(self.config.seed, 'validation-episodes')
     r = evaluate_policy(pol, n, seed=seed, split='test', env=env, name=f'epoch {self.epoch}', progress_bar=False)
+    self.last_eval = {k: v for k, v in r.items() if k != 'result'}  # per-family rates, for curricula that read them
     return r['mean_success']
 
 # %% ../nbs/06_imitation.ipynb #c030

@@ -6,21 +6,25 @@
 from __future__ import annotations
 import hashlib, logging, math, threading, time
 from collections import Counter, deque
+from pathlib import Path
 import numpy as np
 import psutil
 import torch
 from fastcore.basics import patch
-from .core import check_range
+from .core import check_choice, check_range, derive_seed, load_checkpoint, seed_everything
 from .data import ACTION, IMAGE, PIXEL_KEYS, PROPRIO, STD_EPS, EpisodeDataset, compute_stats
-from .model import VLANet
+from .evaluation import EvalConfig, eval_episodes
+from .imitation import VLAImitationLearner, init_from_checkpoint
+from .model import ModelConfig, VLANet, VLAPolicy
+from .rl import evaluate_parallel, paired_comparison
 from . import sim
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['AXES', 'Monitor', 'robust_z', 'TrainingMonitor', 'part_grad_norms', 'DataChecker', 'frame_hashes', 'longest_run',
-           'mean_shift', 'ResourceMonitor', 'WindowMonitor', 'OutputMonitor', 'frame_features', 'feature_stats',
-           'DriftMonitor', 'Watch', 'StreamRateMonitor', 'token_agreement']
+           'mean_shift', 'ResourceMonitor', 'CurriculumLearner', 'curriculum_study', 'WindowMonitor', 'OutputMonitor',
+           'frame_features', 'feature_stats', 'DriftMonitor', 'Watch', 'StreamRateMonitor', 'token_agreement']
 
 # %% ../nbs/10_best_practices.ipynb #c008
 class Monitor:
@@ -378,6 +382,119 @@ def report(self: ResourceMonitor) -> dict:
         rss_peak_mb=round(float(rss.max()), 1),
         rss_growth_mb=round(slope * dt, 1),
     )
+
+# %% ../nbs/10_best_practices.ipynb #n9b37b1c
+class CurriculumLearner(VLAImitationLearner):
+    "Behaviour cloning whose batches follow a curriculum (`schedule`) instead of a uniform shuffle; the same budget."
+
+    schedules = ('easy_first', 'failures')
+
+    def __init__(
+        self,
+        model: VLANet,
+        dataset: EpisodeDataset,
+        config=None,
+        schedule: str = 'easy_first',  # 'easy_first' (short episodes first) or 'failures' (families that fail)
+        start_frac: float = 0.3,  # easy_first: fraction of the frames (the shortest episodes') in the first batches
+        ramp: float = 0.5,  # easy_first: fraction of the run after which every frame is in play
+        floor: float = 0.25,  # failures: weight of a family that never fails (1 + floor: one that always fails)
+        **kw,
+    ):
+        self.schedule = check_choice('schedule', schedule, self.schedules)
+        self.start_frac = check_range('start_frac', start_frac, 0.01, 1)
+        self.ramp = check_range('ramp', ramp, 0, 1)
+        self.floor = check_range('floor', floor, 1e-3, 100)
+        self.shares = []  # [step, share of each of sim.TASK_FAMILIES] of every batch drawn, for plots
+        super().__init__(model, dataset, config, **kw)  # last: a resumed checkpoint restores the shares
+
+# %% ../nbs/10_best_practices.ipynb #n324984a
+@patch
+def frame_table(self: CurriculumLearner) -> tuple:
+    "(family, episode length) of every training frame (DAgger data included)."
+    eps = self.train_data.episodes
+    fam = np.array([e['task']['family'] for e in eps])[self.train_data.cols['episode']]  # (N,)
+    length = np.array([e['length'] for e in eps])[self.train_data.cols['episode']]  # (N,)
+    return fam, length
+
+
+@patch
+def sample_weights(self: CurriculumLearner, n: int) -> np.ndarray:
+    "Probability (n,) of drawing each training frame at the current step."
+    fam, length = self.frame_table()
+    if self.schedule == 'easy_first':
+        frac = 1.0 if not self.ramp else min(1.0, self.step / (self.ramp * max(self.total_steps, 1)))
+        k = max(self.config.batch_size, math.ceil(n * (self.start_frac + (1 - self.start_frac) * frac)))
+        w = np.zeros(n)
+        w[np.argsort(length, kind='stable')[:k]] = 1.0  # the k frames of the shortest episodes
+    else:
+        rates = (self.last_eval or {}).get('success', {})
+        fail = {f: 1 - r['k'] / r['n'] for f, r in rates.items()}
+        w = np.array([self.floor + fail.get(f, 1 - self.floor) for f in fam])  # uniform before any evaluation
+    return w / w.sum()
+
+# %% ../nbs/10_best_practices.ipynb #nb3de271
+@patch
+def epoch_batch(self: CurriculumLearner, n: int) -> np.ndarray:
+    "This process's sample indices (B,) for the current step, drawn from `sample_weights` (seeded per step and rank)."
+    rng = np.random.default_rng(derive_seed(self.config.seed, 'curriculum', self.step, self.rank))
+    p = self.sample_weights(n)
+    idx = rng.choice(n, self.config.batch_size, replace=bool(np.count_nonzero(p) < self.config.batch_size), p=p)
+    fam, _ = self.frame_table()
+    self.shares.append([self.step] + [round(float(np.mean(fam[idx] == f)), 4) for f in sim.TASK_FAMILIES])
+    return idx
+
+
+@patch
+def state_meta(self: CurriculumLearner) -> dict:
+    "The imitation learner's state plus the schedule and the shares drawn: a resumed run continues the same curriculum."
+    return dict(VLAImitationLearner.state_meta(self), schedule=self.schedule, shares=self.shares)
+
+
+@patch
+def load_extra(self: CurriculumLearner, tensors: dict, meta: dict):
+    if meta.get('schedule') != self.schedule:
+        raise ValueError(f"the checkpoint was trained with schedule={meta.get('schedule')!r}, not {self.schedule!r}")
+    VLAImitationLearner.load_extra(self, tensors, meta)
+    self.shares = [list(s) for s in meta['shares']]
+
+# %% ../nbs/10_best_practices.ipynb #ndb70ec3
+def curriculum_study(
+    dataset: EpisodeDataset,
+    init,  # a VLAPretrainer checkpoint (or saved VLAPolicy) every run starts from; its model config is used
+    schedules: tuple = ('uniform', 'easy_first', 'failures'),
+    epochs: int = 10,
+    episodes_per_family: int = 25,  # test episodes per family, the same for every schedule
+    seed: int = 0,
+    out_dir='runs/curriculum',
+    resume: bool = False,  # continue (or reuse) the runs already checkpointed under out_dir
+    **config,  # ImitationConfig fields shared by every run
+) -> dict:
+    "Behaviour cloning under each schedule on the same budget; test success per schedule and paired against uniform."
+    _, meta = load_checkpoint(init)
+    mcfg = ModelConfig.from_dict(meta.get('model_config') or meta['config'])  # a pretrainer's or a policy's
+    test = eval_episodes(EvalConfig(episodes_per_family=episodes_per_family, seed=seed))
+    out, results = {}, {}
+    for name in schedules:
+        seed_everything(seed)
+        net = init_from_checkpoint(VLANet(mcfg), init)
+        run = Path(out_dir) / name
+        kw = dict(resume=resume and (run / 'checkpoint.safetensors').exists())
+        cfg = dict(config, seed=seed, out_dir=str(run))
+        if name == 'uniform':
+            learner = VLAImitationLearner(net, dataset, cfg, **kw)
+        else:
+            learner = CurriculumLearner(net, dataset, cfg, schedule=name, **kw)
+        learner.train_imitation(epochs)
+        results[name] = evaluate_parallel(VLAPolicy.load(learner.best_path), test, name=name)
+        out[name] = dict(
+            results[name].summary(),
+            steps=learner.step,
+            val_success=dict(zip(learner.history['eval_epoch'], learner.history['success'])),  # model selection
+            shares=getattr(learner, 'shares', [])[::25],  # every 25th batch: [step, share of each family]
+        )
+        if name != 'uniform' and 'uniform' in results:
+            out[name]['vs_uniform'] = paired_comparison(results['uniform'], results[name])
+    return out
 
 # %% ../nbs/10_best_practices.ipynb #c046
 class WindowMonitor(Monitor):
