@@ -22,6 +22,7 @@ from vla_nb.core import (
     PROFILES,
 )
 from . import sim, data, language, pretraining, imitation, evaluation, deployment, serving, rl, validation
+from . import practices
 from .model import ModelConfig, VLANet, VLAPolicy
 
 # %% auto #0
@@ -45,6 +46,7 @@ class DemoConfig(Config):
     wrist_size: int = 48  # side of a wrist-camera image recorded and read by the policy (0: scene camera only)
     text_encoder: str = 'words'  # the policy's language backbone: 'words' (learned) or 'sentence' (frozen, pretrained)
     text_augment: float = 0.0  # chance a training sample reads another phrasing of its task (TRAINING_PHRASES)
+    curriculum: str = 'easy_first'  # behaviour cloning's batch order: 'uniform' or a practices.CurriculumLearner schedule
     eval_every: int = 4  # closed-loop model selection every this many epochs
     eval_episodes: int = 10  # test episodes per family for the reported success
     heldout_episodes: int = 5  # held-out split episodes per family
@@ -73,6 +75,7 @@ class DemoConfig(Config):
         check_range('dagger_rounds', self.dagger_rounds, 0, 100, integer=True)
         check_choice('text_encoder', self.text_encoder, ('words', 'sentence'))
         check_range('text_augment', self.text_augment, 0, 1)
+        check_choice('curriculum', self.curriculum, ('uniform',) + practices.CurriculumLearner.schedules)
         if self.wrist_size:
             check_range('wrist_size', self.wrist_size, 16, 512, integer=True)
         for k in ('dagger_episodes', 'dagger_epochs'):
@@ -102,6 +105,7 @@ class DemoConfig(Config):
             shipped_episodes=50,
             text_encoder='sentence',  # measured: it matches the word encoder on templates and wins on paraphrases
             text_augment=0.5,
+            curriculum='uniform',  # the shipped policies' recipe
         )
 
     @classmethod
@@ -214,7 +218,10 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         snapshot_workers=cfg.workers,
         text_augment=cfg.text_augment,
     )
-    learner = imitation.VLAImitationLearner(net, ds, icfg)
+    if cfg.curriculum == 'uniform':
+        learner = imitation.VLAImitationLearner(net, ds, icfg)
+    else:  # measured against uniform on this budget in 10_best_practices (curriculum_study)
+        learner = practices.CurriculumLearner(net, ds, icfg, schedule=cfg.curriculum)
     learner.train_imitation(cfg.epochs)
     hist = learner.history
     tb = time.time()
@@ -259,6 +266,7 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     return dict(
         policy=str(learner.best_path),
         pretrain_losses=pre,
+        curriculum=cfg.curriculum,
         epochs=learner.epoch,
         best_val_loss=round(learner.best_val, 4),
         test=drop(test),
@@ -392,7 +400,8 @@ def _report_md(summary: dict) -> str:
             "",
             "## The learned policy (closed loop, unseen seeds)",
             "",
-            f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['bc_seconds']} s, "
+            f"Pretrained {p['pretrain_seconds']} s, behaviour cloning {p['bc_seconds']} s "
+            f"({p.get('curriculum', 'uniform')} batch order), "
             + (
                 f"DAgger {p['dagger_seconds']} s ({len(p['dagger']) - 1} round(s), on-policy success of the rollouts "
                 f"{', '.join(str(r['policy_success']) for r in p['dagger'][1:])}), "
@@ -477,6 +486,12 @@ def demo_main(argv=None):
         help="the policy's language backbone (default: the profile's preset)",
     )
     ap.add_argument('--text-augment', type=float, default=None, help='chance a training sample reads another phrasing')
+    ap.add_argument(
+        '--curriculum',
+        choices=['uniform', 'easy_first', 'failures'],
+        default=None,
+        help="behaviour cloning's batch order (default: the profile's preset)",
+    )
     a = ap.parse_args(argv)
     if a.profile:
         set_profile(a.profile)
@@ -489,6 +504,8 @@ def demo_main(argv=None):
         cfg = cfg.replace(text_encoder=a.text_encoder)
     if a.text_augment is not None:
         cfg = cfg.replace(text_augment=a.text_augment)
+    if a.curriculum is not None:
+        cfg = cfg.replace(curriculum=a.curriculum)
     s = run_demo(a.out, a.seed, cfg)
     t, sh = s['stages']['policy']['test'], s['stages']['shipped']
     print(
