@@ -200,7 +200,7 @@ def _curriculum(tiny_data, tmp_path, **kw):
 
 def test_easy_first_starts_on_short_episodes_and_widens(tiny_data, tmp_path):
     c = _curriculum(tiny_data, tmp_path, schedule='easy_first', start_frac=0.3, ramp=0.5)
-    fam, length = c.frame_table()
+    fam, length, _ = c.frame_table()
     n = len(length)
     c.total_steps = 100
     w0 = c.sample_weights(n)
@@ -216,7 +216,7 @@ def test_easy_first_starts_on_short_episodes_and_widens(tiny_data, tmp_path):
 
 def test_failures_schedule_oversamples_the_failing_family(tiny_data, tmp_path):
     c = _curriculum(tiny_data, tmp_path, schedule='failures', floor=0.25)
-    fam, _ = c.frame_table()
+    fam = c.frame_table()[0]
     n = len(fam)
     np.testing.assert_allclose(c.sample_weights(n), np.full(n, 1 / n))  # no evaluation yet: uniform
     fail = fam[0]

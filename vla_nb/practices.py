@@ -405,31 +405,36 @@ class CurriculumLearner(VLAImitationLearner):
         self.ramp = check_range('ramp', ramp, 0, 1)
         self.floor = check_range('floor', floor, 1e-3, 100)
         self.shares = []  # [step, share of each of sim.TASK_FAMILIES] of every batch drawn, for plots
+        self._frames = None  # frame_table's cache
         super().__init__(model, dataset, config, **kw)  # last: a resumed checkpoint restores the shares
 
 # %% ../nbs/10_best_practices.ipynb #n324984a
 @patch
 def frame_table(self: CurriculumLearner) -> tuple:
-    "(family, episode length) of every training frame (DAgger data included)."
-    eps = self.train_data.episodes
-    fam = np.array([e['task']['family'] for e in eps])[self.train_data.cols['episode']]  # (N,)
-    length = np.array([e['length'] for e in eps])[self.train_data.cols['episode']]  # (N,)
-    return fam, length
+    "(family, episode length, shortest-first order) of every training frame; recomputed only when DAgger adds data."
+    n = len(self.train_data)
+    if self._frames is None or len(self._frames[0]) != n:
+        eps, ep = self.train_data.episodes, self.train_data.cols['episode']
+        fam = np.array([e['task']['family'] for e in eps])[ep]  # (N,)
+        length = np.array([e['length'] for e in eps])[ep]  # (N,)
+        self._frames = fam, length, np.argsort(length, kind='stable')
+    return self._frames
 
 
 @patch
 def sample_weights(self: CurriculumLearner, n: int) -> np.ndarray:
     "Probability (n,) of drawing each training frame at the current step."
-    fam, length = self.frame_table()
+    fam, _, order = self.frame_table()
     if self.schedule == 'easy_first':
         frac = 1.0 if not self.ramp else min(1.0, self.step / (self.ramp * max(self.total_steps, 1)))
         k = max(self.config.batch_size, math.ceil(n * (self.start_frac + (1 - self.start_frac) * frac)))
         w = np.zeros(n)
-        w[np.argsort(length, kind='stable')[:k]] = 1.0  # the k frames of the shortest episodes
+        w[order[:k]] = 1.0  # the k frames of the shortest episodes
     else:
         rates = (self.last_eval or {}).get('success', {})
-        fail = {f: 1 - r['k'] / r['n'] for f, r in rates.items()}
-        w = np.array([self.floor + fail.get(f, 1 - self.floor) for f in fam])  # uniform before any evaluation
+        w = np.ones(n)  # uniform before any evaluation
+        for f, r in rates.items():
+            w[fam == f] = self.floor + 1 - r['k'] / r['n']
     return w / w.sum()
 
 # %% ../nbs/10_best_practices.ipynb #nb3de271
@@ -439,7 +444,7 @@ def epoch_batch(self: CurriculumLearner, n: int) -> np.ndarray:
     rng = np.random.default_rng(derive_seed(self.config.seed, 'curriculum', self.step, self.rank))
     p = self.sample_weights(n)
     idx = rng.choice(n, self.config.batch_size, replace=bool(np.count_nonzero(p) < self.config.batch_size), p=p)
-    fam, _ = self.frame_table()
+    fam = self.frame_table()[0]
     self.shares.append([self.step] + [round(float(np.mean(fam[idx] == f)), 4) for f in sim.TASK_FAMILIES])
     return idx
 
