@@ -488,7 +488,7 @@ def demo_main(argv=None):
     ap.add_argument('--text-augment', type=float, default=None, help='chance a training sample reads another phrasing')
     ap.add_argument(
         '--curriculum',
-        choices=['uniform', 'easy_first', 'failures'],
+        choices=('uniform',) + practices.CurriculumLearner.schedules,
         default=None,
         help="behaviour cloning's batch order (default: the profile's preset)",
     )
