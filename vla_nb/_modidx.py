@@ -700,6 +700,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'vla_nb.practices.feature_stats': ('best_practices.html#feature_stats', 'vla_nb/practices.py'),
                                   'vla_nb.practices.frame_features': ('best_practices.html#frame_features', 'vla_nb/practices.py'),
                                   'vla_nb.practices.frame_hashes': ('best_practices.html#frame_hashes', 'vla_nb/practices.py'),
+                                  'vla_nb.practices.imitation_learner': ('best_practices.html#imitation_learner', 'vla_nb/practices.py'),
                                   'vla_nb.practices.longest_run': ('best_practices.html#longest_run', 'vla_nb/practices.py'),
                                   'vla_nb.practices.mean_shift': ('best_practices.html#mean_shift', 'vla_nb/practices.py'),
                                   'vla_nb.practices.part_grad_norms': ('best_practices.html#part_grad_norms', 'vla_nb/practices.py'),

@@ -218,10 +218,7 @@ def demo_policy(out: Path, cfg: DemoConfig, seed: int = 0) -> dict:
         snapshot_workers=cfg.workers,
         text_augment=cfg.text_augment,
     )
-    if cfg.curriculum == 'uniform':
-        learner = imitation.VLAImitationLearner(net, ds, icfg)
-    else:  # measured against uniform on this budget in 10_best_practices (curriculum_study)
-        learner = practices.CurriculumLearner(net, ds, icfg, schedule=cfg.curriculum)
+    learner = practices.imitation_learner(net, ds, icfg, cfg.curriculum)  # curricula: 10_best_practices
     learner.train_imitation(cfg.epochs)
     hist = learner.history
     tb = time.time()

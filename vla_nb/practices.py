@@ -23,8 +23,9 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['AXES', 'Monitor', 'robust_z', 'TrainingMonitor', 'part_grad_norms', 'DataChecker', 'frame_hashes', 'longest_run',
-           'mean_shift', 'ResourceMonitor', 'CurriculumLearner', 'curriculum_study', 'WindowMonitor', 'OutputMonitor',
-           'frame_features', 'feature_stats', 'DriftMonitor', 'Watch', 'StreamRateMonitor', 'token_agreement']
+           'mean_shift', 'ResourceMonitor', 'CurriculumLearner', 'imitation_learner', 'curriculum_study',
+           'WindowMonitor', 'OutputMonitor', 'frame_features', 'feature_stats', 'DriftMonitor', 'Watch',
+           'StreamRateMonitor', 'token_agreement']
 
 # %% ../nbs/10_best_practices.ipynb #c008
 class Monitor:
@@ -463,6 +464,13 @@ def load_extra(self: CurriculumLearner, tensors: dict, meta: dict):
     self.shares = [list(s) for s in meta['shares']]
 
 # %% ../nbs/10_best_practices.ipynb #ndb70ec3
+def imitation_learner(model: VLANet, dataset: EpisodeDataset, config=None, curriculum: str = 'uniform', **kw):
+    "A `VLAImitationLearner` for `curriculum='uniform'`, else a `CurriculumLearner` with that schedule."
+    if curriculum == 'uniform':
+        return VLAImitationLearner(model, dataset, config, **kw)
+    return CurriculumLearner(model, dataset, config, schedule=curriculum, **kw)
+
+
 def curriculum_study(
     dataset: EpisodeDataset,
     init,  # a VLAPretrainer checkpoint (or saved VLAPolicy) every run starts from; its model config is used
@@ -485,10 +493,7 @@ def curriculum_study(
         run = Path(out_dir) / name
         kw = dict(resume=resume and (run / 'checkpoint.safetensors').exists())
         cfg = dict(config, seed=seed, out_dir=str(run))
-        if name == 'uniform':
-            learner = VLAImitationLearner(net, dataset, cfg, **kw)
-        else:
-            learner = CurriculumLearner(net, dataset, cfg, schedule=name, **kw)
+        learner = imitation_learner(net, dataset, cfg, name, **kw)
         learner.train_imitation(epochs)
         results[name] = evaluate_parallel(VLAPolicy.load(learner.best_path), test, name=name)
         out[name] = dict(
